@@ -1,0 +1,168 @@
+"""Settings: one frozen, typed object read from ``DETECTOR_*`` environment variables.
+
+Nested sections map to double underscores: ``Settings().kafka.bootstrap`` is ``DETECTOR_KAFKA__BOOTSTRAP``.
+Only the CLI calls :func:`load_settings`; library code receives a ``Settings`` and never reads the
+environment itself.
+
+>>> s = load_settings({"DETECTOR_KAFKA__BOOTSTRAP": "k1:9092", "DETECTOR_DETECTION__BLOCK_AT": "0.9"})
+>>> s.kafka.bootstrap, s.detection.block_at
+('k1:9092', 0.9)
+>>> "hunter2" in repr(load_settings({"DETECTOR_KAFKA__SASL_PASSWORD": "hunter2"}))
+False
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "DETECTOR_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value of the wrong type or out of range."""
+
+
+class Secret(str):
+    """A string that does not show itself in ``repr`` or logs."""
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self else "Secret('')"
+
+    def __str__(self) -> str:  # str() is used by logging's %s
+        return "********" if self else ""
+
+    def reveal(self) -> str:
+        """The secret value, for the one place that needs it (a client's config)."""
+        return str.__str__(self)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap: str = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    sasl_mechanism: str = "PLAIN"  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    sasl_username: str = ""
+    sasl_password: Secret = Secret("")
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""  # client certificate, for mTLS
+    ssl_keyfile: str = ""
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    api_calls: str = "api-calls"
+    dead_letters: str = "api-calls.dlq"
+    risk_scores: str = "risk-scores"
+    analyst_labels: str = "analyst-labels"
+    partitions: int = 4
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """Thresholds of the fusion step (see :mod:`detector.fusion`)."""
+
+    watch_at: float = 0.5
+    throttle_at: float = 0.7
+    block_at: float = 0.85
+    hysteresis: float = 0.1  # a level is left only when the score falls this far below its threshold
+    min_score_change: float = 0.05  # smaller moves are not re-published
+    allowlist: tuple[str, ...] = ()  # account ids or org ids of known-good heavy users
+    idle_evict_s: int = 3 * 24 * 3600  # account state idle this long (event time) is dropped
+    max_accounts: int = 2_000_000  # hard bound on tracked accounts (oldest evicted first)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    app_id: str = "distill-detector"
+    data_dir: str = ".detector-data"
+    web_port: int = 6066
+    metrics_port: int = 9464
+    batch_size: int = 2000
+    batch_within_s: float = 0.2
+    max_event_bytes: int = 64 * 1024
+    invalid_ratio_limit: float = 0.05  # alert (and log) when more than this share of a window is invalid
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    topics: TopicSettings = field(default_factory=TopicSettings)
+    detection: DetectionSettings = field(default_factory=DetectionSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    fingerprint_key: Secret = Secret("distill-detector-demo-key")  # set per deployment; shared by all gateways
+    log_level: str = "INFO"
+
+
+def _convert(raw: str, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if hint is Secret:
+            return Secret(raw)
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if origin is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if hint is str or isinstance(hint, types.UnionType):
+            return raw
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+    raise SettingsError(f"{name}: unsupported setting type {hint!r}")
+
+
+def _build(cls: type, env: Mapping[str, str], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        name = f"{prefix}{f.name.upper()}"
+        if dataclasses.is_dataclass(hint):
+            values[f.name] = _build(hint, env, name + "__")  # type: ignore[arg-type]
+        elif name in env:
+            values[f.name] = _convert(env[name], hint, name)
+    return cls(**values)
+
+
+def env_names(cls: type = Settings, prefix: str = PREFIX) -> list[str]:
+    """Every environment variable the settings read, for docs, compose and Helm checks.
+
+    >>> "DETECTOR_KAFKA__BOOTSTRAP" in env_names()
+    True
+    """
+    hints = typing.get_type_hints(cls)
+    names: list[str] = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name.upper()}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            names.extend(env_names(hints[f.name], name + "__"))
+        else:
+            names.append(name)
+    return names
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from ``env`` (the process environment by default); unknown DETECTOR_ names fail."""
+    import os
+
+    env = os.environ if env is None else env
+    known = set(env_names())
+    unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known and k != "DETECTOR_KAFKA_HOME")
+    if unknown:
+        raise SettingsError(f"unknown setting {unknown[0]} (known: see README, Configuration)")
+    settings: Settings = _build(Settings, env, PREFIX)
+    d = settings.detection
+    if not 0 < d.watch_at < d.throttle_at < d.block_at <= 1:
+        raise SettingsError("need 0 < DETECTION__WATCH_AT < THROTTLE_AT < BLOCK_AT <= 1")
+    return settings
