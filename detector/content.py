@@ -1,0 +1,112 @@
+"""How many accounts share a prompt template: a windowed count-min sketch over fingerprint keys.
+
+Every event brings 8 template-band keys and one exact-prompt key (see :mod:`detector.fingerprints`).
+Keeping a dict entry per key would grow with every distinct prompt, so keys are counted in a count-min
+sketch (``depth`` rows of ``width`` counters): memory is fixed (``2 * depth * width * 4`` bytes, 64 MiB at
+the defaults) whatever the traffic, and estimates can only over-count. Each account counts once per key:
+a per-account Bloom filter (:class:`SeenFilter`) remembers the keys it has already contributed.
+
+Two generations give the sketch a window: counts move to the old generation every ``window_ms`` of event
+time and are dropped one window later, so a template counts the accounts that used it in the last one to
+two windows.
+
+>>> idx = ContentIndex(width=1 << 12, depth=3)
+>>> seen = [SeenFilter() for _ in range(4)]
+>>> [idx.observe(seen[a], [0xABC], 0xF00 + a, ts=0)[0] for a in range(4)]
+[1, 2, 3, 4]
+>>> idx.observe(seen[0], [0xABC], 0xF00, ts=1)  # same account again: not counted twice
+(4, 1, True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from detector.features import DAY_MS
+
+_M1 = 0x9E3779B97F4A7C15
+_M2 = 0xC2B2AE3D27D4EB4F
+_MASK = (1 << 64) - 1
+
+
+class SeenFilter:
+    """A 1024-bit Bloom filter of keys one account has contributed; cleared when half full.
+
+    Clearing (a new generation) bounds both memory and false positives for heavy accounts.
+    """
+
+    __slots__ = ("bits",)
+    SIZE = 1024
+
+    def __init__(self) -> None:
+        self.bits = 0
+
+    def add(self, key: int) -> bool:
+        """Add ``key``; return True if it was (probably) present already."""
+        h = (key * _M1) & _MASK
+        mask = (1 << (h & 1023)) | (1 << ((h >> 10) & 1023))
+        if self.bits & mask == mask:
+            return True
+        if self.bits.bit_count() > self.SIZE // 2:
+            self.bits = 0
+        self.bits |= mask
+        return False
+
+
+class ContentIndex:
+    """Distinct accounts per template band and per exact prompt, over a sliding event-time window."""
+
+    def __init__(self, width: int = 1 << 22, depth: int = 2, window_ms: int = DAY_MS) -> None:
+        if width & (width - 1):
+            raise ValueError("width must be a power of two")
+        self.width = width
+        self.depth = depth
+        self.window_ms = window_ms
+        self._new = np.zeros((depth, width), dtype=np.uint32)
+        self._old = np.zeros((depth, width), dtype=np.uint32)
+        self._window_start: int | None = None
+
+    def _rotate(self, ts: int) -> None:
+        if self._window_start is None:
+            self._window_start = ts
+        elif ts - self._window_start >= self.window_ms:
+            if ts - self._window_start >= 2 * self.window_ms:
+                self._old[:] = 0
+            else:
+                self._old, self._new = self._new, self._old
+            self._new[:] = 0
+            self._window_start = ts
+
+    def _cells(self, key: int) -> list[int]:
+        h1 = (key * _M1) & _MASK
+        h2 = ((key ^ (key >> 29)) * _M2) & _MASK | 1
+        return [((h1 + i * h2) & _MASK) % self.width for i in range(self.depth)]
+
+    def _estimate_and_add(self, key: int, add: bool) -> int:
+        rows = range(self.depth)
+        cells = self._cells(key)
+        new, old = self._new, self._old
+        if add:
+            for r, c in zip(rows, cells, strict=True):
+                new[r, c] += 1
+        return int(min(int(new[r, c]) + int(old[r, c]) for r, c in zip(rows, cells, strict=True)))
+
+    def observe(self, seen: SeenFilter, bands: list[int], exact: int, ts: int) -> tuple[int, int, bool]:
+        """Count this account under the event's keys; return ``(template_accounts, exact_accounts,
+        self_repeat)``: the most accounts sharing any one band, the accounts that sent this exact prompt
+        (both including this one), and whether this account used one of the bands before.
+        """
+        self._rotate(ts)
+        template_accounts = 0
+        self_repeat = False
+        for band in bands:
+            was_seen = seen.add(band)
+            self_repeat = self_repeat or was_seen
+            template_accounts = max(template_accounts, self._estimate_and_add(band, not was_seen))
+        exact_key = exact ^ 0x5EED
+        exact_accounts = self._estimate_and_add(exact_key, not seen.add(exact_key))
+        return template_accounts, exact_accounts, self_repeat
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._new.nbytes + self._old.nbytes)

@@ -1,0 +1,210 @@
+"""Per-account features over event-time windows.
+
+Windows are exponentially decaying sums (a standard streaming aggregate: O(1) per event, a few floats per
+horizon, correct for out-of-order events). The day horizon (half-life 24 h) holds most features; the
+10-minute and 1-hour horizons hold volume only. The day-horizon sums are stored *scaled* by
+``2 ** ((t - t0) / H)``, so an update touches only the slots the event changes; ratios of two sums need
+no rescaling, and absolute values are rescaled on read.
+
+::
+
+    event time  ───●──●───────●─────────────────●──▶
+    weight         ¼  ¼       ½                 1     (half-life H: an event H old counts half)
+
+>>> st = AccountState(created_ts=None)
+>>> ev = {"ts": 3_600_000, "input_tokens": 100, "output_tokens": 400, "status": 200,
+...       "response": {"stop_reason": "max_tokens"}, "model": "m", "client": {"ip": "10.0.0.1", "asn": 1,
+...       "user_agent": "ua"}, "prompt": {"cot": True, "capability": "coding", "script": "latin"}}
+>>> update(st, ev, shared=EventContext(template_accounts=1, exact_accounts=1, model_age_ms=10**9))
+>>> f = features(st, 3_600_000)
+>>> f["cot_share"], f["max_len_share"], f["out_in_ratio"], round(f["n_24h"], 3)
+(1.0, 1.0, 4.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from array import array
+from dataclasses import dataclass
+
+from detector.fingerprints import CAPABILITIES
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+H_DAY = DAY_MS  # half-life of the day horizon
+H_10M = 10 * 60_000
+H_1H = HOUR_MS
+NEW_MODEL_MS = DAY_MS  # traffic on a model in its first day counts as a "jump to a new model"
+SHARED_TEMPLATE_ACCOUNTS = 3  # a template used by this many accounts (self included) is "shared"
+_RENORM = 24.0  # rescale the scaled sums after this many half-lives
+
+# Slots of the day-horizon array.
+N, IN_TOK, OUT_TOK, MAX_LEN, ERR, REFUSED, COT, TEMPLATED, EXACT_SHARED, NEW_MODEL, NON_LATIN, \
+    GAPS, GAP_LOG, GAP_LOG2, SELF_REPEAT = range(15)
+CAP0 = 15  # 8 capability slots
+HOUR0 = CAP0 + len(CAPABILITIES)  # 24 hour-of-day slots
+N_SLOTS = HOUR0 + 24
+
+FEATURE_NAMES = (
+    "n_10m", "n_1h", "n_24h", "in_tokens", "out_tokens", "out_in_ratio", "max_len_share", "error_share",
+    "refusal_share", "cot_share", "template_share", "exact_shared_share", "self_repeat_share",
+    "new_model_share", "non_latin_share", "capability_concentration", "hour_spread", "gap_log_std",
+    "distinct_ips", "distinct_asns", "distinct_uas", "account_age_days",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EventContext:
+    """What the rest of the stream says about one event: filled in by the detector before ``update``.
+
+    ``template_accounts``: most accounts sharing one of the prompt's template bands (self included);
+    ``exact_accounts``: accounts that sent this exact prompt; ``model_age_ms``: time since the model was
+    first seen in the stream; ``self_repeat``: this account used one of the prompt's bands before.
+    """
+
+    template_accounts: int
+    exact_accounts: int
+    model_age_ms: int
+    self_repeat: bool = False
+
+
+class AccountState:
+    """Compact per-account window state (about 600 bytes: one float array and a few ints)."""
+
+    __slots__ = ("created_ts", "first_ts", "last_ts", "t0", "day", "n_10m", "n_1h", "events",
+                 "ip_bits", "asn_bits", "ua_bits")
+
+    def __init__(self, created_ts: int | None) -> None:
+        self.created_ts = created_ts
+        self.first_ts = 0
+        self.last_ts = 0
+        self.t0 = 0
+        self.day = array("d", bytes(8 * N_SLOTS))
+        self.n_10m = 0.0
+        self.n_1h = 0.0
+        self.events = 0
+        self.ip_bits = self.asn_bits = self.ua_bits = 0
+
+    def to_list(self) -> list[object]:
+        """A JSON-friendly snapshot (for changelogs and tests)."""
+        return [self.created_ts, self.first_ts, self.last_ts, self.t0, list(self.day), self.n_10m,
+                self.n_1h, self.events, self.ip_bits, self.asn_bits, self.ua_bits]
+
+
+def _bit(value: object) -> int:
+    # crc32, not hash(): str hashes are salted per process, and replay must equal the worker.
+    return 1 << (zlib.crc32(str(value).encode()) & 63) if value is not None else 0
+
+
+def _linear_count(bits: int) -> float:
+    """Distinct values estimated from a 64-bit linear-counting bitmap (exact for a handful of values)."""
+    zeros = 64 - bits.bit_count()
+    return 64 * math.log(64 / zeros) if zeros else 64 * math.log(64)
+
+
+def update(st: AccountState, ev: dict, shared: EventContext) -> None:
+    """Fold one valid event into the account's windows. Cost: about 3 µs."""
+    t = ev["ts"]
+    if st.events == 0:
+        st.first_ts = st.last_ts = st.t0 = t
+    # Short horizons: plain decay to the newest event time (older events are added pre-decayed).
+    if t >= st.last_ts:
+        dt = t - st.last_ts
+        st.n_10m = st.n_10m * 2.0 ** (-dt / H_10M) + 1.0
+        st.n_1h = st.n_1h * 2.0 ** (-dt / H_1H) + 1.0
+    else:
+        st.n_10m += 2.0 ** ((t - st.last_ts) / H_10M)
+        st.n_1h += 2.0 ** ((t - st.last_ts) / H_1H)
+    day = st.day
+    x = (t - st.t0) / H_DAY
+    if x > _RENORM:
+        f = 2.0 ** -x
+        for i in range(N_SLOTS):
+            day[i] *= f
+        st.t0, x = t, 0.0
+    w = 2.0 ** x
+    resp = ev["response"]
+    prompt = ev["prompt"]
+    day[N] += w
+    day[IN_TOK] += w * ev["input_tokens"]
+    day[OUT_TOK] += w * ev["output_tokens"]
+    if resp.get("stop_reason") == "max_tokens":
+        day[MAX_LEN] += w
+    if ev["status"] >= 400 or resp.get("stop_reason") == "error":
+        day[ERR] += w
+    if resp.get("refused") or resp.get("stop_reason") == "refusal":
+        day[REFUSED] += w
+    if prompt["cot"]:
+        day[COT] += w
+    if shared.template_accounts >= SHARED_TEMPLATE_ACCOUNTS and shared.exact_accounts < SHARED_TEMPLATE_ACCOUNTS:
+        day[TEMPLATED] += w  # a template shared across accounts, filled with content nobody else sent
+    if shared.exact_accounts >= SHARED_TEMPLATE_ACCOUNTS:
+        day[EXACT_SHARED] += w  # e.g. a public benchmark sent by many accounts
+    if shared.self_repeat:
+        day[SELF_REPEAT] += w
+    if shared.model_age_ms < NEW_MODEL_MS:
+        day[NEW_MODEL] += w
+    if prompt["script"] != "latin":
+        day[NON_LATIN] += w
+    day[CAP0 + CAPABILITIES.index(prompt["capability"])] += w
+    day[HOUR0 + (t // HOUR_MS) % 24] += w
+    if t > st.last_ts:
+        g = math.log((t - st.last_ts) / 1000.0 + 1.0)
+        day[GAPS] += w
+        day[GAP_LOG] += w * g
+        day[GAP_LOG2] += w * g * g
+    st.last_ts = max(st.last_ts, t)
+    st.events += 1
+    client = ev["client"]
+    st.ip_bits |= _bit(client.get("ip"))
+    st.asn_bits |= _bit(client.get("asn"))
+    st.ua_bits |= _bit(client.get("user_agent"))
+
+
+def _entropy(values: list[float]) -> float:
+    total = sum(values)
+    if total <= 0:
+        return 0.0
+    return -sum(v / total * math.log(v / total) for v in values if v > 0)
+
+
+def features(st: AccountState, now: int) -> dict[str, float]:
+    """The account's feature vector at event time ``now`` (names in :data:`FEATURE_NAMES`).
+
+    Shares are in [0, 1]; counts are decayed event counts. Meaningful after a handful of events: callers
+    should weigh features by ``n_24h`` (see ``detector.detection``).
+    """
+    day = st.day
+    n = day[N] or 1.0
+    scale = 2.0 ** (-(now - st.t0) / H_DAY)
+    gaps = day[GAPS]
+    gap_mean = day[GAP_LOG] / gaps if gaps else 0.0
+    gap_var = max(day[GAP_LOG2] / gaps - gap_mean * gap_mean, 0.0) if gaps else 0.0
+    caps = list(day[CAP0:HOUR0])
+    hours = list(day[HOUR0:N_SLOTS])
+    age_ms = now - st.created_ts if st.created_ts is not None else now - st.first_ts
+    return {
+        "n_10m": st.n_10m * 2.0 ** (-(now - st.last_ts) / H_10M) if now >= st.last_ts else st.n_10m,
+        "n_1h": st.n_1h * 2.0 ** (-(now - st.last_ts) / H_1H) if now >= st.last_ts else st.n_1h,
+        "n_24h": day[N] * scale,
+        "in_tokens": day[IN_TOK] / n,
+        "out_tokens": day[OUT_TOK] / n,
+        "out_in_ratio": day[OUT_TOK] / max(day[IN_TOK], n),
+        "max_len_share": day[MAX_LEN] / n,
+        "error_share": day[ERR] / n,
+        "refusal_share": day[REFUSED] / n,
+        "cot_share": day[COT] / n,
+        "template_share": day[TEMPLATED] / n,
+        "exact_shared_share": day[EXACT_SHARED] / n,
+        "self_repeat_share": day[SELF_REPEAT] / n,
+        "new_model_share": day[NEW_MODEL] / n,
+        "non_latin_share": day[NON_LATIN] / n,
+        "capability_concentration": 1.0 - _entropy(caps) / math.log(len(caps)),
+        "hour_spread": _entropy(hours) / math.log(24),
+        "gap_log_std": math.sqrt(gap_var),
+        "distinct_ips": _linear_count(st.ip_bits),
+        "distinct_asns": _linear_count(st.asn_bits),
+        "distinct_uas": _linear_count(st.ua_bits),
+        "account_age_days": max(age_ms, 0) / DAY_MS,
+    }
