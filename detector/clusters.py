@@ -23,9 +23,9 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from array import array
 
-from detector.features import DAY_MS, H_DAY, HOUR_MS
+from detector.features import H_DAY, HOUR_MS
 
 # kind -> (weight when rare, degree up to which the key counts as rare, degree at which it counts nothing)
 KEY_KINDS: dict[str, tuple[float, int, int]] = {
@@ -89,6 +89,7 @@ class Linker:
         self._key_rep: dict[tuple[str, object], str] = {}  # key -> an account that holds it
         self._key_degree: dict[tuple[str, object], int] = {}
         self._keys: dict[str, list[tuple[str, object]]] = {}  # account -> its keys (bounded)
+        self.merges: list[tuple[str, str]] = []  # (absorbed root, surviving root), drained by the caller
 
     def root(self, account: str) -> str:
         parent = self._parent
@@ -112,6 +113,7 @@ class Linker:
         if self._size[a] < self._size[b]:
             a, b = b, a
         self._parent[b] = a
+        self.merges.append((b, a))
         self._size[a] += self._size[b]
         return a
 
@@ -152,65 +154,77 @@ class Linker:
         return len(self._parent)
 
 
-@dataclass
 class ClusterState:
-    """Windowed aggregates of one cluster (day horizon, decayed like account features)."""
+    """Windowed aggregates of one cluster (day horizon, decayed like account features; O(1) per event).
 
-    t0: int = 0
-    n: float = 0.0
-    templated: float = 0.0
-    cot: float = 0.0
-    max_len: float = 0.0
-    new_accounts: float = 0.0  # events from accounts younger than NEW_ACCOUNT_DAYS
-    no_org: float = 0.0
-    machine_timing: float = 0.0  # events from accounts active around the clock
-    blocked_members: int = 0
-    blocked: bool = False
-    first_blocked_ts: int | None = None
-    accounts_active: dict[str, int] = field(default_factory=dict)  # account -> last event ts (bounded)
+    ``active`` counts account arrivals (an account's first event, or its first after a day of silence),
+    decayed over a day: an estimate of the accounts active in the last day without a set of them.
+    """
 
-    def add(self, ts: int, account: str, *, templated: bool, cot: bool, max_len: bool, new_account: bool,
-            has_org: bool, machine_timing: bool) -> None:
-        if self.n == 0.0:
+    __slots__ = ("t0", "last_ts", "day", "blocked_members", "blocked")
+
+    def __init__(self) -> None:
+        self.t0 = 0
+        self.last_ts = 0
+        self.day = array("d", bytes(8 * _C_SLOTS))
+        self.blocked_members = 0
+        self.blocked = False
+
+    def add(self, ts: int, *, arrival: bool, templated: bool, cot: bool, max_len: bool, new_account: bool) -> None:
+        day = self.day
+        if day[_C_N] == 0.0:
             self.t0 = ts
         x = (ts - self.t0) / H_DAY
         if x > 24:
             f = 2.0 ** -x
-            self.n *= f
-            self.templated *= f
-            self.cot *= f
-            self.max_len *= f
-            self.new_accounts *= f
-            self.no_org *= f
-            self.machine_timing *= f
+            for i in range(_C_SLOTS):
+                day[i] *= f
             self.t0, x = ts, 0.0
         w = 2.0 ** x
-        self.n += w
-        self.templated += w * templated
-        self.cot += w * cot
-        self.max_len += w * max_len
-        self.new_accounts += w * new_account
-        self.no_org += w * (not has_org)
-        self.machine_timing += w * machine_timing
-        active = self.accounts_active
-        active[account] = ts
-        if len(active) > 4096:  # keep the most recent; enough to measure load balancing
-            for stale in sorted(active, key=active.__getitem__)[:1024]:
-                del active[stale]
+        day[_C_N] += w
+        day[_C_ACTIVE] += w * arrival
+        day[_C_TEMPLATED] += w * templated
+        day[_C_COT] += w * cot
+        day[_C_MAX_LEN] += w * max_len
+        day[_C_NEW] += w * new_account
+        day[_C_HOUR0 + (ts // HOUR_MS) % 24] += w
+        self.last_ts = max(self.last_ts, ts)
+
+    def merge(self, other: ClusterState) -> None:
+        """Fold another cluster's aggregates in (when union-find merges two clusters)."""
+        if other.day[_C_N] == 0.0:
+            return
+        if self.day[_C_N] == 0.0:
+            self.t0 = other.t0
+        f = 2.0 ** ((other.t0 - self.t0) / H_DAY)
+        for i in range(_C_SLOTS):
+            self.day[i] += other.day[i] * f
+        self.blocked_members += other.blocked_members
+        self.blocked = self.blocked or other.blocked
+        self.last_ts = max(self.last_ts, other.last_ts)
 
     def features(self, now: int, size: int) -> dict[str, float]:
-        n = self.n or 1.0
-        active = sum(1 for t in self.accounts_active.values() if now - t < DAY_MS)
-        volume = self.n * 2.0 ** (-(now - self.t0) / H_DAY)
+        day = self.day
+        n = day[_C_N] or 1.0
+        scale = 2.0 ** (-(now - self.t0) / H_DAY)
+        active = min(day[_C_ACTIVE] * scale, float(size))
+        volume = day[_C_N] * scale
+        hours = list(day[_C_HOUR0:_C_SLOTS])
+        total = sum(hours)
+        spread = -sum(h / total * math.log(h / total) for h in hours if h > 0) / math.log(24) if total else 0.0
         return {
             "size": float(size),
-            "active_accounts": float(active),
+            "active_accounts": active,
             "volume_24h": volume,
-            "per_account_24h": volume / max(active, 1),
-            "template_share": self.templated / n,
-            "cot_share": self.cot / n,
-            "max_len_share": self.max_len / n,
-            "new_account_share": self.new_accounts / n,
-            "no_org_share": self.no_org / n,
-            "machine_timing_share": self.machine_timing / n,
+            "per_account_24h": volume / max(active, 1.0),
+            "template_share": day[_C_TEMPLATED] / n,
+            "cot_share": day[_C_COT] / n,
+            "max_len_share": day[_C_MAX_LEN] / n,
+            "new_account_share": day[_C_NEW] / n,
+            "hour_spread": spread,
         }
+
+
+_C_N, _C_ACTIVE, _C_TEMPLATED, _C_COT, _C_MAX_LEN, _C_NEW = range(6)
+_C_HOUR0 = 6
+_C_SLOTS = _C_HOUR0 + 24

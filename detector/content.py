@@ -15,7 +15,7 @@ two windows.
 >>> [idx.observe(seen[a], [0xABC], 0xF00 + a, ts=0)[0] for a in range(4)]
 [1, 2, 3, 4]
 >>> idx.observe(seen[0], [0xABC], 0xF00, ts=1)  # same account again: not counted twice
-(4, 1, True)
+(4, 1, True, 2748)
 """
 
 from __future__ import annotations
@@ -91,21 +91,24 @@ class ContentIndex:
                 new[r, c] += 1
         return int(min(int(new[r, c]) + int(old[r, c]) for r, c in zip(rows, cells, strict=True)))
 
-    def observe(self, seen: SeenFilter, bands: list[int], exact: int, ts: int) -> tuple[int, int, bool]:
+    def observe(self, seen: SeenFilter, bands: list[int], exact: int, ts: int) -> tuple[int, int, bool, int]:
         """Count this account under the event's keys; return ``(template_accounts, exact_accounts,
-        self_repeat)``: the most accounts sharing any one band, the accounts that sent this exact prompt
-        (both including this one), and whether this account used one of the bands before.
+        self_repeat, top_band)``: the most accounts sharing any one band, the accounts that sent this
+        exact prompt (both including this one), whether this account used one of the bands before, and
+        the band shared by the most accounts (0 without bands).
         """
         self._rotate(ts)
-        template_accounts = 0
+        template_accounts, top_band = 0, 0
         self_repeat = False
         for band in bands:
             was_seen = seen.add(band)
             self_repeat = self_repeat or was_seen
-            template_accounts = max(template_accounts, self._estimate_and_add(band, not was_seen))
+            count = self._estimate_and_add(band, not was_seen)
+            if count > template_accounts:
+                template_accounts, top_band = count, band
         exact_key = exact ^ 0x5EED
         exact_accounts = self._estimate_and_add(exact_key, not seen.add(exact_key))
-        return template_accounts, exact_accounts, self_repeat
+        return template_accounts, exact_accounts, self_repeat, top_band
 
     @property
     def nbytes(self) -> int:

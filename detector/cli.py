@@ -1,0 +1,195 @@
+"""``detector``: the command line. The only place that reads the environment, configures logging and
+prints. Every error is one line on stderr and a non-zero exit; ``--debug`` shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from detector.progress import Progress
+from detector.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("detector")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+# ------------------------------------------------------------------------------------------------------
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from detector.detection import Detector
+    from detector.replay import replay_file
+
+    if not args.events.exists():
+        raise CliError(f"no such file: {args.events}")
+    det = Detector(settings.detection, anomaly_model=args.model)
+    prog = Progress("replay")
+    result = replay_file(args.events, args.out, det, sort_by_time=args.sort, progress=prog.update)
+    prog.update(result.events)
+    prog.close()
+    invalid = sum(result.invalid.values())
+    detail = ", ".join(f"{k}={v}" for k, v in sorted(result.invalid.items()))
+    print(f"replay: events={result.events} invalid={invalid}{' (' + detail + ')' if detail else ''} "
+          f"records={det.stats['records']} actions={det.action_counts()} out={args.out or '-'}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from detector import simulate
+
+    if args.scenario not in simulate.scenario_names():
+        raise CliError(f"unknown scenario {args.scenario!r}; choose one of {', '.join(simulate.scenario_names())}")
+    sim = simulate.build(args.scenario, seed=args.seed, scale=args.scale, prompts_dir=args.prompts_dir,
+                         fingerprint_key=settings.fingerprint_key.reveal().encode())
+    print(sim.description, file=sys.stderr)
+    prog = Progress("simulate", total=sim.count_hint())
+    if args.kafka is None and args.out is None:
+        raise CliError("give --out FILE.jsonl or --kafka BOOTSTRAP")
+    if args.out is not None:
+        n = simulate.write_jsonl(sim, args.out, args.labels, progress=prog.update)
+    else:
+        n = publish_simulation(sim, args.kafka or settings.kafka.bootstrap, settings.topics.api_calls,
+                               rate=args.rate, progress=prog.update, labels_path=args.labels)
+    prog.update(n)
+    prog.close()
+    attack = sum(1 for lab in sim.labels.values() if lab.attack)
+    print(f"simulate: scenario={sim.name} events={n} accounts={len(sim.labels)} attack_accounts={attack} "
+          f"to={args.out or args.kafka}")
+    return 0
+
+
+def publish_simulation(sim, bootstrap: str, topic: str, *, rate: float = 0.0, progress=None,  # type: ignore[no-untyped-def]
+                       labels_path: Path | None = None, stop=None) -> int:
+    """Publish a simulation's events through the gateway SDK, at most ``rate`` events/s (0 = no limit)."""
+    import time
+
+    import orjson
+
+    from detector.gateway import EventPublisher
+
+    if labels_path is not None:
+        labels_path.write_bytes(orjson.dumps({a: vars(lab) for a, lab in sim.labels.items()}))
+    n = 0
+    start = time.monotonic()
+    with EventPublisher(bootstrap, topic) as pub:
+        for ev in sim.events():
+            if stop is not None and stop():
+                break
+            pub.publish(ev)
+            n += 1
+            if rate > 0:
+                ahead = n / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+            if progress is not None and n % 1000 == 0:
+                progress(n)
+    return n
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from detector.streaming.app import run_worker
+
+    run_worker(settings)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from detector.demo import run_demo
+
+    return run_demo(settings, duration_s=args.duration, scenario=args.scenario, rate=args.rate)
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from detector.evaluation import run_evaluation
+
+    return run_evaluation(settings, scenarios=args.scenario, models=args.models, scale=args.scale,
+                          out_dir=args.out_dir, seed=args.seed)
+
+
+# ------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="detector", description="Streaming detector of LLM distillation attacks.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("replay", help="run the detection core over a JSONL file of events (no Kafka)")
+    r.add_argument("events", type=Path, help="events, one JSON object per line")
+    r.add_argument("--out", type=Path, help="write risk-score records here (JSONL)")
+    r.add_argument("--sort", action="store_true", help="sort by event time first (input out of order)")
+    r.add_argument("--model", default="population", help="anomaly model: population, hst or loda")
+    r.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("simulate", help="simulated traffic with distillation campaigns, to a file or Kafka")
+    s.add_argument("--scenario", default="default", help="scenario name (default: default)")
+    s.add_argument("--seed", type=int, default=7)
+    s.add_argument("--scale", type=float, default=1.0, help="multiplies account counts")
+    s.add_argument("--out", type=Path, help="write events as JSONL")
+    s.add_argument("--labels", type=Path, help="write ground-truth account labels (JSON)")
+    s.add_argument("--kafka", nargs="?", const="", default=None, metavar="BOOTSTRAP",
+                   help="publish to Kafka instead (default bootstrap from settings)")
+    s.add_argument("--rate", type=float, default=0.0, help="events/s when publishing (0 = as fast as possible)")
+    s.add_argument("--prompts-dir", type=Path, default=None, help="real prompt datasets (default: ../shared/datasets/prompts)")
+    s.set_defaults(func=cmd_simulate)
+
+    w = sub.add_parser("worker", help="run the Faust worker: api-calls -> risk-scores (settings from DETECTOR_*)")
+    w.set_defaults(func=cmd_worker)
+
+    d = sub.add_parser("demo", help="broker + worker + simulated traffic, with live progress")
+    d.add_argument("--duration", type=float, default=None, help="stop after S seconds and print a summary")
+    d.add_argument("--scenario", default="demo")
+    d.add_argument("--rate", type=float, default=3000.0, help="simulated events/s")
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("evaluate", help="scenarios through replay; precision/recall/FPR; writes EVALUATION.md")
+    e.add_argument("--scenario", action="append", help="scenario(s) (default: the evaluation suite)")
+    e.add_argument("--models", default="population,hst,loda", help="anomaly models to compare")
+    e.add_argument("--scale", type=float, default=1.0)
+    e.add_argument("--seed", type=int, default=7)
+    e.add_argument("--out-dir", type=Path, default=Path("."), help="where EVALUATION.md and plots go")
+    e.set_defaults(func=cmd_evaluate)
+
+    try:
+        from detector.broker import add_broker_commands
+
+        add_broker_commands(sub)
+    except ImportError:  # pragma: no cover
+        pass
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"detector: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else getattr(logging, settings.log_level.upper(), 20),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "broker":
+            return int(args.func(args) or 0)
+        return int(args.func(args, settings) or 0)
+    except KeyboardInterrupt:
+        print("detector: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's one-line error contract
+        if args.debug:
+            raise
+        from detector.broker import BrokerError
+        from detector.schemas import InvalidEvent
+
+        known = (CliError, BrokerError, InvalidEvent, SettingsError, FileNotFoundError, PermissionError)
+        kind = "error" if isinstance(exc, known) else f"internal error ({type(exc).__name__})"
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"detector: {kind}: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The detection core: valid events in, risk-score records out. Plain Python; no Kafka, no Faust.
+
+Per event, in order::
+
+    event ─▶ content index ─▶ account windows ─▶ cluster linker ─▶ cluster windows
+                 (templates shared?)  (features)    (shared rare keys)  (coordination)
+                                   └──────────────┬───────────────────────┘
+                                                  ▼
+                         evidence ─▶ fusion (online logistic regression) ─▶ action + reasons
+                                                  │
+                             anomaly model learns ◀┘ (only from accounts it did not flag)
+
+A record is returned when an account's action changes, or its score moves by at least
+``min_score_change`` while the action is not ``allow``; an account with no record is allowed.
+The same ``Detector`` runs in the Faust worker and in ``detector replay``: given the same events in the
+same order it returns the same records (``emitted_at`` aside).
+
+>>> from detector.gateway import make_event
+>>> det = Detector()
+>>> ev = make_event(account_id="a1", ts=1775000000000, api_key_id="k", model="m", endpoint="/v1/messages",
+...                 status=200, input_tokens=10, output_tokens=10, latency_ms=5, prompt_text="hello there",
+...                 response={"stop_reason": "end_turn"}, fingerprint_key=b"k")
+>>> det.process(ev) is None  # one ordinary event: allowed, nothing to publish
+True
+>>> det.stats["events"]
+1
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from typing import Any
+
+from detector import features as feat
+from detector.clusters import ClusterState, Linker, link_keys
+from detector.content import ContentIndex, SeenFilter
+from detector.fusion import ACTIONS, Fusion, decide, detail
+from detector.models import RankScorer, Sampler, make_model, squash
+from detector.settings import DetectionSettings
+
+MODEL_VERSION = "0.1.0"
+MAX_REASONS = 5
+NEW_ACCOUNT_DAYS = 14.0
+
+
+def _clip(x: float) -> float:
+    return 0.0 if x < 0.0 else 1.0 if x > 1.0 else x
+
+
+class _Account:
+    __slots__ = ("state", "seen", "action", "score", "emitted_score", "learned_ts", "root", "blocked_counted")
+
+    def __init__(self, created_ts: int | None) -> None:
+        self.state = feat.AccountState(created_ts)
+        self.seen = SeenFilter()
+        self.action = "allow"
+        self.score = 0.0
+        self.emitted_score = 0.0
+        self.learned_ts = 0
+        self.root = ""
+        self.blocked_counted = False
+
+
+class Detector:
+    """Stateful detector over a stream of valid events (see the module docstring).
+
+    ``anomaly_model`` is one of :data:`detector.models.MODEL_NAMES`. Memory: about 1 KiB per tracked
+    account plus a fixed 64 MiB content sketch; accounts idle for ``idle_evict_s`` of event time, and the
+    least recently active beyond ``max_accounts``, are evicted.
+    """
+
+    def __init__(self, settings: DetectionSettings | None = None, *, anomaly_model: str = "population",
+                 seed: int = 42, content: ContentIndex | None = None) -> None:
+        self.settings = settings or DetectionSettings()
+        self.anomaly_model = anomaly_model
+        self.accounts: OrderedDict[str, _Account] = OrderedDict()
+        self.clusters: dict[str, ClusterState] = {}
+        self.linker = Linker()
+        self.content = content or ContentIndex()
+        self.model = RankScorer(make_model(anomaly_model, seed))
+        self.sampler = Sampler()
+        self.fusion = Fusion()
+        self.model_first_seen: dict[str, int] = {}
+        self.allowlist = set(self.settings.allowlist)
+        self.stats = {"events": 0, "records": 0, "evicted": 0, "labels": 0}
+        self._last_ts = 0
+
+    # ----------------------------------------------------------------------------------------------
+    def process(self, event: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None:
+        """Fold one *valid* event in (see :func:`detector.schemas.decode_event`); return a risk-score
+        record (``schemas/risk_score.v1.json``) when the account's decision changed, else None."""
+        ts: int = event["ts"]
+        aid: str = event["account_id"]
+        self.stats["events"] += 1
+        self._last_ts = max(self._last_ts, ts)
+        acct = self.accounts.get(aid)
+        if acct is None:
+            acct = self.accounts[aid] = _Account(event["billing"].get("account_created_ts"))
+            self._evict(ts)
+        else:
+            self.accounts.move_to_end(aid)
+        if aid in self.allowlist or (event.get("org_id") and event["org_id"] in self.allowlist):
+            return self._emit(acct, aid, ts, 0.0, "allow", [("allowlisted", 1.0, 1.0, 0)], None, emitted_at)
+
+        prompt = event["prompt"]
+        first_seen = self.model_first_seen.setdefault(event["model"], ts)
+        template_accounts, exact_accounts, self_repeat, top_band = self.content.observe(
+            acct.seen, [int(b, 16) for b in prompt["bands"]], int(prompt["exact"], 16), ts)
+        ctx = feat.EventContext(template_accounts, exact_accounts, ts - first_seen, self_repeat)
+        st = acct.state
+        previous_ts = st.last_ts
+        arrival = st.events == 0 or ts - previous_ts >= feat.DAY_MS
+        feat.update(st, event, ctx)
+
+        keys = link_keys(event)
+        templated = template_accounts >= feat.SHARED_TEMPLATE_ACCOUNTS > exact_accounts
+        if templated and self_repeat:
+            keys.append(("tmpl", top_band))  # the account keeps using a template other accounts use
+        root = self.linker.link(aid, keys)
+        self._apply_merges()
+        cluster = self.clusters.get(root)
+        if cluster is None:
+            cluster = self.clusters[root] = ClusterState()
+        age_days = (ts - st.created_ts) / feat.DAY_MS if st.created_ts is not None else math.inf
+        cluster.add(ts, arrival=arrival, templated=templated, cot=prompt["cot"],
+                    max_len=event["response"].get("stop_reason") == "max_tokens",
+                    new_account=age_days < NEW_ACCOUNT_DAYS)
+        acct.root = root
+
+        f = feat.features(st, ts)
+        x = squash(f)
+        rank = self.model.score_one(x)
+        evidence, values, size = self._evidence(f, rank, cluster, root, ts)
+        score, contributions = self.fusion.score(evidence)
+        action = decide(score, acct.action, self.settings)
+        if self.sampler.should_learn(acct.learned_ts, ts, flagged=action != "allow"):
+            self.model.learn_one(x)
+            acct.learned_ts = ts
+        if action == "block" and not acct.blocked_counted:
+            acct.blocked_counted = True
+            cluster.blocked_members += 1
+            if cluster.blocked_members >= 2 or size >= 3:
+                cluster.blocked = True
+        reasons = [(code, share, values.get(code, 0.0), int(size)) for code, share in contributions]
+        cluster_id = self.linker.cluster_id(aid) if self.linker.size(root) > 1 else None
+        return self._emit(acct, aid, ts, score, action, reasons, cluster_id, emitted_at)
+
+    # ----------------------------------------------------------------------------------------------
+    def _evidence(self, f: dict[str, float], rank: float, cluster: ClusterState, root: str,
+                  ts: int) -> tuple[dict[str, float], dict[str, float], float]:
+        """Evidence terms in [0, 1], the raw values behind them (for reason texts) and cluster size."""
+        n = f["n_24h"]
+        shrink = n / (n + 2.0)  # one event is weak evidence of a share
+        age = f["account_age_days"]
+        c = cluster.features(ts, self.linker.size(root))
+        active = c["active_accounts"]
+        sf = _clip(math.log(active / 2.0) / math.log(25.0)) if active >= 3 else 0.0
+        values = {
+            "shared_template": f["template_share"],
+            "cot_requests": f["cot_share"],
+            "max_length_outputs": f["max_len_share"],
+            "capability_focus": f["capability_concentration"],
+            "machine_schedule": f["hour_spread"],
+            "new_model_jump": f["new_model_share"],
+            "young_account": age / NEW_ACCOUNT_DAYS,
+            "anomaly": rank,
+            "cluster_templates": c["template_share"],
+            "cluster_new_accounts": c["new_account_share"],
+            "cluster_cot": c["cot_share"],
+        }
+        evidence = {
+            "shared_template": _clip((f["template_share"] * shrink - 0.1) / 0.6),
+            "cot_requests": f["cot_share"] * shrink,
+            "max_length_outputs": f["max_len_share"] * shrink,
+            "capability_focus": f["capability_concentration"] * n / (n + 10.0),
+            "machine_schedule": _clip((f["hour_spread"] - 0.8) / 0.15) * n / (n + 20.0),
+            "new_model_jump": f["new_model_share"] * shrink,
+            "young_account": 1.0 if age < 2 else 0.5 if age < NEW_ACCOUNT_DAYS else 0.0,
+            "anomaly": _clip((rank - 0.95) / 0.05),
+            "cluster_size": sf,
+            "cluster_load_balanced": sf * _clip((c["hour_spread"] - 0.85) / 0.1)
+            * (1.0 if c["per_account_24h"] < 200 else 0.0),
+            "cluster_templates": sf * c["template_share"],
+            "cluster_new_accounts": sf * c["new_account_share"],
+            "cluster_cot": sf * c["cot_share"],
+            "linked_to_blocked": 1.0 if cluster.blocked else 0.0,
+        }
+        return evidence, values, c["size"]
+
+    def _emit(self, acct: _Account, aid: str, ts: int, score: float, action: str,
+              reasons: list[tuple[str, float, float, int]], cluster_id: str | None,
+              emitted_at: int | None) -> dict[str, Any] | None:
+        changed = action != acct.action
+        moved = action != "allow" and abs(score - acct.emitted_score) >= self.settings.min_score_change
+        acct.action, acct.score = action, score
+        if not (changed or moved):
+            return None
+        acct.emitted_score = score
+        self.stats["records"] += 1
+        return {
+            "schema_version": 1,
+            "account_id": aid,
+            "cluster_id": cluster_id,
+            "score": round(score, 4),
+            "action": action,
+            "reasons": [
+                {"code": code, "detail": detail(code, value, n), "weight": round(min(share, 1.0), 4)}
+                for code, share, value, n in reasons[:MAX_REASONS]
+            ],
+            "event_ts": ts,
+            "emitted_at": emitted_at if emitted_at is not None else int(time.time() * 1000),
+            "model_version": f"{MODEL_VERSION}+{self.anomaly_model}",
+        }
+
+    def _apply_merges(self) -> None:
+        for absorbed, into in self.linker.merges:
+            old = self.clusters.pop(absorbed, None)
+            if old is not None:
+                self.clusters.setdefault(into, ClusterState()).merge(old)
+        self.linker.merges.clear()
+
+    def _evict(self, now: int) -> None:
+        """Drop accounts idle for ``idle_evict_s`` and the least recently active beyond ``max_accounts``."""
+        accounts = self.accounts
+        horizon = now - self.settings.idle_evict_s * 1000
+        while accounts:
+            aid, oldest = next(iter(accounts.items()))
+            if len(accounts) > self.settings.max_accounts or oldest.state.last_ts < horizon:
+                del accounts[aid]
+                self.stats["evicted"] += 1
+            else:
+                break
+
+    # ----------------------------------------------------------------------------------------------
+    def apply_label(self, label: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None:
+        """Learn from an analyst verdict (``schemas/analyst_label.v1.json``) and act on it at once:
+        ``attack`` blocks the account (and marks its cluster blocked), ``benign`` allowlists it. The fusion
+        model learns from the account's current evidence. Returns the record to publish, if any."""
+        aid = label["account_id"]
+        attack = label["label"] == "attack"
+        self.stats["labels"] += 1
+        acct = self.accounts.get(aid)
+        ts = label["ts"]
+        if acct is not None and acct.state.events:
+            cluster = self.clusters.get(self.linker.root(aid)) or ClusterState()
+            f = feat.features(acct.state, max(acct.state.last_ts, 1))
+            evidence, _, _ = self._evidence(f, self.model.score_one(squash(f)), cluster,
+                                            self.linker.root(aid), acct.state.last_ts)
+            self.fusion.learn_one(evidence, attack)
+            ts = acct.state.last_ts
+        else:
+            acct = self.accounts[aid] = _Account(None)
+        if attack:
+            root = self.linker.root(aid)
+            cluster = self.clusters.setdefault(root, ClusterState())
+            cluster.blocked = cluster.blocked or self.linker.size(root) > 1
+            cluster_id = self.linker.cluster_id(aid) if self.linker.size(root) > 1 else None
+            return self._emit(acct, aid, ts, 1.0, "block", [("analyst_label", 1.0, 1.0, 0)], cluster_id, emitted_at)
+        self.allowlist.add(aid)
+        return self._emit(acct, aid, ts, 0.0, "allow", [("analyst_label", 1.0, 0.0, 0)], None, emitted_at)
+
+    @property
+    def actions(self) -> dict[str, str]:
+        """Current action of every tracked account that is not allowed."""
+        return {aid: a.action for aid, a in self.accounts.items() if a.action != "allow"}
+
+    def action_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(ACTIONS, 0)
+        for a in self.accounts.values():
+            counts[a.action] += 1
+        return counts

@@ -1,0 +1,156 @@
+"""Online anomaly models over account and cluster feature vectors, and the choice between them.
+
+Every model follows River's protocol: ``learn_one(x)`` and ``score_one(x)``, high score = anomalous.
+Raw scores of different models live on different scales (HalfSpaceTrees: mass in [0, 1]; LODA: negative
+log-density), so :class:`RankScorer` turns any of them into the rank of the score among recently learned
+scores, in [0, 1]: 0.99 means "more anomalous than 99% of recent ordinary traffic".
+
+Candidates (chosen by ``detector evaluate``, not by taste):
+
+- ``hst``: ``river.anomaly.HalfSpaceTrees`` on features squashed to [0, 1];
+- ``loda``: ``river.anomaly.LODA`` (sparse random projections with histograms);
+- ``population``: :class:`PopulationBaseline`, an account against its peers: mean absolute z-score of each
+  feature against exponentially weighted population statistics.
+
+>>> m = make_model("population")
+>>> for i in range(200):
+...     m.learn_one({"a": 0.1 + (i % 7) / 100, "b": 0.5})
+>>> m.score_one({"a": 0.12, "b": 0.5}) < m.score_one({"a": 0.9, "b": 0.5})
+True
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections import deque
+from typing import Protocol
+
+from river import anomaly, stats
+from river.base import AnomalyDetector
+
+MODEL_NAMES = ("population", "hst", "loda")
+
+
+class Scorer(Protocol):
+    def learn_one(self, x: dict[str, float]) -> None: ...
+
+    def score_one(self, x: dict[str, float]) -> float: ...
+
+
+class PopulationBaseline(AnomalyDetector):
+    """Peers as the baseline: for each feature an exponentially weighted mean and variance of the
+    population; the score is the mean absolute z-score over features, capped at ``z_cap`` per feature.
+
+    ``fading`` is the weight of the newest observation (0.001: the baseline spans ~1,000 learned points).
+    Features may appear or vanish between calls.
+    """
+
+    def __init__(self, fading: float = 0.001, z_cap: float = 6.0) -> None:
+        self.fading = fading
+        self.z_cap = z_cap
+        self._mean: dict[str, stats.EWMean] = {}
+        self._var: dict[str, stats.EWVar] = {}
+
+    def learn_one(self, x: dict[str, float]) -> None:
+        for k, v in x.items():
+            if k not in self._mean:
+                self._mean[k] = stats.EWMean(fading_factor=self.fading)
+                self._var[k] = stats.EWVar(fading_factor=self.fading)
+            self._mean[k].update(v)
+            self._var[k].update(v)
+
+    def score_one(self, x: dict[str, float]) -> float:
+        total, n = 0.0, 0
+        for k, v in x.items():
+            if k in self._mean:
+                sd = math.sqrt(self._var[k].get()) + 1e-3
+                total += min(abs(v - self._mean[k].get()) / sd, self.z_cap)
+                n += 1
+        return total / n if n else 0.0
+
+
+class RankScorer:
+    """Wraps a model; ``score_one`` returns the rank of its raw score among the last ``window`` raw
+    scores of learned points (0 until ``warm_up`` points were learned).
+
+    Keeps a sorted list and a queue of the recent raw scores: O(window) memory, O(log window + window
+    shifts) per learn.
+    """
+
+    def __init__(self, model: Scorer, window: int = 2000, warm_up: int = 200) -> None:
+        self.model = model
+        self.window = window
+        self.warm_up = warm_up
+        self._recent: deque[float] = deque()
+        self._sorted: list[float] = []
+        self.learned = 0
+
+    @property
+    def warm(self) -> bool:
+        return self.learned >= self.warm_up
+
+    def score_one(self, x: dict[str, float]) -> float:
+        if not self.warm:
+            return 0.0
+        raw = self.model.score_one(x)
+        return bisect.bisect_left(self._sorted, raw) / len(self._sorted)
+
+    def learn_one(self, x: dict[str, float]) -> None:
+        raw = self.model.score_one(x)
+        self.model.learn_one(x)
+        self.learned += 1
+        self._recent.append(raw)
+        bisect.insort(self._sorted, raw)
+        if len(self._recent) > self.window:
+            old = self._recent.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+
+
+def make_model(name: str, seed: int = 42) -> Scorer:
+    """A fresh anomaly model by name (one of :data:`MODEL_NAMES`); seeded, so runs reproduce."""
+    if name == "population":
+        return PopulationBaseline()
+    if name == "hst":
+        return anomaly.HalfSpaceTrees(n_trees=25, height=8, window_size=250, seed=seed)
+    if name == "loda":
+        return anomaly.LODA(n_bins=10, n_random_cuts=100, seed=seed)
+    raise ValueError(f"unknown anomaly model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def squash(f: dict[str, float]) -> dict[str, float]:
+    """Account features mapped to [0, 1] (HalfSpaceTrees needs bounded inputs; the others don't mind).
+
+    >>> squash({"n_24h": 0.0, "cot_share": 0.5, "distinct_ips": 64.0})
+    {'n_24h': 0.0, 'cot_share': 0.5, 'distinct_ips': 1.0}
+    """
+    out: dict[str, float] = {}
+    for k, v in f.items():
+        if k.startswith(("n_", "volume")) or k in ("in_tokens", "out_tokens", "size", "active_accounts",
+                                                   "per_account_24h"):
+            out[k] = min(math.log1p(max(v, 0.0)) / math.log1p(100_000), 1.0)
+        elif k == "out_in_ratio":
+            out[k] = min(math.log1p(v) / math.log1p(100), 1.0)
+        elif k == "gap_log_std":
+            out[k] = min(v / 4.0, 1.0)
+        elif k.startswith("distinct_"):
+            out[k] = min(v / 64.0, 1.0)
+        elif k == "account_age_days":
+            out[k] = min(math.log1p(v) / math.log1p(3650), 1.0)
+        else:
+            out[k] = min(max(v, 0.0), 1.0)
+    return out
+
+
+class Sampler:
+    """Decides which points a model learns from: at most one snapshot per account per ``every_ms`` of
+    event time (so a heavy account does not become the whole baseline) and never a flagged one
+    (the poisoning guard: do not learn from what you flagged)."""
+
+    def __init__(self, every_ms: int = 30 * 60_000, seed: int = 42) -> None:
+        self.every_ms = every_ms
+        self._rng = random.Random(seed)
+
+    def should_learn(self, last_learned_ts: int, ts: int, flagged: bool) -> bool:
+        return not flagged and (last_learned_ts == 0 or ts - last_learned_ts >= self.every_ms)
