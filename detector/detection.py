@@ -86,6 +86,7 @@ class Detector:
         self.allowlist = set(self.settings.allowlist)
         self.stats = {"events": 0, "records": 0, "evicted": 0, "labels": 0}
         self._last_ts = 0
+        self._stream_start = 0
 
     # ----------------------------------------------------------------------------------------------
     def process(self, event: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None:
@@ -97,18 +98,23 @@ class Detector:
         self._last_ts = max(self._last_ts, ts)
         acct = self.accounts.get(aid)
         if acct is None:
-            acct = self.accounts[aid] = _Account(event["billing"].get("account_created_ts"))
             self._evict(ts)
+            acct = self.accounts[aid] = _Account(event["billing"].get("account_created_ts"))
         else:
             self.accounts.move_to_end(aid)
         if aid in self.allowlist or (event.get("org_id") and event["org_id"] in self.allowlist):
             return self._emit(acct, aid, ts, 0.0, "allow", [("allowlisted", 1.0, 1.0, 0)], None, emitted_at)
 
         prompt = event["prompt"]
+        if not self._stream_start:
+            self._stream_start = ts
         first_seen = self.model_first_seen.setdefault(event["model"], ts)
+        # A model counts as newly released only if the stream ran a day without it: at start-up, every
+        # model is "first seen", and none of them is new.
+        model_age = ts - first_seen if first_seen - self._stream_start >= feat.NEW_MODEL_MS else 1 << 62
         template_accounts, exact_accounts, self_repeat, top_band = self.content.observe(
             acct.seen, [int(b, 16) for b in prompt["bands"]], int(prompt["exact"], 16), ts)
-        ctx = feat.EventContext(template_accounts, exact_accounts, ts - first_seen, self_repeat)
+        ctx = feat.EventContext(template_accounts, exact_accounts, model_age, self_repeat)
         st = acct.state
         previous_ts = st.last_ts
         arrival = st.events == 0 or ts - previous_ts >= feat.DAY_MS
@@ -164,7 +170,7 @@ class Detector:
             "capability_focus": f["capability_concentration"],
             "machine_schedule": f["hour_spread"],
             "new_model_jump": f["new_model_share"],
-            "young_account": age / NEW_ACCOUNT_DAYS,
+            "young_account": age,
             "anomaly": rank,
             "cluster_templates": c["template_share"],
             "cluster_new_accounts": c["new_account_share"],
@@ -227,7 +233,7 @@ class Detector:
         horizon = now - self.settings.idle_evict_s * 1000
         while accounts:
             aid, oldest = next(iter(accounts.items()))
-            if len(accounts) > self.settings.max_accounts or oldest.state.last_ts < horizon:
+            if len(accounts) >= self.settings.max_accounts or oldest.state.last_ts < horizon:
                 del accounts[aid]
                 self.stats["evicted"] += 1
             else:

@@ -54,7 +54,7 @@ DETAILS: dict[str, str] = {
     "capability_focus": "traffic concentrated on one capability ({pct})",
     "machine_schedule": "active around the clock at a steady rate ({pct})",
     "new_model_jump": "{pct} of traffic on a model released within the last day",
-    "young_account": "account created recently ({pct})",
+    "young_account": "account created {days:.1f} days ago",
     "anomaly": "unusual against the population of accounts ({pct})",
     "cluster_size": "cluster of {n} linked accounts",
     "cluster_load_balanced": "load spread evenly over {n} linked accounts around the clock",
@@ -111,4 +111,4 @@ def decide(score: float, previous: str, settings: DetectionSettings) -> str:
 
 def detail(code: str, value: float, n: int = 0) -> str:
     """The human sentence for a reason code."""
-    return DETAILS.get(code, code).format(pct=f"{value:.0%}", n=n)
+    return DETAILS.get(code, code).format(pct=f"{value:.0%}", n=n, days=value)

@@ -65,7 +65,7 @@ class PopulationBaseline(AnomalyDetector):
         total, n = 0.0, 0
         for k, v in x.items():
             if k in self._mean:
-                sd = math.sqrt(self._var[k].get()) + 1e-3
+                sd = math.sqrt(max(self._var[k].get(), 0.0)) + 1e-3  # EWVar can round below 0
                 total += min(abs(v - self._mean[k].get()) / sd, self.z_cap)
                 n += 1
         return total / n if n else 0.0

@@ -1,0 +1,85 @@
+import orjson
+import pytest
+
+from detector.fingerprints import fingerprint, hamming
+from detector.gateway import make_event
+from detector.schemas import InvalidEvent, decode_event
+from tests.factory import event
+
+
+def test_event_has_no_raw_text_and_validates():
+    secret = "my very private prompt about project zebra-tango"
+    ev = event(prompt_text=secret, system_text="You are the zebra-tango assistant.")
+    wire = orjson.dumps(ev)
+    assert b"zebra" not in wire and b"private" not in wire
+    assert decode_event(wire)["prompt"]["system_fp"] is not None
+
+
+def test_event_id_generated_and_unique():
+    a = event(event_id=None)
+    b = event(event_id=None)
+    assert a["event_id"] != b["event_id"] and len(a["event_id"]) >= 8
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"input_tokens": -1}, "input_tokens"),
+        ({"status": 42}, "status"),
+        ({"ts": True}, "ts"),
+        ({"client": {"ip": "not an ip!"}}, "ip"),
+        ({"billing": {"payment_fp": 7}}, "payment_fp"),
+        ({"model": ""}, "model"),
+        ({"response": {"stop_reason": "exploded"}}, "stop_reason"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_bad_fields_raise_a_clear_error(override, fragment):
+    with pytest.raises(InvalidEvent) as err:
+        event(**override)
+    assert err.value.reason == "schema"
+    assert fragment in str(err.value)
+
+
+def test_missing_fields_are_named():
+    with pytest.raises(InvalidEvent, match="missing fields: .*model"):
+        make_event(account_id="a", ts=1775000000000, prompt_text="x")
+
+
+def test_prompt_must_not_be_passed_directly():
+    with pytest.raises(InvalidEvent, match="prompt_text"):
+        event(prompt={"exact": "0" * 16})
+
+
+def test_fingerprints_depend_on_the_key():
+    a = fingerprint("Write a haiku about autumn leaves", key=b"k1")
+    b = fingerprint("Write a haiku about autumn leaves", key=b"k2")
+    assert a["exact"] != b["exact"] and a["bands"] != b["bands"]
+
+
+def test_template_fills_share_bands_unrelated_prompts_do_not():
+    template = ("You are an expert Python engineer. Solve the task below. Think step by step, show all your "
+                "reasoning, then give the final code in one block. Task: {}")
+    a = fingerprint(template.format("reverse a linked list"), key=b"k")
+    b = fingerprint(template.format("parse an ISO date string"), key=b"k")
+    c = fingerprint("What's a good name for a golden retriever puppy?", key=b"k")
+    assert set(a["bands"]) & set(b["bands"])
+    assert not set(a["bands"]) & set(c["bands"])
+    assert hamming(a["simhash"], b["simhash"]) < hamming(a["simhash"], c["simhash"])
+
+
+@pytest.mark.parametrize("text", [
+    "Let's think step by step.", "请一步一步地推理", "Решите задачу шаг за шагом", "Explica paso a paso",
+    "Show your reasoning before answering",
+])
+def test_chain_of_thought_requests_in_several_languages(text):
+    assert fingerprint(text, key=b"k")["cot"] is True
+
+
+def test_ordinary_prompt_is_not_chain_of_thought():
+    assert fingerprint("Write a limerick about a cat who loves lasagna", key=b"k")["cot"] is False
+
+
+def test_scripts():
+    assert fingerprint("这是一个测试问题，请回答", key=b"k")["script"] == "cjk"
+    assert fingerprint("Привет, как дела?", key=b"k")["script"] == "cyrillic"
