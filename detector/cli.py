@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kafka", nargs="?", const="", default=None, metavar="BOOTSTRAP",
                    help="publish to Kafka instead (default bootstrap from settings)")
     s.add_argument("--rate", type=float, default=0.0, help="events/s when publishing (0 = as fast as possible)")
-    s.add_argument("--prompts-dir", type=Path, default=None, help="real prompt datasets (default: ../shared/datasets/prompts)")
+    s.add_argument("--prompts-dir", type=Path, default=None,
+                   help="real prompt datasets (default: ../shared/datasets/prompts)")
     s.set_defaults(func=cmd_simulate)
 
     w = sub.add_parser("worker", help="run the Faust worker: api-calls -> risk-scores (settings from DETECTOR_*)")

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
 from array import array
+from collections.abc import Iterable
 
 from detector.features import H_DAY, HOUR_MS
 

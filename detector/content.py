@@ -20,7 +20,7 @@ two windows.
 
 from __future__ import annotations
 
-import numpy as np
+from array import array
 
 from detector.features import DAY_MS
 
@@ -62,8 +62,10 @@ class ContentIndex:
         self.width = width
         self.depth = depth
         self.window_ms = window_ms
-        self._new = np.zeros((depth, width), dtype=np.uint32)
-        self._old = np.zeros((depth, width), dtype=np.uint32)
+        # Flat arrays of rows (row r starts at r * width): indexing a stdlib array from Python is several
+        # times cheaper than indexing a numpy array one scalar at a time.
+        self._new = array("I", bytes(4 * depth * width))
+        self._old = array("I", bytes(4 * depth * width))
         self._window_start: int | None = None
 
     def _rotate(self, ts: int) -> None:
@@ -71,25 +73,28 @@ class ContentIndex:
             self._window_start = ts
         elif ts - self._window_start >= self.window_ms:
             if ts - self._window_start >= 2 * self.window_ms:
-                self._old[:] = 0
+                self._old = array("I", bytes(4 * self.depth * self.width))
             else:
-                self._old, self._new = self._new, self._old
-            self._new[:] = 0
+                self._old = self._new
+            self._new = array("I", bytes(4 * self.depth * self.width))
             self._window_start = ts
 
     def _cells(self, key: int) -> list[int]:
         h1 = (key * _M1) & _MASK
         h2 = ((key ^ (key >> 29)) * _M2) & _MASK | 1
-        return [((h1 + i * h2) & _MASK) % self.width for i in range(self.depth)]
+        w = self.width
+        return [r * w + ((h1 + r * h2) & _MASK) % w for r in range(self.depth)]
 
     def _estimate_and_add(self, key: int, add: bool) -> int:
-        rows = range(self.depth)
-        cells = self._cells(key)
         new, old = self._new, self._old
-        if add:
-            for r, c in zip(rows, cells, strict=True):
-                new[r, c] += 1
-        return int(min(int(new[r, c]) + int(old[r, c]) for r, c in zip(rows, cells, strict=True)))
+        best = 1 << 32
+        for c in self._cells(key):
+            if add:
+                new[c] += 1
+            v = new[c] + old[c]
+            if v < best:
+                best = v
+        return best
 
     def observe(self, seen: SeenFilter, bands: list[int], exact: int, ts: int) -> tuple[int, int, bool, int]:
         """Count this account under the event's keys; return ``(template_accounts, exact_accounts,
@@ -112,4 +117,4 @@ class ContentIndex:
 
     @property
     def nbytes(self) -> int:
-        return int(self._new.nbytes + self._old.nbytes)
+        return 2 * 4 * self.depth * self.width

@@ -78,10 +78,11 @@ class Fusion:
         for name, w in PRIOR_WEIGHTS.items():
             self.model._weights[name] = w
         self.labels_learned = 0
+        self._weights = self.model.weights  # a copy; refreshed after learning
 
     def score(self, evidence: dict[str, float]) -> tuple[float, list[tuple[str, float]]]:
         """Score in [0, 1] and the contributing terms, largest first, as (code, share of the push)."""
-        weights = self.model.weights
+        weights = self._weights
         z = self.model.intercept + sum(weights.get(k, 0.0) * v for k, v in evidence.items())
         score = 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
         contrib = sorted(((k, weights.get(k, 0.0) * v) for k, v in evidence.items()), key=lambda kv: -kv[1])
@@ -91,6 +92,7 @@ class Fusion:
 
     def learn_one(self, evidence: dict[str, float], attack: bool) -> None:
         self.model.learn_one(evidence, attack)
+        self._weights = self.model.weights
         self.labels_learned += 1
 
 

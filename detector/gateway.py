@@ -10,10 +10,11 @@ The raw prompt text stays in the gateway: :func:`make_event` replaces it with ke
 ...                 fingerprint_key=b"demo")
 >>> ev["prompt"]["cot"], ev["client"]["country"], "sky" in str(ev)
 (True, None, False)
->>> make_event(account_id="acct_1")
+>>> make_event(account_id="acct_1", ts=1775000000000, api_key_id="k", endpoint="/v1/messages", status=200,
+...            input_tokens=1, output_tokens=1, latency_ms=1, response={}, prompt_text="hi")
 Traceback (most recent call last):
 ...
-detector.schemas.InvalidEvent: schema: missing fields: api_key_id, endpoint, input_tokens, latency_ms, model, output_tokens, prompt_text, response, status, ts
+detector.schemas.InvalidEvent: schema: missing fields: model
 """
 
 from __future__ import annotations

@@ -1,0 +1,299 @@
+"""``detector evaluate``: scenarios through the replay path, measured against ground truth.
+
+For every scenario the simulated events are generated once and fed, in event-time order, to one
+:class:`~detector.detection.Detector` per candidate anomaly model. An account counts as *caught* once its
+action reaches ``throttle`` or ``block``; an ordinary account caught is a false positive. "Served" exchanges
+are those processed while the account's action (before the event) was still ``allow`` or ``watch``: the
+gateway had no reason to stop them.
+
+Reported per scenario and model: account-level precision, recall and false-positive rate (of ordinary
+accounts); per campaign the time to first detection and the share of its exchanges served before it was
+first detected; and the share of all attack exchanges served before their own account was caught.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detector.detection import Detector
+from detector.progress import Progress
+from detector.settings import Settings
+
+CAUGHT = ("throttle", "block")
+DEFAULT_SUITE = ("default", "holdout", "paraphrase", "fast_rotation", "slow_ramp", "many_asns")
+TARGETS = {"recall": 0.95, "fpr": 0.001, "first_detect_share": 0.005, "served_share": 0.02}
+
+
+@dataclass
+class AccountOutcome:
+    events: int = 0
+    served: int = 0
+    caught_ts: int | None = None
+    max_score: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """What one detector did on one scenario, with the ground truth beside it."""
+
+    model: str
+    accounts: dict[str, AccountOutcome] = field(default_factory=lambda: defaultdict(AccountOutcome))
+    campaign_first: dict[str, int] = field(default_factory=dict)  # campaign -> first event ts
+    campaign_detect: dict[str, tuple[int, int]] = field(default_factory=dict)  # campaign -> (ts, events before)
+    campaign_events: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    timeline: dict[str, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
+    seconds: float = 0.0
+
+    def observe(self, ev: dict[str, Any], det: Detector, before: str, campaign: str | None) -> None:
+        aid, ts = ev["account_id"], ev["ts"]
+        acct = det.accounts[aid]
+        out = self.accounts[aid]
+        out.events += 1
+        out.max_score = max(out.max_score, acct.score)
+        if before not in CAUGHT:
+            out.served += 1
+            if acct.action in CAUGHT and out.caught_ts is None:
+                out.caught_ts = ts
+                if campaign:
+                    self.timeline[campaign].append((ts, 1))
+        if campaign:
+            self.campaign_first.setdefault(campaign, ts)
+            self.campaign_events[campaign] += 1
+            if campaign not in self.campaign_detect and acct.action in CAUGHT:
+                self.campaign_detect[campaign] = (ts, self.campaign_events[campaign])
+
+
+def metrics(outcome: Outcome, labels: dict[str, Any]) -> dict[str, Any]:
+    """Account-level and campaign-level numbers for one outcome."""
+    attack = {a for a, lab in labels.items() if lab.attack and a in outcome.accounts}
+    ordinary = {a for a, lab in labels.items() if not lab.attack and a in outcome.accounts}
+    caught = {a for a, o in outcome.accounts.items() if o.caught_ts is not None}
+    tp, fp = len(caught & attack), len(caught & ordinary)
+    attack_events = sum(outcome.accounts[a].events for a in attack)
+    attack_served = sum(outcome.accounts[a].served for a in attack)
+    campaigns = {}
+    for name, total in sorted(outcome.campaign_events.items()):
+        first = outcome.campaign_first[name]
+        members = {a for a in attack if labels[a].campaign == name}
+        det = outcome.campaign_detect.get(name)
+        campaigns[name] = {
+            "accounts": len(members),
+            "events": total,
+            "recall": len(members & caught) / len(members) if members else 0.0,
+            "hours_to_first_detection": (det[0] - first) / 3.6e6 if det else None,
+            "first_detect_share": det[1] / total if det else 1.0,
+            "served_share": sum(outcome.accounts[a].served for a in members) / max(total, 1),
+        }
+    return {
+        "model": outcome.model,
+        "attack_accounts": len(attack),
+        "ordinary_accounts": len(ordinary),
+        "tp": tp,
+        "fp": fp,
+        "recall": tp / len(attack) if attack else 0.0,
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "fpr": fp / len(ordinary) if ordinary else 0.0,
+        "served_share": attack_served / attack_events if attack_events else 0.0,
+        "first_detect_share": max((c["first_detect_share"] for c in campaigns.values()), default=0.0),
+        "campaigns": campaigns,
+        "seconds": outcome.seconds,
+    }
+
+
+def evaluate_scenario(scenario: str, models: list[str], settings: Settings, *, scale: float = 1.0,
+                      seed: int = 7) -> tuple[Any, list[Outcome]]:
+    """Generate ``scenario`` once and run one detector per model over it."""
+    from detector import simulate
+
+    sim = simulate.build(scenario, seed=seed, scale=scale, fingerprint_key=settings.fingerprint_key.reveal().encode())
+    labels = sim.labels
+    detectors = [Detector(settings.detection, anomaly_model=m) for m in models]
+    outcomes = [Outcome(model=m) for m in models]
+    prog = Progress(f"evaluate {scenario}", total=sim.count_hint())
+    n = 0
+    for ev in sim.events():
+        lab = labels.get(ev["account_id"])
+        campaign = lab.campaign if lab is not None and lab.attack else None
+        for det, out in zip(detectors, outcomes, strict=True):
+            t = time.perf_counter()
+            acct = det.accounts.get(ev["account_id"])
+            before = acct.action if acct is not None else "allow"
+            det.process(ev, emitted_at=ev["ts"])
+            out.seconds += time.perf_counter() - t
+            out.observe(ev, det, before, campaign)
+        n += 1
+        if n % 5000 == 0:
+            prog.update(n)
+    prog.update(n)
+    prog.close()
+    return sim, outcomes
+
+
+def choose(results: list[dict[str, Any]]) -> str:
+    """The model to ship: within the false-positive budget first, then highest recall, then least served."""
+    def key(r: dict[str, Any]) -> tuple[bool, float, float]:
+        return (r["fpr"] <= TARGETS["fpr"], r["recall"], -r["served_share"])
+
+    return max(results, key=key)["model"]
+
+
+# ------------------------------------------------------------------------------------------------------
+def _plots(out_dir: Path, scenario: str, sim: Any, outcomes: list[Outcome], chosen: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sim.labels
+    files = []
+    best = next(o for o in outcomes if o.model == chosen)
+    # 1. score distributions
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    atk = [o.max_score for a, o in best.accounts.items() if labels[a].attack]
+    ords = [o.max_score for a, o in best.accounts.items() if not labels[a].attack]
+    bins = [i / 40 for i in range(41)]
+    ax.hist(ords, bins=bins, alpha=0.6, label=f"ordinary ({len(ords)})", color="tab:blue")
+    ax.hist(atk, bins=bins, alpha=0.6, label=f"attack ({len(atk)})", color="tab:red")
+    ax.set_yscale("log")
+    ax.set_xlabel("highest risk score reached by the account")
+    ax.set_ylabel("accounts")
+    ax.set_title(f"{scenario}: score distributions ({chosen})")
+    ax.legend()
+    fig.tight_layout()
+    name = f"{scenario}-scores.png"
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    files.append(name)
+    # 2. precision-recall over the score threshold, per model
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for o in outcomes:
+        pts = sorted(((acc.max_score, labels[a].attack) for a, acc in o.accounts.items()), reverse=True)
+        n_pos = sum(1 for _, y in pts if y) or 1
+        tp = fp = 0
+        prec, rec = [], []
+        for _, y in pts:
+            tp += y
+            fp += not y
+            prec.append(tp / (tp + fp))
+            rec.append(tp / n_pos)
+        ax.plot(rec, prec, label=o.model)
+    ax.set_xlabel("recall (attack accounts)")
+    ax.set_ylabel("precision")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{scenario}: precision-recall")
+    ax.legend()
+    fig.tight_layout()
+    name = f"{scenario}-pr.png"
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    files.append(name)
+    # 3. detection timeline: campaign accounts caught over time
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for campaign, points in sorted(best.timeline.items()):
+        members = sum(1 for lab in labels.values() if lab.attack and lab.campaign == campaign)
+        start = best.campaign_first[campaign]
+        xs = [(ts - start) / 3.6e6 for ts, _ in points]
+        ys = [(i + 1) / members for i in range(len(points))]
+        ax.step(xs, ys, where="post", label=campaign)
+    ax.set_xlabel("hours since the campaign's first exchange")
+    ax.set_ylabel("share of its accounts caught")
+    ax.set_title(f"{scenario}: detection timeline ({chosen})")
+    ax.legend()
+    fig.tight_layout()
+    name = f"{scenario}-timeline.png"
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    files.append(name)
+    return files
+
+
+def _fmt_hours(h: float | None) -> str:
+    return "never" if h is None else f"{h:.2f} h"
+
+
+def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: str, scale: float,
+                   out_dir: Path, seed: int = 7) -> int:
+    """Run the suite, print a table per scenario, write ``EVALUATION.md`` and plots under ``docs/eval``."""
+    from detector import simulate
+
+    names = scenarios or [s for s in DEFAULT_SUITE if s in simulate.scenario_names()]
+    model_list = [m.strip() for m in models.split(",") if m.strip()]
+    plot_dir = out_dir / "docs" / "eval"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# Evaluation", "",
+             f"Reproduce: `detector evaluate --scale {scale:g} --seed {seed}` "
+             f"(models: {', '.join(model_list)}). Generated {time.strftime('%Y-%m-%d')} on "
+             f"{_machine()}.", "",
+             "An account is *caught* when its action reaches throttle or block; a caught ordinary account is a "
+             "false positive. FPR is over ordinary accounts. *first-detect share*: share of the campaign's "
+             "exchanges served before any of its accounts was caught (worst campaign). *served share*: share "
+             "of all attack exchanges served before their own account was caught.", "",
+             f"Targets: recall ≥ {TARGETS['recall']}, FPR ≤ {TARGETS['fpr']:.1%}, first-detect share ≤ "
+             f"{TARGETS['first_detect_share']:.1%}, served share ≤ {TARGETS['served_share']:.0%}.", ""]
+    summary = []
+    for scenario in names:
+        sim, outcomes = evaluate_scenario(scenario, model_list, settings, scale=scale, seed=seed)
+        results = [metrics(o, sim.labels) for o in outcomes]
+        chosen = choose(results)
+        lines += [f"## {scenario}", "", sim.description, "",
+                  "| model | recall | precision | FPR | FP / ordinary | first-detect share | served share | µs/event |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            mark = " (chosen)" if r["model"] == chosen else ""
+            lines.append(f"| {r['model']}{mark} | {r['recall']:.3f} | {r['precision']:.3f} | {r['fpr']:.4%} | "
+                         f"{r['fp']} / {r['ordinary_accounts']} | {r['first_detect_share']:.3%} | "
+                         f"{r['served_share']:.2%} | {1e6 * r['seconds'] / max(_n_events(outcomes[0]), 1):.0f} |")
+            print(f"{scenario:<14} {r['model']:<10}{mark:<9} recall={r['recall']:.3f} precision={r['precision']:.3f} "
+                  f"fpr={r['fpr']:.4%} ({r['fp']}/{r['ordinary_accounts']}) first_detect={r['first_detect_share']:.3%} "
+                  f"served={r['served_share']:.2%}")
+        best = next(r for r in results if r["model"] == chosen)
+        summary.append((scenario, best))
+        lines += ["", f"Per campaign ({chosen}):", "",
+                  "| campaign | accounts | exchanges | recall | time to first detection | first-detect share "
+                  "| served share |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, c in best["campaigns"].items():
+            lines.append(f"| {name} | {c['accounts']} | {c['events']:,} | {c['recall']:.3f} | "
+                         f"{_fmt_hours(c['hours_to_first_detection'])} | {c['first_detect_share']:.3%} | "
+                         f"{c['served_share']:.2%} |")
+        try:
+            files = _plots(plot_dir, scenario, sim, outcomes, chosen)
+            lines += [""] + [f"![{f}](docs/eval/{f})" for f in files]
+        except ImportError:
+            lines += ["", "(plots skipped: matplotlib is not installed; `pip install -e '.[plots]'`)"]
+        lines.append("")
+    lines[8:8] = _summary_table(summary)
+    (out_dir / "EVALUATION.md").write_text("\n".join(lines) + "\n")
+    print(f"evaluate: wrote {out_dir / 'EVALUATION.md'} and plots in {plot_dir}", file=sys.stderr)
+    return 0
+
+
+def _n_events(outcome: Outcome) -> int:
+    return sum(a.events for a in outcome.accounts.values())
+
+
+def _summary_table(summary: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    def ok(v: float, target: float, higher: bool = False) -> str:
+        return "✅" if (v >= target if higher else v <= target) else "❌"
+
+    rows = ["## Summary (chosen model per scenario)", "",
+            "| scenario | model | recall | FPR | first-detect share | served share |", "|---|---|---|---|---|---|"]
+    for scenario, r in summary:
+        rows.append(f"| {scenario} | {r['model']} | {r['recall']:.3f} {ok(r['recall'], TARGETS['recall'], True)} | "
+                    f"{r['fpr']:.3%} {ok(r['fpr'], TARGETS['fpr'])} | "
+                    f"{r['first_detect_share']:.3%} {ok(r['first_detect_share'], TARGETS['first_detect_share'])} | "
+                    f"{r['served_share']:.2%} {ok(r['served_share'], TARGETS['served_share'])} |")
+    return rows + [""]
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+

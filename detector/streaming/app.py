@@ -1,0 +1,189 @@
+"""The Faust worker: a thin shell that moves bytes between Kafka and a :class:`~detector.streaming.routing.Router`.
+
+This is the only module that imports Faust. :func:`create_app` builds an app from settings (no module-level
+app, nothing happens at import); :func:`run_worker` runs it until SIGTERM or SIGINT::
+
+    api-calls       ──▶ agent route_events  (batches: noack_take) ──▶ Router.on_event ──▶ risk-scores
+    analyst-labels  ──▶ agent apply_labels  (one by one)          ──▶ Router.on_label ──▶ or api-calls.dlq
+
+All decisions live in the :class:`~detector.detection.Detector` and the router; the agents decode nothing
+and decide nothing. Delivery is at least once: the input messages of a batch are acknowledged (so their
+offsets may be committed) only after every record and dead letter they produced is on the broker. A
+publish that still fails after the producer's retries crashes the worker (``CrashingSupervisor``), so
+the batch is read again after a restart instead of being skipped.
+
+Ordering and replay. With ``api-calls`` on ONE partition the agent hands events to the detector in offset
+order, which is the order ``detector replay`` reads the same events from a file; both run the same
+``Detector`` with the same settings, so they produce the same records (``emitted_at`` aside). With more
+partitions that guarantee weakens:
+
+* order holds within a partition (so per account, as events are keyed by account), but the worker
+  interleaves partitions in fetch order, which depends on timing; cross-account state (the content
+  index, the cluster linker) sees a different interleaving than a file, and scores can differ slightly;
+* with several workers each holds its own in-memory ``Detector`` for its partitions only, so accounts
+  on partitions held by different workers are never linked into one cluster;
+* analyst labels are applied when they arrive, between batches of events; they are outside the replay
+  guarantee (replay does not read labels);
+* state is in memory (``store memory://``): a restarted worker starts from an empty detector at the
+  committed offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+import faust
+from faust.types.auth import CredentialsT
+from mode import CrashingSupervisor
+
+from detector.detection import Detector
+from detector.settings import KafkaSettings, Settings
+from detector.streaming.routing import DetectorLike, Router, Source
+from detector.streaming.topics import ensure_topics, kafka_client_config
+
+log = logging.getLogger(__name__)
+
+#: Path of the worker's counters on its web server (``settings.worker.web_port``).
+STATS_PATH = "/detector/stats/"
+STATS_LOG_INTERVAL_S = 30.0
+
+
+class WorkerError(RuntimeError):
+    """The worker stopped because of an error (see its log); the message is one line."""
+
+
+def broker_credentials(kafka: KafkaSettings) -> CredentialsT | None:
+    """Faust credentials for ``kafka.security_protocol`` (None for PLAINTEXT). Never logs the password.
+
+    >>> broker_credentials(KafkaSettings()) is None
+    True
+    >>> from detector.settings import Secret
+    >>> broker_credentials(KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512",
+    ...                                  sasl_username="det", sasl_password=Secret("hunter2")))
+    <SASLCredentials: username=det>
+    """
+    protocol = kafka_client_config(kafka)["security_protocol"]  # validates the protocol name
+    if protocol == "PLAINTEXT":
+        return None
+    context = _ssl_context(kafka) if protocol.endswith("SSL") else None
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(username=kafka.sasl_username, password=kafka.sasl_password.reveal(),
+                                 ssl_context=context, mechanism=kafka.sasl_mechanism)
+
+
+def _ssl_context(kafka: KafkaSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=kafka.ssl_cafile or None)
+    if kafka.ssl_certfile:  # mutual TLS
+        context.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile or None)
+    return context
+
+
+def create_app(settings: Settings, detector: DetectorLike | None = None) -> faust.App:
+    """A Faust app for ``settings`` around ``detector`` (default: ``Detector(settings.detection)``).
+
+    Opens no connection: that happens when a worker starts the app. The worker's counters are served as
+    JSON at :data:`STATS_PATH` on ``settings.worker.web_port`` (0 disables the web server).
+
+    >>> app = create_app(Settings())
+    >>> app.conf.id, sorted(app.agents)[0].rsplit(".", 1)[-1]
+    ('distill-detector', 'apply_labels')
+    """
+    return _build(settings, detector)[0]
+
+
+def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App, Router]:
+    router = Router(detector if detector is not None else Detector(settings.detection), settings)
+    w, t = settings.worker, settings.topics
+    app = faust.App(
+        w.app_id,
+        broker=[f"kafka://{host}" for host in kafka_client_config(settings.kafka)["bootstrap_servers"]],
+        broker_credentials=broker_credentials(settings.kafka),
+        store="memory://",
+        datadir=w.data_dir,
+        web_enabled=w.web_port != 0,
+        web_port=w.web_port or 6066,
+        topic_partitions=t.partitions,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        autodiscover=False,
+    )
+    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+                           "value_serializer": "raw"}
+    events_topic = app.topic(t.api_calls, **raw)
+    labels_topic = app.topic(t.analyst_labels, **raw)
+    destinations = {
+        t.risk_scores: app.topic(t.risk_scores, partitions=t.partitions, compacting=True, **raw),
+        t.dead_letters: app.topic(t.dead_letters, **raw),
+    }
+
+    async def send(out: Any) -> asyncio.Future[Any]:
+        # Topic.send returns once the message is in the producer's buffer; the future is its delivery.
+        delivery: asyncio.Future[Any] = await destinations[out.topic].send(key=out.key, value=out.value)
+        return delivery
+
+    @app.agent(events_topic, supervisor_strategy=CrashingSupervisor)
+    async def route_events(stream: faust.StreamT[bytes]) -> None:
+        # noack_take yields *events* (partition and offset included) and leaves acking to us: take() and
+        # take_events() ack the whole batch in a ``finally``, even when publishing it failed.
+        async for batch in stream.noack_take(w.batch_size, within=w.batch_within_s):
+            deliveries = []
+            for event in batch:
+                m = event.message  # type: ignore[attr-defined]
+                out = router.on_event(m.value, m.key, Source(m.topic, m.partition, m.offset))
+                if out is not None:
+                    deliveries.append(await send(out))
+            await asyncio.gather(*deliveries)
+            for event in batch:
+                await stream.ack(event)  # type: ignore[arg-type]
+
+    @app.agent(labels_topic, supervisor_strategy=CrashingSupervisor)
+    async def apply_labels(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():  # acked when the next one is taken, after its delivery
+            m = event.message
+            out = router.on_label(m.value, m.key, Source(m.topic, m.partition, m.offset))
+            if out is not None:
+                await (await send(out))
+
+    @app.page(STATS_PATH)
+    async def stats(web: Any, request: Any) -> Any:
+        return web.json({**router.stats, "invalid_by_reason": router.invalid_by_reason})
+
+    last: dict[str, int] = {}
+
+    @app.timer(STATS_LOG_INTERVAL_S)
+    async def log_stats() -> None:
+        if router.stats != last:
+            last.update(router.stats)
+            log.info("worker: %s", router.summary())
+
+    return app, router
+
+
+def run_worker(settings: Settings, detector: DetectorLike | None = None) -> None:
+    """Create the topics if needed, then run the worker until SIGTERM or SIGINT (a clean stop returns).
+
+    Runs Faust's worker programmatically (``faust.Worker``, not ``app.main()``, which would parse
+    ``sys.argv``) on a fresh event loop, and leaves logging to the caller (the CLI configures it).
+    Raises :class:`WorkerError` when the worker stops because of an error.
+    """
+    ensure_topics(settings)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    app, router = _build(settings, detector)
+    worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True, override_logging=False,
+                          redirect_stdouts=False)
+    worker.spinner = None  # logs "Ready" instead of drawing on the terminal
+    log.info("worker %s: %s -> %s (partitions %d, batch %d/%.2fs, web port %s)", settings.worker.app_id,
+             settings.topics.api_calls, settings.topics.risk_scores, settings.topics.partitions,
+             settings.worker.batch_size, settings.worker.batch_within_s, settings.worker.web_port or "off")
+    try:
+        worker.execute_from_commandline()  # always ends in SystemExit
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise WorkerError(f"the worker stopped with exit code {exc.code}; see the log above") from None
+    finally:
+        log.info("worker stopped: %s", router.summary())

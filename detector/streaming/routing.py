@@ -1,0 +1,239 @@
+"""Routing: one consumed message in, at most one message out. Plain Python; no Faust, no Kafka.
+
+The worker's agents (:mod:`detector.streaming.app`) only move bytes between Kafka and a :class:`Router`;
+every decision is made here or in the :class:`~detector.detection.Detector`::
+
+    api-calls ──▶ decode_event ──valid──▶ Detector.process ──record──▶ risk-scores   (key = account_id)
+                      │ invalid                 │ raised, or returned an invalid record
+                      ▼                         ▼
+                 api-calls.dlq (reason)    api-calls.dlq ("internal")
+
+    analyst-labels ──▶ decode_label ──valid──▶ Detector.apply_label ──record──▶ risk-scores
+                           │ invalid / raised
+                           ▼
+                      api-calls.dlq
+
+Nothing is ever dropped silently: each input is either handed to the detector or dead-lettered with a
+reason from a closed set (``schemas/dead_letter.v1.json``), and :attr:`Router.stats` counts both. The
+original bytes travel to the dead-letter queue base64-encoded and truncated to
+:data:`MAX_PAYLOAD_B64` characters; events carry fingerprints, never prompt text.
+
+>>> from detector.detection import Detector
+>>> from detector.settings import Settings
+>>> router = Router(Detector(), Settings(), clock=lambda: 1775000000.0)
+>>> out = router.on_event(b'{"ts": 1', key=b"acct_1", source=Source("api-calls", 0, 7))
+>>> out.topic, out.key, orjson.loads(out.value)["reason"], orjson.loads(out.value)["source_offset"]
+('api-calls.dlq', b'acct_1', 'not_json', 7)
+>>> router.stats["events_invalid"], router.stats["dead_letters"], router.invalid_by_reason
+(1, 1, {'not_json': 1})
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from detector.schemas import LABEL_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode_event, validate
+from detector.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Dead-letter reason for a valid input the detector could not handle (a bug, not bad input).
+INTERNAL = "internal"
+#: At most this many base64 characters of the original payload go to the dead-letter queue (6 KiB).
+MAX_PAYLOAD_B64 = 6 * 1024
+_MAX_PAYLOAD_RAW = MAX_PAYLOAD_B64 // 4 * 3  # 4608 raw bytes encode to exactly 6144 characters
+_MAX_DETAIL = 512
+#: The invalid share is judged over windows of this many inputs (smaller windows would alert on noise).
+INVALID_RATIO_WINDOW = 1000
+
+
+class DetectorLike(Protocol):
+    """What the router needs from :class:`detector.detection.Detector`."""
+
+    def process(self, event: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None: ...
+
+    def apply_label(self, label: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a consumed message came from (recorded in its dead letter)."""
+
+    topic: str | None
+    partition: int | None
+    offset: int | None
+
+
+@dataclass(frozen=True)
+class Output:
+    """A message to publish: ``topic`` is a topic *name* from :class:`~detector.settings.TopicSettings`."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+def decode_label(raw: bytes, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+    """Bytes to a valid analyst label (``schemas/analyst_label.v1.json``), or :class:`InvalidEvent`.
+
+    >>> decode_label(b'{"schema_version": 1, "account_id": "a1", "label": "attack", "analyst": "kim",'
+    ...              b' "ts": 1775000000000}')["label"]
+    'attack'
+    >>> decode_label(b'{"schema_version": 1, "account_id": "a1", "label": "maybe", "analyst": "kim",'
+    ...              b' "ts": 1775000000000}')
+    Traceback (most recent call last):
+    ...
+    detector.schemas.InvalidEvent: schema: data.label must be one of ['attack', 'benign']
+    """
+    if len(raw) > max_bytes:
+        raise InvalidEvent("too_large", f"{len(raw)} bytes > limit of {max_bytes}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent("not_json", str(exc)) from None
+    return validate(LABEL_SCHEMA, obj)
+
+
+def dead_letter(reason: str, detail: str, raw: bytes, source: Source, received_at: int) -> dict[str, Any]:
+    """The dead-letter record (``schemas/dead_letter.v1.json``) for ``raw``; the payload is truncated.
+
+    >>> rec = dead_letter("too_large", "70000 bytes", b"x" * 70_000, Source("api-calls", 2, 9), 1775000000000)
+    >>> len(rec["payload_b64"]), rec["payload_bytes"], rec["source_partition"]
+    (6144, 70000, 2)
+    """
+    return {
+        "schema_version": 1,
+        "reason": reason,
+        "detail": detail[:_MAX_DETAIL],
+        "source_topic": source.topic,
+        "source_partition": source.partition,
+        "source_offset": source.offset,
+        "received_at": received_at,
+        "payload_b64": base64.b64encode(raw[:_MAX_PAYLOAD_RAW]).decode("ascii"),
+        "payload_bytes": len(raw),
+    }
+
+
+class Router:
+    """Decodes each consumed message, hands valid ones to the detector and says where the result goes.
+
+    One instance per worker, called from one event loop (never concurrently). ``clock`` (seconds since
+    the epoch) stamps ``received_at`` on dead letters. Costs one decode and, for records, one schema
+    check of the outgoing record (a few microseconds) on top of the detector's own work.
+
+    The share of invalid inputs is judged over windows of :data:`INVALID_RATIO_WINDOW` inputs; above
+    ``settings.worker.invalid_ratio_limit`` a warning is logged and ``stats["invalid_ratio_alerts"]``
+    counted, so a producer shipping garbage is noticed instead of quietly filling the dead-letter queue.
+    """
+
+    def __init__(self, detector: DetectorLike, settings: Settings, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.detector = detector
+        self.dead_letters_topic = settings.topics.dead_letters
+        self.risk_scores_topic = settings.topics.risk_scores
+        self.max_bytes = settings.worker.max_event_bytes
+        self.invalid_ratio_limit = settings.worker.invalid_ratio_limit
+        self.clock = clock
+        self.stats = {
+            "events": 0,  # read from api-calls
+            "events_processed": 0,  # valid and handled by the detector
+            "events_invalid": 0,  # rejected by decode_event
+            "events_internal": 0,  # valid, but the detector raised (dead-lettered as "internal")
+            "labels": 0,
+            "labels_applied": 0,
+            "labels_invalid": 0,  # invalid, or the detector raised on it
+            "records": 0,  # published to risk-scores
+            "dead_letters": 0,
+            "invalid_ratio_alerts": 0,
+        }
+        self.invalid_by_reason: dict[str, int] = {}
+        self._window_seen = 0
+        self._window_bad = 0
+
+    # ----------------------------------------------------------------------------------------------
+    def on_event(self, raw: bytes | None, key: bytes | None, source: Source) -> Output | None:
+        """Route one message of ``api-calls``: a risk score, a dead letter, or nothing."""
+        raw = raw or b""  # a null value (tombstone) is not JSON, and is dead-lettered as such
+        self.stats["events"] += 1
+        try:
+            event = decode_event(raw, self.max_bytes)
+        except InvalidEvent as exc:
+            self.stats["events_invalid"] += 1
+            self._window(bad=True)
+            return self._dead(exc.reason, exc.detail, raw, key, source)
+        try:
+            record = self.detector.process(event)
+            if record is not None:
+                validate(SCORE_SCHEMA, record)
+        except Exception as exc:  # noqa: BLE001 - one event must not stop the stream; see the log
+            self.stats["events_internal"] += 1
+            self._window(bad=True)
+            log.exception("detector failed on event %s of account %s at %s[%s]@%s; dead-lettered as %r",
+                          event.get("event_id"), event.get("account_id"), source.topic, source.partition,
+                          source.offset, INTERNAL)
+            return self._dead(INTERNAL, _describe(exc), raw, key, source)
+        self.stats["events_processed"] += 1
+        self._window(bad=False)
+        return self._score(record)
+
+    def on_label(self, raw: bytes | None, key: bytes | None, source: Source) -> Output | None:
+        """Route one message of ``analyst-labels``: the account's new score, a dead letter, or nothing."""
+        raw = raw or b""
+        self.stats["labels"] += 1
+        try:
+            label = decode_label(raw, self.max_bytes)
+        except InvalidEvent as exc:
+            self.stats["labels_invalid"] += 1
+            return self._dead(exc.reason, exc.detail, raw, key, source)
+        try:
+            record = self.detector.apply_label(label)
+            if record is not None:
+                validate(SCORE_SCHEMA, record)
+        except Exception as exc:  # noqa: BLE001 - as in on_event
+            self.stats["labels_invalid"] += 1
+            log.exception("detector failed on a label for account %s at %s[%s]@%s; dead-lettered as %r",
+                          label.get("account_id"), source.topic, source.partition, source.offset, INTERNAL)
+            return self._dead(INTERNAL, _describe(exc), raw, key, source)
+        self.stats["labels_applied"] += 1
+        log.info("applied label %r for account %s from %s", label["label"], label["account_id"], label["analyst"])
+        return self._score(record)
+
+    def summary(self) -> str:
+        """One line of counters for the log."""
+        return " ".join(f"{k}={v}" for k, v in self.stats.items())
+
+    # ----------------------------------------------------------------------------------------------
+    def _score(self, record: dict[str, Any] | None) -> Output | None:
+        if record is None:
+            return None
+        self.stats["records"] += 1
+        return Output(self.risk_scores_topic, record["account_id"].encode(), orjson.dumps(record))
+
+    def _dead(self, reason: str, detail: str, raw: bytes, key: bytes | None, source: Source) -> Output:
+        self.stats["dead_letters"] += 1
+        self.invalid_by_reason[reason] = self.invalid_by_reason.get(reason, 0) + 1
+        rec = dead_letter(reason, detail, raw, source, int(self.clock() * 1000))
+        return Output(self.dead_letters_topic, key, orjson.dumps(rec))
+
+    def _window(self, *, bad: bool) -> None:
+        self._window_seen += 1
+        self._window_bad += bad
+        if self._window_seen < INVALID_RATIO_WINDOW:
+            return
+        share = self._window_bad / self._window_seen
+        if share > self.invalid_ratio_limit:
+            self.stats["invalid_ratio_alerts"] += 1
+            log.warning("%d of the last %d events were dead-lettered (%.1f%% > limit %.1f%%): check the producers",
+                        self._window_bad, self._window_seen, 100 * share, 100 * self.invalid_ratio_limit)
+        self._window_seen = self._window_bad = 0
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:_MAX_DETAIL]
