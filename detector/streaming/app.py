@@ -41,7 +41,7 @@ from mode import CrashingSupervisor
 
 from detector.detection import Detector
 from detector.settings import KafkaSettings, Settings
-from detector.streaming.routing import DetectorLike, Router, Source
+from detector.streaming.routing import DetectorLike, Output, Router, Source
 from detector.streaming.topics import ensure_topics, kafka_client_config
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         producer_acks=-1,
         autodiscover=False,
     )
-    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
-                           "value_serializer": "raw"}
+    raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}  # bytes in, bytes out
     events_topic = app.topic(t.api_calls, **raw)
     labels_topic = app.topic(t.analyst_labels, **raw)
     destinations = {
@@ -120,7 +119,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         t.dead_letters: app.topic(t.dead_letters, **raw),
     }
 
-    async def send(out: Any) -> asyncio.Future[Any]:
+    async def send(out: Output) -> asyncio.Future[Any]:
         # Topic.send returns once the message is in the producer's buffer; the future is its delivery.
         delivery: asyncio.Future[Any] = await destinations[out.topic].send(key=out.key, value=out.value)
         return delivery

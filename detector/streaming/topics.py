@@ -114,7 +114,7 @@ def _check(admin: Any, settings: Settings) -> None:
 
     t = settings.topics
     try:
-        partitions = {d["topic"] if "topic" in d else d["name"]: len(d["partitions"])
+        partitions = {d["name"]: len(d["partitions"])
                       for d in admin.describe_topics([t.api_calls, t.analyst_labels, t.risk_scores])}
         configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t.risk_scores, ["cleanup.policy"])],
                                          config_filter="all")
