@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_broker_commands(sub)
     except ImportError:  # pragma: no cover
         pass
+    from detector.ratelimit import add_ratelimit_command
+
+    add_ratelimit_command(sub)
     return p
 
 

@@ -43,6 +43,7 @@ from detector.settings import DetectionSettings
 MODEL_VERSION = "0.1.0"
 MAX_REASONS = 5
 NEW_ACCOUNT_DAYS = 14.0
+MODEL_WARM_UP_MS = 3_600_000  # models first seen in the stream's first hour existed before it started
 
 
 def _clip(x: float) -> float:
@@ -109,9 +110,9 @@ class Detector:
         if not self._stream_start:
             self._stream_start = ts
         first_seen = self.model_first_seen.setdefault(event["model"], ts)
-        # A model counts as newly released only if the stream ran a day without it: at start-up, every
-        # model is "first seen", and none of them is new.
-        model_age = ts - first_seen if first_seen - self._stream_start >= feat.NEW_MODEL_MS else 1 << 62
+        # A model counts as newly released only if the stream ran for a while without it: at start-up,
+        # every model is "first seen", and none of them is new.
+        model_age = ts - first_seen if first_seen - self._stream_start >= MODEL_WARM_UP_MS else 1 << 62
         template_accounts, exact_accounts, self_repeat, top_band = self.content.observe(
             acct.seen, [int(b, 16) for b in prompt["bands"]], int(prompt["exact"], 16), ts)
         ctx = feat.EventContext(template_accounts, exact_accounts, model_age, self_repeat)
@@ -161,8 +162,8 @@ class Detector:
         shrink = n / (n + 2.0)  # one event is weak evidence of a share
         age = f["account_age_days"]
         c = cluster.features(ts, self.linker.size(root))
-        active = c["active_accounts"]
-        sf = _clip(math.log(active / 2.0) / math.log(25.0)) if active >= 3 else 0.0
+        size = c["size"]
+        sf = _clip(math.log(size / 2.0) / math.log(25.0)) if size >= 3 else 0.0  # 3 -> 0.13, 10 -> 0.5, 50 -> 1
         values = {
             "shared_template": f["template_share"],
             "cot_requests": f["cot_share"],

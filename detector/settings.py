@@ -89,11 +89,44 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class RateLimitSettings:
+    """The reference rate limiter, ``detector ratelimit`` (:mod:`detector.ratelimit`).
+
+    ``*_per_minute`` of 0 means unlimited for ``allow`` and ``watch``; ``throttle`` always has a limit and
+    ``block`` always refuses. No consumer group is used (the limiter rebuilds from the start of the compacted
+    topic every time), so ``client_id`` only names the consumer in broker logs and quotas.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 8088
+    metrics_port: int = 9465  # a second listener for /metrics only (it is also on `port`); 0 = none
+    client_id: str = "distill-detector-ratelimit"
+    allow_per_minute: int = 0  # 0 = unlimited; otherwise burst = one minute's worth
+    watch_per_minute: int = 0  # 0 = unlimited (counted in metrics); otherwise burst = one minute's worth
+    throttle_per_minute: int = 10
+    throttle_burst: int = 5
+    max_buckets: int = 1_000_000  # token buckets held at most (least recently used evicted first)
+    max_clock_skew_s: float = 300.0  # records emitted further in the future than this are rejected
+    rebuild_invalid_action: str = "throttle"  # for an account whose only record read at start is invalid
+
+    def __post_init__(self) -> None:
+        if self.allow_per_minute < 0 or self.watch_per_minute < 0:
+            raise SettingsError("RATELIMIT__ALLOW_PER_MINUTE and __WATCH_PER_MINUTE must be >= 0 (0 = unlimited)")
+        if self.throttle_per_minute <= 0 or self.throttle_burst < 1:
+            raise SettingsError("need RATELIMIT__THROTTLE_PER_MINUTE > 0 and RATELIMIT__THROTTLE_BURST >= 1")
+        if self.max_buckets < 1 or self.max_clock_skew_s < 0:
+            raise SettingsError("need RATELIMIT__MAX_BUCKETS >= 1 and RATELIMIT__MAX_CLOCK_SKEW_S >= 0")
+        if self.rebuild_invalid_action not in ("allow", "watch", "throttle", "block"):
+            raise SettingsError("RATELIMIT__REBUILD_INVALID_ACTION must be allow, watch, throttle or block")
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topics: TopicSettings = field(default_factory=TopicSettings)
     detection: DetectionSettings = field(default_factory=DetectionSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     fingerprint_key: Secret = Secret("distill-detector-demo-key")  # set per deployment; shared by all gateways
     log_level: str = "INFO"
 

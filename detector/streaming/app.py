@@ -33,13 +33,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, cast
 
 import faust
 from faust.types.auth import CredentialsT
 from mode import CrashingSupervisor
 
 from detector.detection import Detector
+from detector.metrics import Metrics
 from detector.settings import KafkaSettings, Settings
 from detector.streaming.routing import DetectorLike, Output, Router, Source
 from detector.streaming.topics import ensure_topics, kafka_client_config
@@ -49,6 +53,9 @@ log = logging.getLogger(__name__)
 #: Path of the worker's counters on its web server (``settings.worker.web_port``).
 STATS_PATH = "/detector/stats/"
 STATS_LOG_INTERVAL_S = 30.0
+#: How often the state gauges (accounts by action, clusters blocked, model warm-up) are refreshed; each
+#: refresh walks every tracked account once.
+GAUGE_INTERVAL_S = 10.0
 
 
 class WorkerError(RuntimeError):
@@ -86,7 +93,8 @@ def create_app(settings: Settings, detector: DetectorLike | None = None) -> faus
     """A Faust app for ``settings`` around ``detector`` (default: ``Detector(settings.detection)``).
 
     Opens no connection: that happens when a worker starts the app. The worker's counters are served as
-    JSON at :data:`STATS_PATH` on ``settings.worker.web_port`` (0 disables the web server).
+    JSON at :data:`STATS_PATH` on ``settings.worker.web_port`` (0 disables the web server); its Prometheus
+    metrics (:mod:`detector.metrics`) are served by :func:`run_worker` on ``settings.worker.metrics_port``.
 
     >>> app = create_app(Settings())
     >>> app.conf.id, sorted(app.agents)[0].rsplit(".", 1)[-1]
@@ -97,6 +105,7 @@ def create_app(settings: Settings, detector: DetectorLike | None = None) -> faus
 
 def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App, Router]:
     router = Router(detector if detector is not None else Detector(settings.detection), settings)
+    metrics = router.metrics
     w, t = settings.worker, settings.topics
     app = faust.App(
         w.app_id,
@@ -110,6 +119,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         autodiscover=False,
+        **__import__("orjson").loads(__import__("os").environ.get("TMP_FAUST", "{}")),
     )
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}  # bytes in, bytes out
     events_topic = app.topic(t.api_calls, **raw)
@@ -119,25 +129,33 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         t.dead_letters: app.topic(t.dead_letters, **raw),
     }
 
-    async def send(out: Output) -> asyncio.Future[Any]:
-        # Topic.send returns once the message is in the producer's buffer; the future is its delivery.
-        delivery: asyncio.Future[Any] = await destinations[out.topic].send(key=out.key, value=out.value)
-        return delivery
+    async def send(out: Output) -> Awaitable[Any]:
+        # Topic.send returns once the message is in the producer's buffer; the awaitable is its delivery.
+        return await destinations[out.topic].send(key=out.key, value=out.value)
 
     @app.agent(events_topic, supervisor_strategy=CrashingSupervisor)
     async def route_events(stream: faust.StreamT[bytes]) -> None:
         # noack_take yields *events* (partition and offset included) and leaves acking to us: take() and
         # take_events() ack the whole batch in a ``finally``, even when publishing it failed.
-        async for batch in stream.noack_take(w.batch_size, within=w.batch_within_s):
+        batches = cast(faust.Stream[bytes], stream).noack_take(w.batch_size, within=w.batch_within_s)
+        prev = time.perf_counter()
+        async for batch in batches:
+            started = time.perf_counter()
+            import sys as _s; print(f"TMP batch {len(batch)} waited {started-prev:.3f}", file=_s.stderr)
             deliveries = []
+            last_offsets: dict[Any, int] = {}
             for event in batch:
                 m = event.message  # type: ignore[attr-defined]
                 out = router.on_event(m.value, m.key, Source(m.topic, m.partition, m.offset))
                 if out is not None:
                     deliveries.append(await send(out))
+                last_offsets[m.tp] = m.offset
             await asyncio.gather(*deliveries)
             for event in batch:
                 await stream.ack(event)  # type: ignore[arg-type]
+            metrics.batch_seconds.observe(time.perf_counter() - started)
+            prev = time.perf_counter(); print(f"TMP   took {prev-started:.3f}", file=_s.stderr)
+            _record_lag(app, metrics, last_offsets)
 
     @app.agent(labels_topic, supervisor_strategy=CrashingSupervisor)
     async def apply_labels(stream: faust.StreamT[bytes]) -> None:
@@ -159,20 +177,45 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             last.update(router.stats)
             log.info("worker: %s", router.summary())
 
+    @app.timer(GAUGE_INTERVAL_S)
+    async def refresh_gauges() -> None:
+        router.refresh_gauges()
+
+    def count_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        metrics.rebalances.inc()
+
+    app.on_partitions_assigned.connect(count_rebalance)
+
     return app, router
+
+
+def _record_lag(app: faust.App, metrics: Metrics, last_offsets: dict[Any, int]) -> None:
+    """Set the lag gauge of each partition in a batch: its high-water mark minus the next offset to read."""
+    for tp, offset in last_offsets.items():
+        try:
+            highwater = app.consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 - a gauge; not worth failing a batch over
+            continue
+        if highwater is not None:
+            metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(0, highwater - offset - 1))
 
 
 def run_worker(settings: Settings, detector: DetectorLike | None = None) -> None:
     """Create the topics if needed, then run the worker until SIGTERM or SIGINT (a clean stop returns).
 
     Runs Faust's worker programmatically (``faust.Worker``, not ``app.main()``, which would parse
-    ``sys.argv``) on a fresh event loop, and leaves logging to the caller (the CLI configures it).
-    Raises :class:`WorkerError` when the worker stops because of an error.
+    ``sys.argv``) on a fresh event loop, and leaves logging to the caller (the CLI configures it). Serves
+    ``/metrics`` on ``settings.worker.metrics_port`` (0: not served). Raises :class:`WorkerError` when
+    the worker stops because of an error.
     """
     ensure_topics(settings)
+    Path(settings.worker.data_dir).mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     app, router = _build(settings, detector)
+    if settings.worker.metrics_port:
+        router.metrics.serve(settings.worker.metrics_port)
+    router.metrics.up.set(1)
     worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True, override_logging=False,
                           redirect_stdouts=False)
     worker.spinner = None  # logs "Ready" instead of drawing on the terminal
@@ -185,4 +228,5 @@ def run_worker(settings: Settings, detector: DetectorLike | None = None) -> None
         if exc.code not in (None, 0):
             raise WorkerError(f"the worker stopped with exit code {exc.code}; see the log above") from None
     finally:
+        router.metrics.up.set(0)
         log.info("worker stopped: %s", router.summary())

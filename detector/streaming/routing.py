@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from detector.metrics import Metrics
 from detector.schemas import LABEL_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode_event, validate
 from detector.settings import Settings
 
@@ -126,15 +127,32 @@ class Router:
 
     One instance per worker, called from one event loop (never concurrently). ``clock`` (seconds since
     the epoch) stamps ``received_at`` on dead letters. Costs one decode and, for records, one schema
-    check of the outgoing record (a few microseconds) on top of the detector's own work.
+    check of the outgoing record (a few microseconds) on top of the detector's own work. Counts go to
+    :attr:`stats` (served as JSON by the worker) and to ``metrics`` (:class:`detector.metrics.Metrics`,
+    a private registry unless one is given).
 
     The share of invalid inputs is judged over windows of :data:`INVALID_RATIO_WINDOW` inputs; above
     ``settings.worker.invalid_ratio_limit`` a warning is logged and ``stats["invalid_ratio_alerts"]``
     counted, so a producer shipping garbage is noticed instead of quietly filling the dead-letter queue.
+
+    A detector that raises on a valid event costs that one event (dead-lettered as ``internal``, with the
+    exception logged), never the stream:
+
+    >>> class Broken:
+    ...     def process(self, event, emitted_at=None): raise KeyError("billing")
+    ...     def apply_label(self, label, emitted_at=None): return None
+    >>> from detector.gateway import make_event
+    >>> ev = make_event(account_id="a1", ts=1775000000000, api_key_id="k", model="m", endpoint="/v1/messages",
+    ...                 status=200, input_tokens=1, output_tokens=1, latency_ms=1, prompt_text="hi",
+    ...                 response={"stop_reason": "end_turn"}, fingerprint_key=b"k")
+    >>> router = Router(Broken(), Settings())
+    >>> dl = orjson.loads(router.on_event(orjson.dumps(ev), b"a1", Source("api-calls", 0, 8)).value)
+    >>> dl["reason"], dl["detail"], router.stats["events_internal"]
+    ('internal', "KeyError: 'billing'", 1)
     """
 
     def __init__(self, detector: DetectorLike, settings: Settings, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
         self.detector = detector
         self.dead_letters_topic = settings.topics.dead_letters
         self.risk_scores_topic = settings.topics.risk_scores
@@ -156,6 +174,10 @@ class Router:
         self.invalid_by_reason: dict[str, int] = {}
         self._window_seen = 0
         self._window_bad = 0
+        self._blocked_seen = 0
+        self._learned_seen = 0
+        m = self.metrics = metrics if metrics is not None else Metrics()
+        self._m_valid, self._m_invalid = m.events.labels(result="valid"), m.events.labels(result="invalid")
 
     # ----------------------------------------------------------------------------------------------
     def on_event(self, raw: bytes | None, key: bytes | None, source: Source) -> Output | None:
@@ -166,8 +188,10 @@ class Router:
             event = decode_event(raw, self.max_bytes)
         except InvalidEvent as exc:
             self.stats["events_invalid"] += 1
+            self._m_invalid.inc()
             self._window(bad=True)
             return self._dead(exc.reason, exc.detail, raw, key, source)
+        self._m_valid.inc()
         try:
             record = self.detector.process(event)
             if record is not None:
@@ -180,6 +204,7 @@ class Router:
                           source.offset, INTERNAL)
             return self._dead(INTERNAL, _describe(exc), raw, key, source)
         self.stats["events_processed"] += 1
+        self.metrics.events_scored.inc()
         self._window(bad=False)
         return self._score(record)
 
@@ -202,8 +227,37 @@ class Router:
                           label.get("account_id"), source.topic, source.partition, source.offset, INTERNAL)
             return self._dead(INTERNAL, _describe(exc), raw, key, source)
         self.stats["labels_applied"] += 1
+        self.metrics.labels.labels(label=label["label"]).inc()
         log.info("applied label %r for account %s from %s", label["label"], label["account_id"], label["analyst"])
         return self._score(record)
+
+    def refresh_gauges(self) -> None:
+        """Set the state gauges from the detector: accounts by action, clusters blocked, model warm-up.
+
+        Walks every tracked account and cluster once (about 0.1 s per million accounts), so the worker
+        calls it on a timer, not per event. Reads only what the detector has; a fake without those
+        attributes leaves the gauges alone. ``detector_clusters_blocked_total`` counts rises of the
+        blocked count between refreshes, so it misses a cluster blocked and merged away within one period.
+        """
+        det: Any = self.detector
+        m = self.metrics
+        if hasattr(det, "action_counts"):
+            for action, n in det.action_counts().items():
+                m.accounts.labels(action=action).set(n)
+        if hasattr(det, "accounts"):
+            m.accounts_tracked.set(len(det.accounts))
+        if hasattr(det, "clusters"):
+            blocked = sum(1 for c in det.clusters.values() if getattr(c, "blocked", False))
+            m.clusters_blocked.set(blocked)
+            if blocked > self._blocked_seen:
+                m.clusters_newly_blocked.inc(blocked - self._blocked_seen)
+            self._blocked_seen = blocked
+        model = getattr(det, "model", None)
+        if model is not None and hasattr(model, "learned"):
+            m.model_warm.set(1.0 if model.warm else 0.0)
+            if model.learned > self._learned_seen:
+                m.model_learned.inc(model.learned - self._learned_seen)
+            self._learned_seen = model.learned
 
     def summary(self) -> str:
         """One line of counters for the log."""
@@ -214,11 +268,18 @@ class Router:
         if record is None:
             return None
         self.stats["records"] += 1
+        m = self.metrics
+        m.scores.labels(action=record["action"]).inc()
+        m.score_values.observe(record["score"])
+        if record["reasons"]:
+            m.reasons.labels(code=record["reasons"][0]["code"]).inc()
+        m.latency.observe(max(0.0, self.clock() - record["event_ts"] / 1000))
         return Output(self.risk_scores_topic, record["account_id"].encode(), orjson.dumps(record))
 
     def _dead(self, reason: str, detail: str, raw: bytes, key: bytes | None, source: Source) -> Output:
         self.stats["dead_letters"] += 1
         self.invalid_by_reason[reason] = self.invalid_by_reason.get(reason, 0) + 1
+        self.metrics.dead_letters.labels(reason=reason).inc()
         rec = dead_letter(reason, detail, raw, source, int(self.clock() * 1000))
         return Output(self.dead_letters_topic, key, orjson.dumps(rec))
 
@@ -228,6 +289,7 @@ class Router:
         if self._window_seen < INVALID_RATIO_WINDOW:
             return
         share = self._window_bad / self._window_seen
+        self.metrics.invalid_ratio.set(share)
         if share > self.invalid_ratio_limit:
             self.stats["invalid_ratio_alerts"] += 1
             log.warning("%d of the last %d events were dead-lettered (%.1f%% > limit %.1f%%): check the producers",
