@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from detector.features import H_DAY, HOUR_MS
 
@@ -31,10 +31,10 @@ from detector.features import H_DAY, HOUR_MS
 KEY_KINDS: dict[str, tuple[float, int, int]] = {
     "pay": (1.0, 60, 400),
     "org": (1.0, 10_000, 10_000),
-    "tmpl": (0.6, 1_000_000, 1_000_000),
+    "tmpl": (0.5, 1_000_000, 1_000_000),
     "ip24": (0.5, 16, 256),
-    "tls": (0.3, 50, 2_000),
-    "ua": (0.25, 50, 2_000),
+    "tls": (0.2, 50, 2_000),
+    "ua": (0.2, 50, 2_000),
     "cohort": (0.3, 20, 200),
     "asn": (0.15, 20, 200),
 }
@@ -137,18 +137,36 @@ class Linker:
             self._key_degree[key] = self._key_degree.get(key, 0) + 1
             self._key_rep.setdefault(key, account)
         me = self.root(account)
-        weight_by_root: dict[str, float] = {}
+        # Per cluster, the strongest key of each kind, summed over kinds: two bands of one template or two
+        # IPs of one range are one piece of evidence, not two.
+        best: dict[tuple[str, str], float] = {}
         for key in own:
             rep = self._key_rep[key]
             if rep == account:
                 continue
             r = self.root(rep)
             if r != me:
-                weight_by_root[r] = weight_by_root.get(r, 0.0) + key_weight(key[0], self._key_degree[key])
+                w = key_weight(key[0], self._key_degree[key])
+                if w > best.get((r, key[0]), 0.0):
+                    best[(r, key[0])] = w
+        weight_by_root: dict[str, float] = {}
+        for (r, _kind), w in best.items():
+            weight_by_root[r] = weight_by_root.get(r, 0.0) + w
         for r, w in sorted(weight_by_root.items()):
             if w >= LINK_THRESHOLD:
                 me = self._union(self.root(me), self.root(r))
         return self.root(account)
+
+    def link_weight_to(self, account: str, accept: Callable[[str], bool]) -> float:
+        """Summed key weight (strongest key per kind) from ``account`` into clusters ``accept`` picks,
+        whether or not it reached the linking threshold: "weakly linked to a blocked cluster"."""
+        me = self.root(account)
+        best: dict[str, float] = {}
+        for key in self._keys.get(account, ()):
+            r = self.root(self._key_rep[key])
+            if r != me and accept(r):
+                best[key[0]] = max(best.get(key[0], 0.0), key_weight(key[0], self._key_degree[key]))
+        return sum(best.values())
 
     def members(self) -> int:
         return len(self._parent)
@@ -170,7 +188,8 @@ class ClusterState:
         self.blocked_members = 0
         self.blocked = False
 
-    def add(self, ts: int, *, arrival: bool, templated: bool, cot: bool, max_len: bool, new_account: bool) -> None:
+    def add(self, ts: int, *, arrival: bool, templated: bool, cot: bool, max_len: bool, new_account: bool,
+            machine: bool = False, new_model: bool = False) -> None:
         day = self.day
         if day[_C_N] == 0.0:
             self.t0 = ts
@@ -187,6 +206,8 @@ class ClusterState:
         day[_C_COT] += w * cot
         day[_C_MAX_LEN] += w * max_len
         day[_C_NEW] += w * new_account
+        day[_C_MACHINE] += w * machine
+        day[_C_NEW_MODEL] += w * new_model
         day[_C_HOUR0 + (ts // HOUR_MS) % 24] += w
         self.last_ts = max(self.last_ts, ts)
 
@@ -222,9 +243,11 @@ class ClusterState:
             "max_len_share": day[_C_MAX_LEN] / n,
             "new_account_share": day[_C_NEW] / n,
             "hour_spread": spread,
+            "machine_share": day[_C_MACHINE] / n,
+            "new_model_share": day[_C_NEW_MODEL] / n,
         }
 
 
-_C_N, _C_ACTIVE, _C_TEMPLATED, _C_COT, _C_MAX_LEN, _C_NEW = range(6)
-_C_HOUR0 = 6
+_C_N, _C_ACTIVE, _C_TEMPLATED, _C_COT, _C_MAX_LEN, _C_NEW, _C_MACHINE, _C_NEW_MODEL = range(8)
+_C_HOUR0 = 8
 _C_SLOTS = _C_HOUR0 + 24

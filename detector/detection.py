@@ -43,6 +43,8 @@ from detector.settings import DetectionSettings
 MODEL_VERSION = "0.1.0"
 MAX_REASONS = 5
 NEW_ACCOUNT_DAYS = 14.0
+MACHINE_MIN_EVENTS = 12.0  # an account needs this many events in its day window to judge its schedule
+MACHINE_SPREAD = 0.85  # hour-of-day entropy (normalised) above which an account runs around the clock
 MODEL_WARM_UP_MS = 3_600_000  # models first seen in the stream's first hour existed before it started
 
 
@@ -88,6 +90,7 @@ class Detector:
         self.stats = {"events": 0, "records": 0, "evicted": 0, "labels": 0}
         self._last_ts = 0
         self._stream_start = 0
+        self._blocked_roots: set[str] = set()
 
     # ----------------------------------------------------------------------------------------------
     def process(self, event: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None:
@@ -130,16 +133,18 @@ class Detector:
         cluster = self.clusters.get(root)
         if cluster is None:
             cluster = self.clusters[root] = ClusterState()
+        f = feat.features(st, ts)
         age_days = (ts - st.created_ts) / feat.DAY_MS if st.created_ts is not None else math.inf
         cluster.add(ts, arrival=arrival, templated=templated, cot=prompt["cot"],
                     max_len=event["response"].get("stop_reason") == "max_tokens",
-                    new_account=age_days < NEW_ACCOUNT_DAYS)
+                    new_account=age_days < NEW_ACCOUNT_DAYS,
+                    machine=f["n_24h"] >= MACHINE_MIN_EVENTS and f["hour_spread"] >= MACHINE_SPREAD,
+                    new_model=model_age < feat.NEW_MODEL_MS)
         acct.root = root
 
-        f = feat.features(st, ts)
         x = squash(f)
         rank = self.model.score_one(x)
-        evidence, values, size = self._evidence(f, rank, cluster, root, ts)
+        evidence, values, size = self._evidence(f, rank, cluster, root, ts, aid)
         score, contributions = self.fusion.score(evidence)
         action = decide(score, acct.action, self.settings)
         if self.sampler.should_learn(acct.learned_ts, ts, flagged=action != "allow"):
@@ -148,15 +153,16 @@ class Detector:
         if action == "block" and not acct.blocked_counted:
             acct.blocked_counted = True
             cluster.blocked_members += 1
-            if cluster.blocked_members >= 2 or size >= 3:
+            if (cluster.blocked_members >= 2 or size >= 3) and not cluster.blocked:
                 cluster.blocked = True
+                self._blocked_roots.add(root)
         reasons = [(code, share, values.get(code, 0.0), int(size)) for code, share in contributions]
         cluster_id = self.linker.cluster_id(aid) if self.linker.size(root) > 1 else None
         return self._emit(acct, aid, ts, score, action, reasons, cluster_id, emitted_at)
 
     # ----------------------------------------------------------------------------------------------
     def _evidence(self, f: dict[str, float], rank: float, cluster: ClusterState, root: str,
-                  ts: int) -> tuple[dict[str, float], dict[str, float], float]:
+                  ts: int, account: str) -> tuple[dict[str, float], dict[str, float], float]:
         """Evidence terms in [0, 1], the raw values behind them (for reason texts) and cluster size."""
         n = f["n_24h"]
         shrink = n / (n + 2.0)  # one event is weak evidence of a share
@@ -164,6 +170,7 @@ class Detector:
         c = cluster.features(ts, self.linker.size(root))
         size = c["size"]
         sf = _clip(math.log(size / 2.0) / math.log(25.0)) if size >= 3 else 0.0  # 3 -> 0.13, 10 -> 0.5, 50 -> 1
+        template_share = f["template_share"] * shrink
         values = {
             "shared_template": f["template_share"],
             "cot_requests": f["cot_share"],
@@ -176,24 +183,33 @@ class Detector:
             "cluster_templates": c["template_share"],
             "cluster_new_accounts": c["new_account_share"],
             "cluster_cot": c["cot_share"],
+            "cluster_new_model": c["new_model_share"],
         }
         evidence = {
             "shared_template": _clip((f["template_share"] * shrink - 0.1) / 0.6),
             "cot_requests": f["cot_share"] * shrink,
             "max_length_outputs": f["max_len_share"] * shrink,
             "capability_focus": f["capability_concentration"] * n / (n + 10.0),
-            "machine_schedule": _clip((f["hour_spread"] - 0.8) / 0.15) * n / (n + 20.0),
+            "machine_schedule": _clip((f["hour_spread"] - 0.8) / 0.15) * n / (n + MACHINE_MIN_EVENTS),
             "new_model_jump": f["new_model_share"] * shrink,
             "young_account": 1.0 if age < 2 else 0.5 if age < NEW_ACCOUNT_DAYS else 0.0,
             "anomaly": _clip((rank - 0.95) / 0.05),
             "cluster_size": sf,
-            "cluster_load_balanced": sf * _clip((c["hour_spread"] - 0.85) / 0.1)
+            # many accounts, each modest, each running around the clock, together a steady 24 h load
+            "cluster_load_balanced": sf * c["machine_share"] * _clip((c["hour_spread"] - 0.85) / 0.1)
             * (1.0 if c["per_account_24h"] < 200 else 0.0),
             "cluster_templates": sf * c["template_share"],
             "cluster_new_accounts": sf * c["new_account_share"],
             "cluster_cot": sf * c["cot_share"],
+            "cluster_new_model": sf * c["new_model_share"],
             "linked_to_blocked": 1.0 if cluster.blocked else 0.0,
         }
+        if not cluster.blocked and template_share > 0.1:
+            # Below the linking threshold, but filling the templates of (or sharing keys with) a blocked
+            # cluster: a reseller proxy mixing a campaign's traffic with its customers'.
+            toward = self.linker.link_weight_to(account, lambda r: r in self._blocked_roots)
+            evidence["near_blocked"] = _clip(toward) * _clip(template_share * 2.0)
+            values["near_blocked"] = toward
         return evidence, values, c["size"]
 
     def _emit(self, acct: _Account, aid: str, ts: int, score: float, action: str,
@@ -225,7 +241,11 @@ class Detector:
         for absorbed, into in self.linker.merges:
             old = self.clusters.pop(absorbed, None)
             if old is not None:
-                self.clusters.setdefault(into, ClusterState()).merge(old)
+                merged = self.clusters.setdefault(into, ClusterState())
+                merged.merge(old)
+                if merged.blocked:
+                    self._blocked_roots.add(into)
+            self._blocked_roots.discard(absorbed)
         self.linker.merges.clear()
 
     def _evict(self, now: int) -> None:
@@ -254,7 +274,7 @@ class Detector:
             cluster = self.clusters.get(self.linker.root(aid)) or ClusterState()
             f = feat.features(acct.state, max(acct.state.last_ts, 1))
             evidence, _, _ = self._evidence(f, self.model.score_one(squash(f)), cluster,
-                                            self.linker.root(aid), acct.state.last_ts)
+                                            self.linker.root(aid), acct.state.last_ts, aid)
             self.fusion.learn_one(evidence, attack)
             ts = acct.state.last_ts
         else:
@@ -262,7 +282,9 @@ class Detector:
         if attack:
             root = self.linker.root(aid)
             cluster = self.clusters.setdefault(root, ClusterState())
-            cluster.blocked = cluster.blocked or self.linker.size(root) > 1
+            if self.linker.size(root) > 1 and not cluster.blocked:
+                cluster.blocked = True
+                self._blocked_roots.add(root)
             cluster_id = self.linker.cluster_id(aid) if self.linker.size(root) > 1 else None
             return self._emit(acct, aid, ts, 1.0, "block", [("analyst_label", 1.0, 1.0, 0)], cluster_id, emitted_at)
         self.allowlist.add(aid)

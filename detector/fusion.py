@@ -43,7 +43,9 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "cluster_templates": 2.0,  # linked accounts share prompt templates
     "cluster_new_accounts": 1.5,  # linked accounts are freshly created
     "cluster_cot": 1.0,
+    "cluster_new_model": 1.5,  # linked accounts moved to a newly released model together
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
+    "near_blocked": 5.0,  # shares keys or templates with a blocked cluster, below the linking threshold
 }
 PRIOR_INTERCEPT = -6.0
 
@@ -61,7 +63,9 @@ DETAILS: dict[str, str] = {
     "cluster_templates": "{pct} of the cluster's prompts fill shared templates",
     "cluster_new_accounts": "{pct} of the cluster's traffic from newly created accounts",
     "cluster_cot": "{pct} of the cluster's prompts ask for step-by-step reasoning",
+    "cluster_new_model": "{pct} of the cluster's traffic on a model released within the last day",
     "linked_to_blocked": "linked to a blocked cluster",
+    "near_blocked": "shares templates or infrastructure with a blocked cluster",
     "allowlisted": "account or org is on the allowlist",
     "analyst_label": "analyst verdict",
 }

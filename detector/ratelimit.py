@@ -45,10 +45,13 @@ imports the fusion model (River): the limiter runs beside the gateway and should
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import re
 import signal
+import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -555,8 +558,8 @@ class ScoreFollower(threading.Thread):
         self._positions: dict[Any, int] = {}  # TopicPartition -> next offset to read
         self._logged_invalid = 0
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask the thread to stop and wait for it (bounded)."""
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the thread to stop and wait for it, at most ``timeout_s`` (it is a daemon thread)."""
         self._stopping.set()
         if self.is_alive():
             self.join(timeout_s)
@@ -584,9 +587,25 @@ class ScoreFollower(threading.Thread):
 
     def _connect(self) -> Any:
         from kafka import KafkaConsumer
+        from kafka.consumer.group import KafkaNetClient
 
-        return KafkaConsumer(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                             client_id=self.client_id, **self.kafka_config)
+        # kafka-python 3.0 leaves its IO thread running when the constructor fails to bootstrap; the factory
+        # keeps a handle on the client so a failed attempt can be closed (a broker outage would leak a thread
+        # per retry otherwise). The short bootstrap timeout keeps stop() prompt while no broker answers.
+        made: list[Any] = []
+
+        def client(**config: Any) -> Any:
+            made.append(KafkaNetClient(**config))
+            return made[-1]
+
+        try:
+            return KafkaConsumer(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+                                 client_id=self.client_id, bootstrap_timeout_ms=3000, kafka_client=client,
+                                 **self.kafka_config)
+        except Exception:
+            for c in made:
+                c.close()
+            raise
 
     def _partitions(self, consumer: Any) -> list[Any]:
         from kafka import TopicPartition
@@ -670,10 +689,43 @@ class ScoreFollower(threading.Thread):
 
 # ------------------------------------------------------------------------------------------------ HTTP
 class _Server(ThreadingHTTPServer):
+    """Tracks open connections so that stopping also ends keep-alive connections (their threads would
+    otherwise go on answering from a stopped limiter)."""
+
     daemon_threads = True
     limiter: RateLimiter
     is_ready: Callable[[], bool]
     metrics: RateLimitMetrics | None
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log instead of printing to stderr; a client hanging up is routine."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("connection from %s ended: %s", client_address, exc)
+        else:
+            log.exception("error while answering %s", client_address)
+
+    def close_connections(self) -> None:
+        with self._open_lock:
+            open_now = list(self._open)
+        for sock in open_now:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -756,7 +808,7 @@ class RateLimitServer:
 
     def __init__(self, limiter: RateLimiter, host: str = "127.0.0.1", port: int = 0, *,
                  ready: Callable[[], bool] = lambda: True, metrics: RateLimitMetrics | None = None) -> None:
-        self._httpd = _Server((host, port), _Handler, bind_and_activate=True)
+        self._httpd = _Server((host, port), _Handler)
         self._httpd.limiter = limiter
         self._httpd.is_ready = ready
         self._httpd.metrics = metrics
@@ -783,6 +835,7 @@ class RateLimitServer:
             self._thread.join(5.0)
             self._thread = None
         self._httpd.server_close()
+        self._httpd.close_connections()
 
 
 # ------------------------------------------------------------------------------------------------ service

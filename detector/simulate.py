@@ -917,7 +917,7 @@ class _ChatActor(_Actor):
     timing: _ChatTiming = field(default=None)  # type: ignore[assignment]
     prompts: _Mixture = field(default=None)  # type: ignore[assignment]
     cot_share: float = 0.03
-    personal: float = 0.12  # share of prompts with a personal lead-in or tail
+    personal: float = 0.08  # share of prompts with a personal lead-in or tail
     system: str | None = None
     hh: frozenset[str] = frozenset()
 
@@ -1066,6 +1066,8 @@ class _Campaign:
         self.templates = templates
         self.slots = max(1, slots)
         self.paraphrase = paraphrase
+        # The template a prompt of this kind gets: the agent template for trajectories and tool specs.
+        self.kind_of = [_template_for(p, len(templates)) for p in pool]
 
     def index(self, slot: int, k: int) -> int:
         return (slot + k * self.slots) % len(self.pool)
@@ -1073,12 +1075,23 @@ class _Campaign:
     def base(self, slot: int, k: int) -> str:
         return self.pool[self.index(slot, k)]
 
-    def render(self, rng: random.Random, task: str, primary: int) -> tuple[str, str | None]:
+    def render(self, rng: random.Random, index: int, primary: int) -> tuple[str, str | None]:
+        """Base prompt ``index`` wrapped in a template: mostly the one for this kind of prompt (so a prompt
+        that comes round again, as in best-of-n resampling, is sent identically), else the account's."""
+        task = self.pool[index]
         if self.paraphrase:
             return _paraphrase(rng, task)
-        t = primary if rng.random() < 0.8 else rng.randrange(len(self.templates))
+        u = rng.random()
+        t = self.kind_of[index] if u < 0.75 else primary if u < 0.95 else rng.randrange(len(self.templates))
         system, fmt = self.templates[t % len(self.templates)]
         return fmt.format(task=task), system
+
+
+def _template_for(task: str, n: int) -> int:
+    if n < 2:
+        return 0
+    agentic = any(w in task[:600] for w in ("Thought:", "Observation:", "toolformer", "Available APIs", "API"))
+    return 1 if agentic else (0, 2, 3)[int.from_bytes(hashlib.blake2b(task.encode(), digest_size=2).digest(), "big") % 3] % n
 
 
 def _next(state: dict[str, int], counter: str = "calls") -> int:
@@ -1530,7 +1543,7 @@ class _Builder:
 
         def render(actor: _CampaignActor, r: random.Random, ts: int, state: dict[str, int]
                    ) -> tuple[str, str | None, float | None]:
-            prompt, system = camp.render(r, camp.base(actor.slot, _next(state)), actor.primary)
+            prompt, system = camp.render(r, camp.index(actor.slot, _next(state)), actor.primary)
             return prompt, system, None
 
         lo_rate, hi_rate = c.hydra_rate
@@ -1566,10 +1579,11 @@ class _Builder:
                              share: float = share, apps: list[str | None] = apps
                              ) -> tuple[str, str | None, float | None]:
                     if r.random() < share:
-                        prompt, system = camp.render(r, camp.base(actor.slot, _next(state)), actor.primary)
+                        prompt, system = camp.render(r, camp.index(actor.slot, _next(state)), actor.primary)
                         return prompt, system, None
                     text = self.reseller_ordinary.pick(r)
-                    return text, r.choice(apps), (_HH_REFUSAL if text in self.hh else None)
+                    app = apps[0] if r.random() < 0.7 else r.choice(apps)  # mostly one big customer app
+                    return text, app, (_HH_REFUSAL if text in self.hh else None)
 
                 self._add(_CampaignActor(
                     acct, self._seed(), self.start, self.end + DAY, clients, _STYLE_RESELLER,

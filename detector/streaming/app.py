@@ -22,8 +22,8 @@ partitions that guarantee weakens:
   index, the cluster linker) sees a different interleaving than a file, and scores can differ slightly;
 * with several workers each holds its own in-memory ``Detector`` for its partitions only, so accounts
   on partitions held by different workers are never linked into one cluster;
-* analyst labels are applied when they arrive, between batches of events; they are outside the replay
-  guarantee (replay does not read labels);
+* analyst labels are applied when they arrive, wherever the events agent yields (while a batch's
+  records are being sent); they are outside the replay guarantee (replay does not read labels);
 * state is in memory (``store memory://``): a restarted worker starts from an empty detector at the
   committed offsets.
 """
@@ -56,6 +56,8 @@ STATS_LOG_INTERVAL_S = 30.0
 #: How often the state gauges (accounts by action, clusters blocked, model warm-up) are refreshed; each
 #: refresh walks every tracked account once.
 GAUGE_INTERVAL_S = 10.0
+#: Bytes fetched per partition and request (Faust's default is 1 MiB: about 1,000 events).
+CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
 
 
 class WorkerError(RuntimeError):
@@ -119,7 +121,11 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         autodiscover=False,
-        **__import__("orjson").loads(__import__("os").environ.get("TMP_FAUST", "{}")),
+        # Faust's defaults (1 MiB per partition and fetch, a 4096-event stream buffer) starve a take() of
+        # 2,000: the buffer hits "high pressure", the partition is paused, and the fetcher then long-polls
+        # only idle partitions for up to a second. With these a 16k-event backlog drains about twice as fast.
+        consumer_max_fetch_size=CONSUMER_MAX_FETCH_BYTES,
+        stream_buffer_maxsize=max(4096, 4 * w.batch_size),
     )
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}  # bytes in, bytes out
     events_topic = app.topic(t.api_calls, **raw)
@@ -138,10 +144,8 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         # noack_take yields *events* (partition and offset included) and leaves acking to us: take() and
         # take_events() ack the whole batch in a ``finally``, even when publishing it failed.
         batches = cast(faust.Stream[bytes], stream).noack_take(w.batch_size, within=w.batch_within_s)
-        prev = time.perf_counter()
         async for batch in batches:
             started = time.perf_counter()
-            import sys as _s; print(f"TMP batch {len(batch)} waited {started-prev:.3f}", file=_s.stderr)
             deliveries = []
             last_offsets: dict[Any, int] = {}
             for event in batch:
@@ -154,7 +158,6 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             for event in batch:
                 await stream.ack(event)  # type: ignore[arg-type]
             metrics.batch_seconds.observe(time.perf_counter() - started)
-            prev = time.perf_counter(); print(f"TMP   took {prev-started:.3f}", file=_s.stderr)
             _record_lag(app, metrics, last_offsets)
 
     @app.agent(labels_topic, supervisor_strategy=CrashingSupervisor)

@@ -367,3 +367,54 @@ def test_http_post_is_refused(served: tuple[Api, DecisionBook, threading.Event, 
     api.conn.request("POST", "/v1/decision?account_id=a", body=b"{}")
     resp = api.conn.getresponse()
     assert resp.status == 405 and b"use GET" in resp.read()
+
+
+def test_stopping_the_server_ends_keep_alive_connections(book: DecisionBook) -> None:
+    server = RateLimitServer(RateLimiter(book, Policy.from_settings(RateLimitSettings())), "127.0.0.1", 0).start()
+    api = Api(server.port)
+    try:
+        assert api.json("/healthz")[0] == 200
+        server.stop()
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            api.get("/healthz")
+    finally:
+        api.conn.close()
+        server.stop()  # idempotent
+
+
+def test_service_takes_kafka_security_from_settings() -> None:
+    from detector.ratelimit import RateLimiterService
+    from detector.settings import KafkaSettings, Secret, Settings, TopicSettings
+
+    s = Settings(kafka=KafkaSettings(bootstrap="k1:9093", security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+                                     sasl_username="limiter", sasl_password=Secret("pw"), ssl_cafile="/ca.pem"),
+                 topics=TopicSettings(risk_scores="scores"), ratelimit=RateLimitSettings(client_id="rl-1"))
+    svc = RateLimiterService(s)  # constructing opens nothing
+    cfg = svc.follower.kafka_config
+    assert (cfg["bootstrap_servers"], cfg["security_protocol"], cfg["sasl_mechanism"]) == (["k1:9093"], "SASL_SSL",
+                                                                                          "SCRAM-SHA-512")
+    assert (cfg["sasl_plain_username"], cfg["sasl_plain_password"], cfg["ssl_cafile"]) == ("limiter", "pw", "/ca.pem")
+    assert svc.follower.topic == "scores" and svc.follower.client_id == "rl-1"
+    assert not svc.follower.is_alive()
+
+
+def test_service_without_a_broker_serves_503_and_stops_promptly() -> None:
+    import time
+
+    from detector.broker import free_port
+    from detector.ratelimit import RateLimiterService
+    from detector.settings import KafkaSettings, Settings
+
+    metrics_port = free_port()
+    s = Settings(kafka=KafkaSettings(bootstrap="127.0.0.1:1"),
+                 ratelimit=RateLimitSettings(host="127.0.0.1", port=0, metrics_port=metrics_port))
+    with RateLimiterService(s) as svc:
+        api = Api(svc.server.port)  # type: ignore[union-attr]
+        assert api.json("/healthz")[0] == 503
+        metrics = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=5)
+        metrics.request("GET", "/metrics")
+        assert b"detector_ratelimit_ready 0.0" in metrics.getresponse().read()
+        metrics.close()
+        api.conn.close()
+        started = time.monotonic()
+    assert time.monotonic() - started < 6 and not svc.follower.is_alive()

@@ -1,0 +1,208 @@
+"""Unit tests of the traffic simulator (detector.simulate) and the prompt loader (detector.prompts).
+
+Fast: "smoke" and "default" at a small scale; every property is checked on generated events.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from detector import prompts, simulate
+from detector.gateway import make_event
+from detector.schemas import validate_event
+
+CAMPAIGNS = {"hydra", "model_hopper", "cot_coercion", "reseller"}
+NOWHERE = Path("/nonexistent/prompts")
+
+
+@pytest.fixture(scope="module")
+def smoke() -> tuple[simulate.Simulation, list[dict[str, Any]]]:
+    sim = simulate.build("smoke", seed=11)
+    return sim, list(sim.events())
+
+
+@pytest.fixture(scope="module")
+def default_small() -> tuple[simulate.Simulation, collections.Counter[tuple[str, int]], collections.Counter[str]]:
+    """``default`` at 4% of the accounts (per-account behaviour is unchanged by ``scale``).
+
+    Keeps only (account, UTC day) counts and per-account totals, not the events.
+    """
+    sim = simulate.build("default", seed=5, scale=0.04)
+    per_day: collections.Counter[tuple[str, int]] = collections.Counter()
+    per_account: collections.Counter[str] = collections.Counter()
+    for e in sim.events():
+        per_day[e["account_id"], (e["ts"] - sim.start_ts) // simulate.DAY] += 1
+        per_account[e["account_id"]] += 1
+    return sim, per_day, per_account
+
+
+def test_scenario_names() -> None:
+    assert set(simulate.scenario_names()) >= {
+        "default", "demo", "smoke", "paraphrase", "fast_rotation", "slow_ramp", "many_asns", "holdout"
+    }
+    with pytest.raises(ValueError):
+        simulate.build("nope")
+
+
+def test_same_seed_same_events_and_other_seed_differs(smoke: Any) -> None:
+    sim, events = smoke
+    again = list(simulate.build("smoke", seed=11).events())
+    assert again == events
+    assert list(sim.events()) == events  # events() regenerates the same stream
+    other = list(simulate.build("smoke", seed=12).events())
+    assert [e["event_id"] for e in other[:100]] != [e["event_id"] for e in events[:100]]
+
+
+def test_two_passes_can_interleave(smoke: Any) -> None:
+    sim, events = smoke
+    a, b = sim.events(), sim.events()
+    pairs = [(next(a), next(b)) for _ in range(300)]
+    assert all(x == y for x, y in pairs)
+    assert [x for x, _ in pairs] == events[:300]
+
+
+def test_events_ordered_valid_and_in_window(smoke: Any) -> None:
+    sim, events = smoke
+    assert 2000 <= len(events) <= 6000
+    ts = [e["ts"] for e in events]
+    assert ts == sorted(ts)
+    assert sim.start_ts <= ts[0] and ts[-1] <= sim.end_ts
+    for e in events:
+        validate_event(e)
+    assert len({e["event_id"] for e in events}) == len(events)
+    assert 0.5 < len(events) / sim.count_hint() < 1.5
+
+
+def test_labels_cover_accounts_and_ids_carry_no_label(smoke: Any) -> None:
+    sim, events = smoke
+    seen = {e["account_id"] for e in events}
+    assert seen <= set(sim.labels)
+    for account_id, label in sim.labels.items():
+        assert label.account_id == account_id
+        assert re.fullmatch(r"acct_[0-9a-f]{16}", account_id)
+        assert label.attack == (label.campaign is not None)
+    for e in events:
+        assert e["org_id"] is None or re.fullmatch(r"org_[0-9a-f]{12}", e["org_id"])
+        assert re.fullmatch(r"pm_[0-9a-f]{16}", e["billing"]["payment_fp"])
+
+
+def test_every_campaign_and_ordinary_kind_present_in_smoke(smoke: Any) -> None:
+    sim, events = smoke
+    kinds = {sim.labels[e["account_id"]].kind for e in events}
+    assert CAMPAIGNS <= kinds
+    assert {"chat", "enterprise_batch", "eval_harness", "researcher", "agentic_coding", "corporate_nat",
+            "early_adopter"} <= kinds
+
+
+def test_default_sizes_and_campaigns(default_small: Any) -> None:
+    sim, _, per_account = default_small
+    assert CAMPAIGNS <= {sim.labels[a].campaign for a in per_account}
+    full = simulate.build("default")  # building is cheap: events are lazy
+    kinds = collections.Counter(label.kind for label in full.labels.values())
+    assert sum(1 for label in full.labels.values() if not label.attack) >= 2000
+    assert kinds["hydra"] >= 500
+    assert 300_000 <= full.count_hint() <= 500_000
+    assert "scale" in full.description.lower() and "1:" in full.description
+
+
+def test_hydra_accounts_average_about_26_calls_a_day(default_small: Any) -> None:
+    sim, per_day, _ = default_small
+    # Middle day of accounts active on all three days: a full day of activity.
+    hydra = [a for a, label in sim.labels.items() if label.campaign == "hydra"]
+    full = [per_day[a, 1] for a in hydra if per_day[a, 0] and per_day[a, 2]]
+    assert len(full) >= 10
+    assert 20 <= sum(full) / len(full) <= 32
+
+
+def test_enterprise_batch_outvolumes_every_attacker(default_small: Any) -> None:
+    sim, _, per_account = default_small
+    enterprise = [n for a, n in per_account.items() if sim.labels[a].kind == "enterprise_batch"]
+    attackers = [n for a, n in per_account.items() if sim.labels[a].attack]
+    assert enterprise and attackers
+    assert min(enterprise) > max(attackers)
+
+
+def test_no_raw_prompt_text_in_events(smoke: Any) -> None:
+    _, events = smoke
+    blob = b"\n".join(orjson.dumps(e) for e in events).lower()
+    probes = [p for kind in prompts.KINDS for p in prompts.load_prompts(kind, None, random.Random(1))[:40]]
+    probes += [simulate._AGENT_SYSTEM, simulate._HYDRA_TEMPLATES["main"][0][1], simulate._FOLLOW_UPS[0]]
+    snippets = {m[:30] for p in probes for m in re.findall(r"[a-z][a-z ,]{29,}", p.lower())}
+    assert len(snippets) > 50
+    leaked = [w for w in snippets if w.encode() in blob]
+    assert not leaked, leaked[:10]
+
+
+def test_direct_event_build_matches_make_event(smoke: Any) -> None:
+    """The simulator builds events itself (with cached fingerprints) for speed: same result as the SDK."""
+    sim, events = smoke
+    key = simulate.DEFAULT_KEY
+    for (event_id, call), event in zip(sim._calls(), events[:200], strict=False):
+        ts, _i, _seq, acct, api_key, model, req, status, out_tok, latency, stop, refused, in_tok = call
+        expected = make_event(
+            event_id=event_id, account_id=acct.account_id, org_id=acct.org_id, ts=ts, api_key_id=api_key,
+            model=model, endpoint=simulate.ENDPOINT, status=status, input_tokens=in_tok, output_tokens=out_tok,
+            latency_ms=latency, client=req[2], billing=acct.billing, prompt_text=req[0], system_text=req[1],
+            response={"stop_reason": stop, "refused": refused}, fingerprint_key=key,
+        )
+        assert event == expected
+
+
+def test_campaign_signals(smoke: Any) -> None:
+    sim, events = smoke
+    by_campaign: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for e in events:
+        by_campaign[sim.labels[e["account_id"]].campaign or "-"].append(e)
+    cot = by_campaign["cot_coercion"]
+    assert sum(e["prompt"]["cot"] for e in cot) / len(cot) > 0.9
+    assert sum(e["prompt"]["script"] in ("cjk", "cyrillic") for e in cot) / len(cot) > 0.3
+    hydra = [e for e in by_campaign["hydra"] if e["status"] == 200]
+    assert sum(e["response"]["stop_reason"] == "max_tokens" for e in hydra) / len(hydra) > 0.15
+    assert sum(e["prompt"]["cot"] for e in hydra) / len(hydra) > 0.9
+    release = sim.start_ts + 12 * simulate.HOUR
+    late = [e for e in by_campaign["model_hopper"] if e["ts"] > release + 12 * simulate.HOUR]
+    assert late and sum(e["model"] == simulate.MODEL_NEW for e in late) / len(late) > 0.8
+    early = [e for e in by_campaign["model_hopper"] if e["ts"] < release]
+    assert early and all(e["model"] != simulate.MODEL_NEW for e in early)
+    ordinary = [e for e in by_campaign["-"] if e["status"] == 200]
+    assert sum(e["response"]["stop_reason"] == "max_tokens" for e in ordinary) / len(ordinary) < 0.1
+    assert {e["status"] for e in events} >= {200, 429}
+
+
+def test_adversarial_and_holdout_scenarios_build() -> None:
+    for name in ("paraphrase", "fast_rotation", "slow_ramp", "many_asns", "holdout"):
+        sim = simulate.build(name, scale=0.02)
+        assert sim.labels and sim.count_hint() > 0 and name in sim.description
+    rot = simulate.build("fast_rotation", scale=0.1)
+    plain = simulate.build("default", scale=0.1)
+    n_rot = sum(label.campaign == "hydra" for label in rot.labels.values())
+    assert n_rot > 2.5 * sum(label.campaign == "hydra" for label in plain.labels.values())
+
+
+def test_bundled_sample_when_prompts_dir_missing() -> None:
+    sample = prompts.load_prompts("attack", NOWHERE, random.Random(0))
+    bundled = {orjson.loads(line)["text"] for line in prompts.SAMPLE_PATH.read_bytes().splitlines() if line}
+    assert sample and set(sample) <= bundled
+    sim = simulate.build("smoke", scale=0.2, prompts_dir=NOWHERE)
+    events = list(sim.events())
+    assert len(events) > 300
+    assert CAMPAIGNS <= {sim.labels[e["account_id"]].campaign for e in events}
+
+
+def test_write_jsonl(tmp_path: Path) -> None:
+    sim = simulate.build("smoke", scale=0.1)
+    seen: list[int] = []
+    n = simulate.write_jsonl(sim, tmp_path / "ev.jsonl", tmp_path / "labels.jsonl", progress=seen.append)
+    lines = (tmp_path / "ev.jsonl").read_bytes().splitlines()
+    assert n == len(lines) == seen[-1] > 0
+    assert orjson.loads(lines[0]) == next(iter(sim.events()))
+    labels = [orjson.loads(x) for x in (tmp_path / "labels.jsonl").read_bytes().splitlines()]
+    assert {x["account_id"] for x in labels} == set(sim.labels)
+    assert set(labels[0]) == {"account_id", "attack", "campaign", "kind"}
