@@ -15,7 +15,7 @@ two windows.
 >>> [idx.observe(seen[a], [0xABC], 0xF00 + a, ts=0)[0] for a in range(4)]
 [1, 2, 3, 4]
 >>> idx.observe(seen[0], [0xABC], 0xF00, ts=1)  # same account again: not counted twice
-(4, 1, True, 2748)
+(4, 1, True, 2748, True)
 """
 
 from __future__ import annotations
@@ -96,11 +96,12 @@ class ContentIndex:
                 best = v
         return best
 
-    def observe(self, seen: SeenFilter, bands: list[int], exact: int, ts: int) -> tuple[int, int, bool, int]:
+    def observe(self, seen: SeenFilter, bands: list[int], exact: int, ts: int) -> tuple[int, int, bool, int, bool]:
         """Count this account under the event's keys; return ``(template_accounts, exact_accounts,
-        self_repeat, top_band)``: the most accounts sharing any one band, the accounts that sent this
-        exact prompt (both including this one), whether this account used one of the bands before, and
-        the band shared by the most accounts (0 without bands).
+        self_repeat, top_band, self_exact)``: the most accounts sharing any one band, the accounts that
+        sent this exact prompt (both including this one), whether this account used one of the bands
+        before, the band shared by the most accounts (0 without bands), and whether this account sent
+        this exact prompt before.
         """
         self._rotate(ts)
         template_accounts, top_band = 0, 0
@@ -112,8 +113,9 @@ class ContentIndex:
             if count > template_accounts:
                 template_accounts, top_band = count, band
         exact_key = exact ^ 0x5EED
-        exact_accounts = self._estimate_and_add(exact_key, not seen.add(exact_key))
-        return template_accounts, exact_accounts, self_repeat, top_band
+        self_exact = seen.add(exact_key)
+        exact_accounts = self._estimate_and_add(exact_key, not self_exact)
+        return template_accounts, exact_accounts, self_repeat, top_band, self_exact
 
     @property
     def nbytes(self) -> int:

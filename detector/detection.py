@@ -116,9 +116,9 @@ class Detector:
         # A model counts as newly released only if the stream ran for a while without it: at start-up,
         # every model is "first seen", and none of them is new.
         model_age = ts - first_seen if first_seen - self._stream_start >= MODEL_WARM_UP_MS else 1 << 62
-        template_accounts, exact_accounts, self_repeat, top_band = self.content.observe(
+        template_accounts, exact_accounts, self_repeat, top_band, self_exact = self.content.observe(
             acct.seen, [int(b, 16) for b in prompt["bands"]], int(prompt["exact"], 16), ts)
-        ctx = feat.EventContext(template_accounts, exact_accounts, model_age, self_repeat)
+        ctx = feat.EventContext(template_accounts, exact_accounts, model_age, self_repeat, self_exact)
         st = acct.state
         previous_ts = st.last_ts
         arrival = st.events == 0 or ts - previous_ts >= feat.DAY_MS
@@ -178,6 +178,7 @@ class Detector:
             "capability_focus": f["capability_concentration"],
             "machine_schedule": f["hour_spread"],
             "new_model_jump": f["new_model_share"],
+            "new_model_replay": f["new_model_replay_share"],
             "young_account": age,
             "anomaly": rank,
             "cluster_templates": c["template_share"],
@@ -192,6 +193,7 @@ class Detector:
             "capability_focus": f["capability_concentration"] * n / (n + 10.0),
             "machine_schedule": _clip((f["hour_spread"] - 0.8) / 0.15) * n / (n + MACHINE_MIN_EVENTS),
             "new_model_jump": f["new_model_share"] * shrink,
+            "new_model_replay": _clip(2.0 * f["new_model_replay_share"] * shrink),
             "young_account": 1.0 if age < 2 else 0.5 if age < NEW_ACCOUNT_DAYS else 0.0,
             "anomaly": _clip((rank - 0.95) / 0.05),
             "cluster_size": sf,
@@ -208,7 +210,7 @@ class Detector:
             # Below the linking threshold, but filling the templates of (or sharing keys with) a blocked
             # cluster: a reseller proxy mixing a campaign's traffic with its customers'.
             toward = self.linker.link_weight_to(account, lambda r: r in self._blocked_roots)
-            evidence["near_blocked"] = _clip(toward) * _clip(template_share * 2.0)
+            evidence["near_blocked"] = _clip(toward / 0.5) * _clip(template_share * 2.0)
             values["near_blocked"] = toward
         return evidence, values, c["size"]
 

@@ -41,15 +41,15 @@ _RENORM = 24.0  # rescale the scaled sums after this many half-lives
 
 # Slots of the day-horizon array.
 N, IN_TOK, OUT_TOK, MAX_LEN, ERR, REFUSED, COT, TEMPLATED, EXACT_SHARED, NEW_MODEL, NON_LATIN, \
-    GAPS, GAP_LOG, GAP_LOG2, SELF_REPEAT = range(15)
-CAP0 = 15  # 8 capability slots
+    GAPS, GAP_LOG, GAP_LOG2, SELF_REPEAT, NEW_MODEL_REPLAY = range(16)
+CAP0 = 16  # 8 capability slots
 HOUR0 = CAP0 + len(CAPABILITIES)  # 24 hour-of-day slots
 N_SLOTS = HOUR0 + 24
 
 FEATURE_NAMES = (
     "n_10m", "n_1h", "n_24h", "in_tokens", "out_tokens", "out_in_ratio", "max_len_share", "error_share",
     "refusal_share", "cot_share", "template_share", "exact_shared_share", "self_repeat_share",
-    "new_model_share", "non_latin_share", "capability_concentration", "hour_spread", "gap_log_std",
+    "new_model_share", "new_model_replay_share", "non_latin_share", "capability_concentration", "hour_spread", "gap_log_std",
     "distinct_ips", "distinct_asns", "distinct_uas", "account_age_days",
 )
 
@@ -67,6 +67,7 @@ class EventContext:
     exact_accounts: int
     model_age_ms: int
     self_repeat: bool = False
+    self_exact: bool = False
 
 
 class AccountState:
@@ -145,6 +146,8 @@ def update(st: AccountState, ev: dict, shared: EventContext) -> None:
         day[SELF_REPEAT] += w
     if shared.model_age_ms < NEW_MODEL_MS:
         day[NEW_MODEL] += w
+        if shared.self_exact and shared.exact_accounts < SHARED_TEMPLATE_ACCOUNTS:
+            day[NEW_MODEL_REPLAY] += w  # re-sends its own private prompts to a model released today
     if prompt["script"] != "latin":
         day[NON_LATIN] += w
     day[CAP0 + CAPABILITIES.index(prompt["capability"])] += w
@@ -199,6 +202,7 @@ def features(st: AccountState, now: int) -> dict[str, float]:
         "exact_shared_share": day[EXACT_SHARED] / n,
         "self_repeat_share": day[SELF_REPEAT] / n,
         "new_model_share": day[NEW_MODEL] / n,
+        "new_model_replay_share": day[NEW_MODEL_REPLAY] / n,
         "non_latin_share": day[NON_LATIN] / n,
         "capability_concentration": 1.0 - _entropy(caps) / math.log(len(caps)),
         "hour_spread": _entropy(hours) / math.log(24),

@@ -36,6 +36,7 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "capability_focus": 0.5,  # traffic concentrated on one capability (coding, agentic, ...)
     "machine_schedule": 1.0,  # active around the clock at a steady rate
     "new_model_jump": 1.0,  # moved to a model within a day of its release
+    "new_model_replay": 2.5,  # re-sends its own private prompts to a newly released model
     "young_account": 0.8,
     "anomaly": 1.0,  # the anomaly model ranks the account in the population's far tail
     "cluster_size": 0.8,  # many linked accounts active
@@ -56,6 +57,7 @@ DETAILS: dict[str, str] = {
     "capability_focus": "traffic concentrated on one capability ({pct})",
     "machine_schedule": "active around the clock at a steady rate ({pct})",
     "new_model_jump": "{pct} of traffic on a model released within the last day",
+    "new_model_replay": "{pct} of traffic re-sends its earlier prompts to a model released within the last day",
     "young_account": "account created {days:.1f} days ago",
     "anomaly": "unusual against the population of accounts ({pct})",
     "cluster_size": "cluster of {n} linked accounts",

@@ -1210,8 +1210,10 @@ class _Builder:
                               "A_alpaca_5000", "A_code_alpaca_2k") or everything_a
         rng.shuffle(reasoning)
         self.cot_pool = reasoning
-        short = [p for p in reasoning if len(p) <= 240] or reasoning
-        self.cot_short = short
+        # Short tasks for the non-English templates, so the template's language dominates the text (as it
+        # would if the operators had translated the task).
+        self.cot_short = [p for p in reasoning if len(p) <= 240] or reasoning
+        self.cot_tiny = [p for p in reasoning if len(p) <= 150] or reasoning
         self.cot_zh = zh
         hopper_pool = list(everything_a)
         rng.shuffle(hopper_pool)
@@ -1643,6 +1645,7 @@ class _Builder:
         cum = _cum([_COT_LANG_WEIGHTS[x] for x in langs])
         camp = _Campaign(self.cot_pool, [(None, "{task}")], n)
         short = _Campaign(self.cot_short, [(None, "{task}")], n)
+        tiny = _Campaign(self.cot_tiny, [(None, "{task}")], n)
         windows = self._windows(n)
         pms = [f"pm_{self._hex()}" for _ in range(max(1, len(windows) // 5))]
         infra = self._campaign_infra(max(1, len(windows) // 8), _HOSTING[7:9] + _ZH[:1], 3,
@@ -1655,10 +1658,12 @@ class _Builder:
             fmt = r.choice(by_lang[lang])
             if lang == "en":
                 task = camp.base(actor.slot, k)
-            elif lang == "zh" and self.cot_zh and r.random() < 0.5:
+            elif lang == "zh" and self.cot_zh and r.random() < 0.6:
                 task = self.cot_zh[(actor.slot + k * camp.slots) % len(self.cot_zh)]
+            elif lang in ("ru", "es"):
+                task = short.base(actor.slot, k)
             else:
-                task = short.base(actor.slot, k)  # short tasks: the template's language dominates the text
+                task = tiny.base(actor.slot, k)
             return fmt.format(task=task), None, None
 
         for slot, (a, b, created) in enumerate(windows):
