@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else getattr(logging, settings.log_level.upper(), 20),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.debug:
+        for noisy in ("kafka", "aiokafka"):  # client chatter at INFO drowns the detector's own lines
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command == "broker":
             return int(args.func(args) or 0)

@@ -36,22 +36,18 @@ def _broker_reachable(bootstrap: str) -> bool:
         return False
 
 
-def _committed(bootstrap: str, group: str, topic: str) -> int:
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="detector-demo")
+def _committed(admin: Any, group: str, topic: str) -> int:
+    """Events the worker has processed: its consumer group's committed offsets on ``topic``."""
     try:
-        offsets = admin.list_consumer_group_offsets(group)
-        return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
-    except Exception:  # noqa: BLE001 - the group may not exist yet
+        offsets = admin.list_group_offsets([group]).get(group, {})
+    except Exception:  # noqa: BLE001 - the group does not exist until the worker joins
         return 0
-    finally:
-        admin.close()
+    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
 
 
 def run_demo(settings: Settings, *, duration_s: float | None, scenario: str = "demo", rate: float = 3000.0) -> int:
     """Run the demo; with ``duration_s`` stop by itself, print a summary and return 0."""
-    from kafka import KafkaConsumer
+    from kafka import KafkaAdminClient, KafkaConsumer
 
     from detector import simulate
     from detector.cli import publish_simulation
@@ -93,8 +89,10 @@ def run_demo(settings: Settings, *, duration_s: float | None, scenario: str = "d
     producer.start()
     consumer = KafkaConsumer(topics["risk_scores"], bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                              enable_auto_commit=False, value_deserializer=orjson.loads, consumer_timeout_ms=500)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="detector-demo")
     latest: dict[str, dict[str, Any]] = {}
     n_scores = 0
+    processed = 0
     t0 = time.monotonic()
     last_view = 0.0
     try:
@@ -108,7 +106,7 @@ def run_demo(settings: Settings, *, duration_s: float | None, scenario: str = "d
                 return 1
             if now - last_view >= 3.0:
                 last_view = now
-                processed = _committed(bootstrap, run_id, topics["api_calls"])
+                processed = _committed(admin, run_id, topics["api_calls"])
                 _print_view(now - t0, sent[0], processed, n_scores, latest, labels)
             done_producing = not producer.is_alive()
             if duration_s is not None and now - t0 >= duration_s:
@@ -122,13 +120,14 @@ def run_demo(settings: Settings, *, duration_s: float | None, scenario: str = "d
         producer.join(timeout=10)
         # Let the worker finish what was sent (bounded), then read the last scores.
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _committed(bootstrap, run_id, topics["api_calls"]) < sent[0]:
+        while time.monotonic() < deadline and _committed(admin, run_id, topics["api_calls"]) < sent[0]:
             time.sleep(0.5)
         for msg in consumer:
             latest[msg.value["account_id"]] = msg.value
             n_scores += 1
         consumer.close()
-        processed = _committed(bootstrap, run_id, topics["api_calls"])
+        processed = _committed(admin, run_id, topics["api_calls"])
+        admin.close()
         os.killpg(worker.pid, signal.SIGTERM)
         try:
             worker.wait(timeout=20)

@@ -271,7 +271,7 @@ def _demo(rng: random.Random) -> _Config:
 
 def _smoke(rng: random.Random) -> _Config:
     return _Config(
-        name="smoke", days=1, release_after=12 * HOUR, volume=0.12, chat=110, early_adopter=10, researcher=4,
+        name="smoke", days=1, release_after=8 * HOUR, volume=0.12, chat=110, early_adopter=10, researcher=4,
         agentic_coding=12, corporate_nat=(10,), eval_harness=1, enterprise=(1,), hydra=40, model_hopper=2,
         cot_coercion=4, reseller=(2,), eval_suites=("vicuna",),
     )
@@ -344,15 +344,20 @@ _HOSTING: tuple[tuple[int, str, int], ...] = (
 _CORPORATE: tuple[tuple[int, str, int], ...] = ((53813, "US", -5), (3356, "DE", 1))
 
 _UA_BROWSER = (
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/133.0.0.0 Safari/537.36",
-    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/133.0.0.0 Safari/537.36",
-    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.3 Safari/605.1.15",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/133.0.0.0 "
+    "Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/133.0.0.0 "
+    "Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.3 "
+    "Safari/605.1.15",
     "Mozilla/5.0 (X11; Linux x86_64; rv:135.0) Gecko/20100101 Firefox/135.0",
-    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_3 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.3 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_3 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.3 "
+    "Mobile/15E148 Safari/604.1",
 )
-_UA_SDK = ("anthropic-python/0.49.0", "anthropic-python/0.47.2", "anthropic-typescript/0.39.0", "langchain-anthropic/0.3.10",
-           "python-requests/2.32.3", "curl/8.7.1")
-_UA_SCRIPT = ("python-httpx/0.27.0", "python-httpx/0.27.2", "aiohttp/3.9.5", "python-requests/2.31.0", "Go-http-client/2.0")
+_UA_SDK = ("anthropic-python/0.49.0", "anthropic-python/0.47.2", "anthropic-typescript/0.39.0",
+           "langchain-anthropic/0.3.10", "python-requests/2.32.3", "curl/8.7.1")
+_UA_SCRIPT = ("python-httpx/0.27.0", "python-httpx/0.27.2", "aiohttp/3.9.5", "python-requests/2.31.0",
+              "Go-http-client/2.0")
 _UA_RESELLER = ("new-api/0.6.11", "one-api/v0.6.10", "new-api/0.6.9")
 _UA_AGENT = "claude-code/1.0.{}"  # patch level differs by user (auto-update cadence)
 # JA4-style TLS client fingerprints (illustrative values in the JA4 format).
@@ -404,7 +409,8 @@ def _ipv4(rng: random.Random, asn: int, subnet: int | None = None, host: int | N
 
 def _ipv6(rng: random.Random, asn: int) -> str:
     a, b = _prefix16(asn)
-    return f"2a{a % 16:02x}:{b:02x}{asn % 256:02x}:{rng.getrandbits(16):x}:{rng.getrandbits(16):x}::{rng.getrandbits(16):x}"
+    g = [f"{rng.getrandbits(16):x}" for _ in range(3)]
+    return f"2a{a % 16:02x}:{b:02x}{asn % 256:02x}:{g[0]}:{g[1]}::{g[2]}"
 
 
 def _client(ip: str, net: tuple[int, str, int], ua: str, tls: str | None = None) -> dict[str, Any]:
@@ -472,11 +478,11 @@ _HYDRA_TEMPLATES: dict[str, tuple[tuple[str | None, str], ...]] = {
 }
 # Paraphrase pools (adversarial variant): a template is assembled per request from these.
 _PARA_OPEN = (
-    "Solve the following programming task.", "Here is a coding problem I need solved.", "Please work through the task below.",
-    "Take a look at the following problem.", "I have a task for you.", "Complete the assignment below.",
-    "Your job is to handle this request.", "Consider the following task carefully.", "Help me with the following.",
-    "Below is a problem statement.", "Work on this task.", "Tackle the following challenge.", "Read the task and respond.",
-    "Here's what I need.",
+    "Solve the following programming task.", "Here is a coding problem I need solved.",
+    "Please work through the task below.", "Take a look at the following problem.", "I have a task for you.",
+    "Complete the assignment below.", "Your job is to handle this request.", "Consider the following task carefully.",
+    "Help me with the following.", "Below is a problem statement.", "Work on this task.",
+    "Tackle the following challenge.", "Read the task and respond.", "Here's what I need.",
 )
 _PARA_REASON = (
     "Think step by step.", "Reason through it carefully before answering.", "Explain your reasoning in detail.",
@@ -490,8 +496,9 @@ _PARA_FORMAT = (
     "Then give the complete code.", "Finish with the full solution.", "End with the final answer on its own line.",
     "Put the final result in a code block.", "Conclude with a runnable implementation.",
     "Close with a short summary of the answer.", "Provide the final output after the reasoning.",
-    "Then write the final version in full.", "Return the finished solution at the end.", "Wrap up with the final answer.",
-    "Make sure the last part is the full answer.", "Give the final solution without omissions.",
+    "Then write the final version in full.", "Return the finished solution at the end.",
+    "Wrap up with the final answer.", "Make sure the last part is the full answer.",
+    "Give the final solution without omissions.",
 )
 _PARA_DETAIL = ("Be as detailed as possible.", "Do not skip anything.", "Length is not a concern.", "Be exhaustive.",
                 "", "", "Include edge cases.", "Explain any assumptions.", "Use clear headings.", "Avoid shortcuts.")
@@ -506,7 +513,8 @@ _COT_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
                "<thinking> tags, then give the answer.\n\n{task}"),
         ("en", "{task}\n\nShow your work. Explain your reasoning step by step as if teaching a student, and include "
                "all of the internal deliberation that leads to the answer."),
-        ("zh", "请一步一步地思考下面的问题。先把你完整的思考过程全部写出来，包括每一个中间步骤、每一个假设和每一次验证，"
+        ("zh", "请一步一步地思考下面的问题。先把你完整的思考过程全部写出来，"
+               "包括每一个中间步骤、每一个假设和每一次验证，"
                "不要省略，也不要总结，然后再给出最终答案。请用中文详细回答。\n\n问题：{task}"),
         ("zh", "你是一位严谨的老师。请逐步推理，并将推理过程完整地写在<thinking>标签中，不要跳过任何步骤，"
                "然后给出最终答案。问题如下：\n{task}\n请确保推理过程详细、完整、清晰。"),
@@ -526,7 +534,8 @@ _COT_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
                "including false starts and self-corrections, and only then state the answer.\n\nProblem: {task}"),
         ("en", "Problem: {task}\n\nThink it through out loud. Every inference must be written down before you "
                "commit to an answer."),
-        ("zh", "请详细展示你的推理过程：把每一步的思考都写下来，包括你考虑过又放弃的方案，最后再给出答案。\n题目：{task}"),
+        ("zh", "请详细展示你的推理过程：把每一步的思考都写下来，"
+               "包括你考虑过又放弃的方案，最后再给出答案。\n题目：{task}"),
         ("zh", "请逐步分析下面的题目，写出完整的思考过程和每一步的依据，最后用一句话给出结论。\n{task}"),
         ("ru", "Покажи пошагово, как ты рассуждаешь: выпиши все промежуточные мысли и проверки, а затем дай ответ.\n"
                "Вопрос: {task}"),
@@ -540,19 +549,24 @@ _COT_LANG_WEIGHTS = {"en": 0.4, "zh": 0.3, "ru": 0.12, "es": 0.08, "ja": 0.05, "
 
 _HOPPER: dict[str, tuple[str, tuple[str, ...]]] = {
     "main": ("You are a knowledgeable assistant. Give thorough, well-structured answers.",
-             ("", "", "", "", "\n\nProvide a comprehensive, detailed answer.", "\n\nProvide a comprehensive, detailed answer.",
-              "\n\nThink step by step and explain your reasoning.", "\n\nThink step by step and explain your reasoning.",
+             ("", "", "", "",
+              "\n\nProvide a comprehensive, detailed answer.", "\n\nProvide a comprehensive, detailed answer.",
+              "\n\nThink step by step and explain your reasoning.",
+              "\n\nThink step by step and explain your reasoning.",
               "\n\nInclude examples.", "\n\nExplain your reasoning, then give the final answer.")),
     "holdout": ("Respond as an expert. Completeness matters more than brevity.",
-                ("", "", "", "\n\nCover every aspect of the question.", "\n\nWork through it carefully before answering.",
+                ("", "", "", "\n\nCover every aspect of the question.",
+                 "\n\nWork through it carefully before answering.",
                  "\n\nGive a long, thorough answer with examples.", "\n\nShow your reasoning step by step.")),
 }
 
 _ENTERPRISE_TEMPLATES = (
     ("You are a precise classification engine. Output only the label.",
-     "Classify the sentiment of this customer review as positive, negative or neutral. Reply with one word.\n\nReview: {text}"),
+     "Classify the sentiment of this customer review as positive, negative or neutral. Reply with one word."
+     "\n\nReview: {text}"),
     ("You extract structured data. Output valid JSON only.",
-     "Extract the fields product, issue, urgency (low/medium/high) and language as JSON from this support ticket:\n\n{text}"),
+     "Extract the fields product, issue, urgency (low/medium/high) and language as JSON from this support "
+     "ticket:\n\n{text}"),
     (None,
      "You are a content moderation classifier. Label the following user message with one of: safe, spam, abuse, "
      "self_harm, other. Output JSON {{\"label\": ..., \"confidence\": ...}}.\nMessage: {text}"),
@@ -564,7 +578,8 @@ _ENTERPRISE_TEMPLATES = (
     ("You write metadata for a knowledge base.",
      "Generate 5 SEO keywords and a 20-word description for this article. Output as JSON.\n\nArticle: {text}"),
     ("You are an intent detector for a banking chatbot.",
-     "Detect the intent of this message. Intents: balance, transfer, card_lost, dispute, other. Reply with the intent only.\n\n{text}"),
+     "Detect the intent of this message. Intents: balance, transfer, card_lost, dispute, other. Reply with the "
+     "intent only.\n\n{text}"),
 )
 
 _RESELLER_SYSTEMS = (
@@ -604,7 +619,8 @@ _AGENT_SYSTEM_V2 = _AGENT_SYSTEM.replace("Tools: Bash,", "Tools: Bash, NotebookE
 )
 _AGENT_VERBS = (
     "Fix the failing test in {f}", "Add type hints to {f}", "Refactor {fn} in {f} to remove the duplication",
-    "Write unit tests for {fn} in {f}", "Explain what {fn} in {f} does", "Find out why {fn} returns None for empty input",
+    "Write unit tests for {fn} in {f}", "Explain what {fn} in {f} does",
+    "Find out why {fn} returns None for empty input",
     "Add a --dry-run flag to the CLI in {f}", "Migrate {f} from callbacks to async/await",
     "Speed up {fn}, it is slow on large inputs", "Add structured logging to {f}", "Rename {fn} to {fn2} everywhere",
     "Update the README to document {fn}", "Handle the timeout error in {fn}",
@@ -612,7 +628,8 @@ _AGENT_VERBS = (
     "Why does the build fail after my last commit?", "Implement pagination for the /{res} endpoint",
     "Add input validation to {fn}", "Write a migration that adds a {col} column to the {res} table",
     "Convert {f} to TypeScript", "The CI is red on main, can you look?", "Remove dead code from {f}",
-    "Add retries with exponential backoff to {fn}", "Make {fn} thread-safe", "Add a docstring to every public function in {f}",
+    "Add retries with exponential backoff to {fn}", "Make {fn} thread-safe",
+    "Add a docstring to every public function in {f}",
 )
 _AGENT_MODS = ("api", "core", "utils", "auth", "billing", "cli", "db", "models", "services", "workers", "web", "lib")
 _AGENT_NAMES = ("routes", "handlers", "parser", "client", "config", "session", "cache", "schema", "tasks", "views",
@@ -623,8 +640,9 @@ _AGENT_FNS = ("parse_config", "load_user", "handleSubmit", "fetch_orders", "retr
               "get_or_create", "resolvePath", "merge_records", "send_invoice", "to_dict", "apply_discount")
 _AGENT_RES = ("orders", "users", "invoices", "projects", "reports", "events", "products", "teams")
 _AGENT_COLS = ("archived_at", "external_id", "locale", "priority", "deleted", "tenant_id")
-_AGENT_ERRORS = ("AssertionError: assert 3 == 4", "KeyError: 'id'", "TypeError: 'NoneType' object is not subscriptable",
-                 "TimeoutError: operation timed out after 30s", "AttributeError: 'dict' object has no attribute 'items_'",
+_AGENT_ERRORS = ("AssertionError: assert 3 == 4", "KeyError: 'id'",
+                 "TypeError: 'NoneType' object is not subscriptable", "TimeoutError: operation timed out after 30s",
+                 "AttributeError: 'dict' object has no attribute 'items_'",
                  "ValueError: invalid literal for int() with base 10: ''", "expected 200, got 500",
                  "error[E0502]: cannot borrow `self` as mutable", "TS2345: Argument of type 'string' is not assignable")
 
@@ -667,7 +685,8 @@ def _agent_tool_result(rng: random.Random) -> str:
         a, b = rng.randrange(1, 80), rng.randrange(0, 40)
         return (f"Edited {f}: {a} insertions(+), {b} deletions(-).\n$ git diff --stat\n {f} | {a + b} "
                 f"{'+' * min(a, 30)}{'-' * min(b, 20)}\n 1 file changed")
-    hits = [f"{_agent_path(rng)}:{rng.randrange(1, 900)}: {rng.choice(_AGENT_FNS)}(" for _ in range(rng.randrange(1, 12))]
+    hits = [f"{_agent_path(rng)}:{rng.randrange(1, 900)}: {rng.choice(_AGENT_FNS)}("
+            for _ in range(rng.randrange(1, 12))]
     return f"$ grep -rn \"{rng.choice(_AGENT_FNS)}\" src\n" + "\n".join(hits)
 
 
@@ -1004,7 +1023,7 @@ class _EvalActor(_Actor):
     extra_run_at: int | None = None  # a run right after the new model's release
 
     def plan(self, rng: random.Random, lo: int, hi: int, day: int, state: dict[str, int]) -> list[tuple[int, _Req]]:
-        starts = [day + (self.nightly_hour or 0) * HOUR + rng.randrange(15 * MINUTE)] if self.nightly_hour is not None else []
+        starts = [] if self.nightly_hour is None else [day + self.nightly_hour * HOUR + rng.randrange(15 * MINUTE)]
         starts += [_local_hour_start(rng, _BUSINESS_CUM, day, -5) for _ in range(_poisson(rng, self.runs_per_day))]
         if self.extra_run_at is not None and day <= self.extra_run_at < day + DAY:
             starts.append(self.extra_run_at)
@@ -1037,7 +1056,8 @@ class _AgentActor(_Actor):
         client = self.clients[0]
         for _ in range(n):
             ts = _local_hour_start(rng, _BUSINESS_CUM, day, self.tz)
-            system = _AGENT_SYSTEM_V2 if self.system_update_ts is not None and ts >= self.system_update_ts else _AGENT_SYSTEM
+            updated = self.system_update_ts is not None and ts >= self.system_update_ts
+            system = _AGENT_SYSTEM_V2 if updated else _AGENT_SYSTEM
             steps = 1 + min(24, _poisson(rng, 4.5))
             context = rng.randrange(4000, 14000)
             ask = self.asks.pick(rng)
@@ -1091,7 +1111,8 @@ def _template_for(task: str, n: int) -> int:
     if n < 2:
         return 0
     agentic = any(w in task[:600] for w in ("Thought:", "Observation:", "toolformer", "Available APIs", "API"))
-    return 1 if agentic else (0, 2, 3)[int.from_bytes(hashlib.blake2b(task.encode(), digest_size=2).digest(), "big") % 3] % n
+    h = int.from_bytes(hashlib.blake2b(task.encode(), digest_size=2).digest(), "big")
+    return 1 if agentic else (0, 2, 3)[h % 3] % n
 
 
 def _next(state: dict[str, int], counter: str = "calls") -> int:
@@ -1346,8 +1367,8 @@ class _Builder:
                 lab_left -= 1
             else:
                 org, pm = None, f"pm_{self._hex()}"
-            acct = self._account("researcher", None, org=org, payment=pm or f"pm_{self._hex()}", tier=self._tier_for_age(created),
-                                 created=created, n_keys=rng.randrange(1, 4))
+            acct = self._account("researcher", None, org=org, payment=pm or f"pm_{self._hex()}",
+                                 tier=self._tier_for_age(created), created=created, n_keys=rng.randrange(1, 4))
             rate = math.exp(rng.uniform(math.log(20), math.log(150)))
             timing = _ChatTiming(rate=rate, tz=net[2], cum=_cum([0.5 * a + 0.5 * b for a, b in zip(_BUSINESS, _DIURNAL,
                                  strict=True)]), weekend=0.5, session_mean=rng.uniform(4, 15))

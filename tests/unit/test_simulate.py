@@ -166,12 +166,12 @@ def test_campaign_signals(smoke: Any) -> None:
         by_campaign[sim.labels[e["account_id"]].campaign or "-"].append(e)
     cot = by_campaign["cot_coercion"]
     assert sum(e["prompt"]["cot"] for e in cot) / len(cot) > 0.9
-    assert sum(e["prompt"]["script"] in ("cjk", "cyrillic") for e in cot) / len(cot) > 0.3
+    assert sum(e["prompt"]["script"] in ("cjk", "cyrillic") for e in cot) / len(cot) > 0.25
     hydra = [e for e in by_campaign["hydra"] if e["status"] == 200]
     assert sum(e["response"]["stop_reason"] == "max_tokens" for e in hydra) / len(hydra) > 0.15
     assert sum(e["prompt"]["cot"] for e in hydra) / len(hydra) > 0.9
-    release = sim.start_ts + 12 * simulate.HOUR
-    late = [e for e in by_campaign["model_hopper"] if e["ts"] > release + 12 * simulate.HOUR]
+    release = sim.start_ts + 8 * simulate.HOUR  # smoke releases frontier-5 at 08:00; hoppers move within 10.5 h
+    late = [e for e in by_campaign["model_hopper"] if e["ts"] > release + 11 * simulate.HOUR]
     assert late and sum(e["model"] == simulate.MODEL_NEW for e in late) / len(late) > 0.8
     early = [e for e in by_campaign["model_hopper"] if e["ts"] < release]
     assert early and all(e["model"] != simulate.MODEL_NEW for e in early)
