@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from detector.features import H_DAY, HOUR_MS
 
@@ -157,12 +158,14 @@ class Linker:
                 me = self._union(self.root(me), self.root(r))
         return self.root(account)
 
-    def link_weight_to(self, account: str, accept: Callable[[str], bool]) -> float:
+    def link_weight_to(self, account: str, accept: Callable[[str], bool], kinds: Collection[str]) -> float:
         """Summed key weight (strongest key per kind) from ``account`` into clusters ``accept`` picks,
         whether or not it reached the linking threshold: "weakly linked to a blocked cluster"."""
         me = self.root(account)
         best: dict[str, float] = {}
         for key in self._keys.get(account, ()):
+            if key[0] not in kinds:
+                continue
             r = self.root(self._key_rep[key])
             if r != me and accept(r):
                 best[key[0]] = max(best.get(key[0], 0.0), key_weight(key[0], self._key_degree[key]))
@@ -179,7 +182,7 @@ class ClusterState:
     decayed over a day: an estimate of the accounts active in the last day without a set of them.
     """
 
-    __slots__ = ("t0", "last_ts", "day", "blocked_members", "blocked")
+    __slots__ = ("t0", "last_ts", "day", "blocked_members", "blocked", "org_bits", "new_model_1h", "n_1h")
 
     def __init__(self) -> None:
         self.t0 = 0
@@ -187,9 +190,12 @@ class ClusterState:
         self.day = array("d", bytes(8 * _C_SLOTS))
         self.blocked_members = 0
         self.blocked = False
+        self.org_bits = 0  # linear-counting bitmap of the orgs seen in the cluster
+        self.new_model_1h = 0.0  # hour-horizon share of traffic on a newly released model
+        self.n_1h = 0.0
 
     def add(self, ts: int, *, arrival: bool, templated: bool, cot: bool, max_len: bool, new_account: bool,
-            machine: bool = False, new_model: bool = False) -> None:
+            machine: bool = False, new_model: bool = False, org: str | None = None) -> None:
         day = self.day
         if day[_C_N] == 0.0:
             self.t0 = ts
@@ -209,6 +215,11 @@ class ClusterState:
         day[_C_MACHINE] += w * machine
         day[_C_NEW_MODEL] += w * new_model
         day[_C_HOUR0 + (ts // HOUR_MS) % 24] += w
+        f = 2.0 ** (-max(ts - self.last_ts, 0) / HOUR_MS)
+        self.n_1h = self.n_1h * f + 1.0
+        self.new_model_1h = self.new_model_1h * f + new_model
+        if org is not None:
+            self.org_bits |= 1 << (zlib.crc32(org.encode()) & 63)
         self.last_ts = max(self.last_ts, ts)
 
     def merge(self, other: ClusterState) -> None:
@@ -222,6 +233,9 @@ class ClusterState:
             self.day[i] += other.day[i] * f
         self.blocked_members += other.blocked_members
         self.blocked = self.blocked or other.blocked
+        self.org_bits |= other.org_bits
+        self.n_1h += other.n_1h
+        self.new_model_1h += other.new_model_1h
         self.last_ts = max(self.last_ts, other.last_ts)
 
     def features(self, now: int, size: int) -> dict[str, float]:
@@ -245,6 +259,8 @@ class ClusterState:
             "hour_spread": spread,
             "machine_share": day[_C_MACHINE] / n,
             "new_model_share": day[_C_NEW_MODEL] / n,
+            "new_model_share_1h": self.new_model_1h / self.n_1h if self.n_1h else 0.0,
+            "orgs": float(self.org_bits.bit_count()),
         }
 
 

@@ -45,7 +45,10 @@ MAX_REASONS = 5
 NEW_ACCOUNT_DAYS = 14.0
 MACHINE_MIN_EVENTS = 12.0  # an account needs this many events in its day window to judge its schedule
 MACHINE_SPREAD = 0.85  # hour-of-day entropy (normalised) above which an account runs around the clock
-MODEL_WARM_UP_MS = 3_600_000  # models first seen in the stream's first hour existed before it started
+MODEL_WARM_UP_MS = 3_600_000
+# Key kinds specific enough to tie an account to a blocked cluster below the linking threshold (a shared
+# user agent, TLS library or cloud ASN is not).
+NEAR_KINDS = frozenset({"tmpl", "pay", "ip24", "cohort"})  # models first seen in the stream's first hour existed before it started
 
 
 def _clip(x: float) -> float:
@@ -139,7 +142,7 @@ class Detector:
                     max_len=event["response"].get("stop_reason") == "max_tokens",
                     new_account=age_days < NEW_ACCOUNT_DAYS,
                     machine=f["n_24h"] >= MACHINE_MIN_EVENTS and f["hour_spread"] >= MACHINE_SPREAD,
-                    new_model=model_age < feat.NEW_MODEL_MS)
+                    new_model=model_age < feat.NEW_MODEL_MS, org=event.get("org_id"))
         acct.root = root
 
         x = squash(f)
@@ -177,14 +180,15 @@ class Detector:
             "max_length_outputs": f["max_len_share"],
             "capability_focus": f["capability_concentration"],
             "machine_schedule": f["hour_spread"],
-            "new_model_jump": f["new_model_share"],
+            "new_model_jump": f["new_model_share_1h"],
             "new_model_replay": f["new_model_replay_share"],
             "young_account": age,
             "anomaly": rank,
             "cluster_templates": c["template_share"],
             "cluster_new_accounts": c["new_account_share"],
             "cluster_cot": c["cot_share"],
-            "cluster_new_model": c["new_model_share"],
+            "cluster_new_model": c["new_model_share_1h"],
+            "cluster_multi_org": c["orgs"],
         }
         evidence = {
             "shared_template": _clip((f["template_share"] * shrink - 0.1) / 0.6),
@@ -192,24 +196,24 @@ class Detector:
             "max_length_outputs": f["max_len_share"] * shrink,
             "capability_focus": f["capability_concentration"] * n / (n + 10.0),
             "machine_schedule": _clip((f["hour_spread"] - 0.8) / 0.15) * n / (n + MACHINE_MIN_EVENTS),
-            "new_model_jump": f["new_model_share"] * shrink,
+            "new_model_jump": f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0),
             "new_model_replay": _clip(2.0 * f["new_model_replay_share"] * shrink),
             "young_account": 1.0 if age < 2 else 0.5 if age < NEW_ACCOUNT_DAYS else 0.0,
             "anomaly": _clip((rank - 0.95) / 0.05),
             "cluster_size": sf,
-            # many accounts, each modest, each running around the clock, together a steady 24 h load
-            "cluster_load_balanced": sf * c["machine_share"] * _clip((c["hour_spread"] - 0.85) / 0.1)
-            * (1.0 if c["per_account_24h"] < 200 else 0.0),
+            # linked accounts each running around the clock, together a steady 24 h load
+            "cluster_load_balanced": sf * c["machine_share"] * _clip((c["hour_spread"] - 0.85) / 0.1),
+            "cluster_multi_org": sf * _clip(c["orgs"] - 1.0),  # one payment or network across orgs
             "cluster_templates": sf * c["template_share"],
             "cluster_new_accounts": sf * c["new_account_share"],
             "cluster_cot": sf * c["cot_share"],
-            "cluster_new_model": sf * c["new_model_share"],
+            "cluster_new_model": sf * c["new_model_share_1h"],
             "linked_to_blocked": 1.0 if cluster.blocked else 0.0,
         }
         if not cluster.blocked and template_share > 0.1:
             # Below the linking threshold, but filling the templates of (or sharing keys with) a blocked
             # cluster: a reseller proxy mixing a campaign's traffic with its customers'.
-            toward = self.linker.link_weight_to(account, lambda r: r in self._blocked_roots)
+            toward = self.linker.link_weight_to(account, lambda r: r in self._blocked_roots, NEAR_KINDS)
             evidence["near_blocked"] = _clip(toward / 0.5) * _clip(template_share * 2.0)
             values["near_blocked"] = toward
         return evidence, values, c["size"]

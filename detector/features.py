@@ -49,7 +49,7 @@ N_SLOTS = HOUR0 + 24
 FEATURE_NAMES = (
     "n_10m", "n_1h", "n_24h", "in_tokens", "out_tokens", "out_in_ratio", "max_len_share", "error_share",
     "refusal_share", "cot_share", "template_share", "exact_shared_share", "self_repeat_share",
-    "new_model_share", "new_model_replay_share", "non_latin_share", "capability_concentration", "hour_spread", "gap_log_std",
+    "new_model_share", "new_model_share_1h", "new_model_replay_share", "non_latin_share", "capability_concentration", "hour_spread", "gap_log_std",
     "distinct_ips", "distinct_asns", "distinct_uas", "account_age_days",
 )
 
@@ -73,7 +73,7 @@ class EventContext:
 class AccountState:
     """Compact per-account window state (about 600 bytes: one float array and a few ints)."""
 
-    __slots__ = ("created_ts", "first_ts", "last_ts", "t0", "day", "n_10m", "n_1h", "events",
+    __slots__ = ("created_ts", "first_ts", "last_ts", "t0", "day", "n_10m", "n_1h", "new_model_1h", "events",
                  "ip_bits", "asn_bits", "ua_bits")
 
     def __init__(self, created_ts: int | None) -> None:
@@ -84,13 +84,14 @@ class AccountState:
         self.day = array("d", bytes(8 * N_SLOTS))
         self.n_10m = 0.0
         self.n_1h = 0.0
+        self.new_model_1h = 0.0
         self.events = 0
         self.ip_bits = self.asn_bits = self.ua_bits = 0
 
     def to_list(self) -> list[object]:
         """A JSON-friendly snapshot (for changelogs and tests)."""
         return [self.created_ts, self.first_ts, self.last_ts, self.t0, list(self.day), self.n_10m,
-                self.n_1h, self.events, self.ip_bits, self.asn_bits, self.ua_bits]
+                self.n_1h, self.new_model_1h, self.events, self.ip_bits, self.asn_bits, self.ua_bits]
 
 
 def _bit(value: object) -> int:
@@ -110,13 +111,18 @@ def update(st: AccountState, ev: dict, shared: EventContext) -> None:
     if st.events == 0:
         st.first_ts = st.last_ts = st.t0 = t
     # Short horizons: plain decay to the newest event time (older events are added pre-decayed).
+    new_model = 1.0 if shared.model_age_ms < NEW_MODEL_MS else 0.0
     if t >= st.last_ts:
         dt = t - st.last_ts
+        f_1h = 2.0 ** (-dt / H_1H)
         st.n_10m = st.n_10m * 2.0 ** (-dt / H_10M) + 1.0
-        st.n_1h = st.n_1h * 2.0 ** (-dt / H_1H) + 1.0
+        st.n_1h = st.n_1h * f_1h + 1.0
+        st.new_model_1h = st.new_model_1h * f_1h + new_model
     else:
+        w_1h = 2.0 ** ((t - st.last_ts) / H_1H)
         st.n_10m += 2.0 ** ((t - st.last_ts) / H_10M)
-        st.n_1h += 2.0 ** ((t - st.last_ts) / H_1H)
+        st.n_1h += w_1h
+        st.new_model_1h += w_1h * new_model
     day = st.day
     x = (t - st.t0) / H_DAY
     if x > _RENORM:
@@ -202,6 +208,7 @@ def features(st: AccountState, now: int) -> dict[str, float]:
         "exact_shared_share": day[EXACT_SHARED] / n,
         "self_repeat_share": day[SELF_REPEAT] / n,
         "new_model_share": day[NEW_MODEL] / n,
+        "new_model_share_1h": st.new_model_1h / st.n_1h if st.n_1h else 0.0,
         "new_model_replay_share": day[NEW_MODEL_REPLAY] / n,
         "non_latin_share": day[NON_LATIN] / n,
         "capability_concentration": 1.0 - _entropy(caps) / math.log(len(caps)),

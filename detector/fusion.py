@@ -44,7 +44,8 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "cluster_templates": 2.0,  # linked accounts share prompt templates
     "cluster_new_accounts": 1.5,  # linked accounts are freshly created
     "cluster_cot": 1.0,
-    "cluster_new_model": 1.5,  # linked accounts moved to a newly released model together
+    "cluster_new_model": 1.5,
+    "cluster_multi_org": 1.0,  # linked accounts moved to a newly released model together
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
     "near_blocked": 5.0,  # shares keys or templates with a blocked cluster, below the linking threshold
 }
@@ -56,16 +57,17 @@ DETAILS: dict[str, str] = {
     "max_length_outputs": "{pct} of answers hit the output limit",
     "capability_focus": "traffic concentrated on one capability ({pct})",
     "machine_schedule": "active around the clock at a steady rate ({pct})",
-    "new_model_jump": "{pct} of traffic on a model released within the last day",
+    "new_model_jump": "{pct} of last-hour traffic on a model released within the last day",
     "new_model_replay": "{pct} of traffic re-sends its earlier prompts to a model released within the last day",
     "young_account": "account created {days:.1f} days ago",
     "anomaly": "unusual against the population of accounts ({pct})",
     "cluster_size": "cluster of {n} linked accounts",
-    "cluster_load_balanced": "load spread evenly over {n} linked accounts around the clock",
+    "cluster_load_balanced": "load spread over {n} linked accounts running around the clock",
     "cluster_templates": "{pct} of the cluster's prompts fill shared templates",
     "cluster_new_accounts": "{pct} of the cluster's traffic from newly created accounts",
     "cluster_cot": "{pct} of the cluster's prompts ask for step-by-step reasoning",
-    "cluster_new_model": "{pct} of the cluster's traffic on a model released within the last day",
+    "cluster_new_model": "{pct} of the cluster's last-hour traffic on a model released within the last day",
+    "cluster_multi_org": "cluster spans {v:.0f} organisations",
     "linked_to_blocked": "linked to a blocked cluster",
     "near_blocked": "shares templates or infrastructure with a blocked cluster",
     "allowlisted": "account or org is on the allowlist",
@@ -119,4 +121,4 @@ def decide(score: float, previous: str, settings: DetectionSettings) -> str:
 
 def detail(code: str, value: float, n: int = 0) -> str:
     """The human sentence for a reason code."""
-    return DETAILS.get(code, code).format(pct=f"{value:.0%}", n=n, days=value)
+    return DETAILS.get(code, code).format(pct=f"{value:.0%}", n=n, days=value, v=value)

@@ -247,7 +247,7 @@ class _Config:
     hydra: int = 600
     model_hopper: int = 16
     cot_coercion: int = 24
-    reseller: tuple[int, ...] = (4, 4, 4)  # accounts per reseller business
+    reseller: tuple[int, ...] = (3, 3, 3)  # accounts per reseller business
     hydra_rate: tuple[float, float] = (18.0, 34.0)  # calls/day per hydra account (mean 26)
     templates: str = "main"  # "main" or "holdout"
     eval_suites: tuple[str, ...] = ("arena", "nq", "vicuna")
@@ -271,7 +271,7 @@ def _demo(rng: random.Random) -> _Config:
 
 def _smoke(rng: random.Random) -> _Config:
     return _Config(
-        name="smoke", days=1, release_after=8 * HOUR, volume=0.12, chat=110, early_adopter=10, researcher=4,
+        name="smoke", days=1, release_after=8 * HOUR, volume=0.08, chat=100, early_adopter=10, researcher=4,
         agentic_coding=12, corporate_nat=(10,), eval_harness=1, enterprise=(1,), hydra=40, model_hopper=2,
         cot_coercion=4, reseller=(2,), eval_suites=("vicuna",),
     )
@@ -1226,7 +1226,9 @@ class _Builder:
             "A_gorilla_apibench_torchhub_eval", "A_toolbench_data_example",
         ) or everything_a
         rng.shuffle(hydra_pool)
-        self.hydra_pool = hydra_pool
+        # A finite prompt set, each prompt sent several times (best-of-n sampling of the teacher's answers):
+        # over 3 days hydra and the resellers send each prompt ~4 times, from different accounts.
+        self.hydra_pool = hydra_pool[:8000]
         reasoning = self._get(a, "A_distilling_step_by_step_palm_cot", "A_llm_adapters_math_data_cot",
                               "A_alpaca_5000", "A_code_alpaca_2k") or everything_a
         rng.shuffle(reasoning)
@@ -1394,8 +1396,8 @@ class _Builder:
                 team_left -= 1
             else:
                 org, pm = None, f"pm_{self._hex()}"
-            acct = self._account("agentic_coding", None, org=org, payment=pm or f"pm_{self._hex()}", tier=self._tier_for_age(created),
-                                 created=created)
+            acct = self._account("agentic_coding", None, org=org, payment=pm or f"pm_{self._hex()}",
+                                 tier=self._tier_for_age(created), created=created)
             auto = rng.random() < 0.7
             tasks = math.exp(rng.uniform(math.log(2), math.log(12)))
             self._add(_AgentActor(
@@ -1437,12 +1439,12 @@ class _Builder:
             net = rng.choice(_CLOUD)
             ua = rng.choice(("python-httpx/0.27.0", "python-httpx/0.27.0", "anthropic-python/0.49.0", "aiohttp/3.9.5"))
             created = self._old(60, 900)
-            acct = self._account("eval_harness", None, org=org, payment=f"pm_{self._hex()}", tier=rng.choice(_TIERS[3:6]),
-                                 created=created)
+            acct = self._account("eval_harness", None, org=org, payment=f"pm_{self._hex()}",
+                                 tier=rng.choice(_TIERS[3:6]), created=created)
             full = self.suites[suites[i % len(suites)]]
             suite = full[: max(40, int(len(full) * min(1.0, self.cfg.volume)))]  # same prefix for every harness
             cot = rng.random() < 0.4
-            samples = rng.choice((1, 1, 1, 3)) if len(suite) > 100 else rng.choice((1, 3, 5))
+            samples = rng.choice((1, 1, 1, 2)) if len(suite) > 100 else rng.choice((1, 3, 5))
             runs = rng.uniform(0.4, 1.6)
             nightly = rng.randrange(24) if rng.random() < 0.5 else None
             switches = rng.random() < 0.7
@@ -1452,8 +1454,9 @@ class _Builder:
                 acct, self._seed(), self.start, self.end, (_client(_ipv4(rng, net[0]), net, ua),), _STYLE_EVAL,
                 _Models(switch_ts=switch, p_new=0.6),
                 expected=per_run * (runs + (nightly is not None)) * self.cfg.days + (per_run if switches else 0),
-                suite=suite, suffix=rng.choice(("\n\nLet's think step by step.", " Let's think step by step.")) if cot else "",
-                system=rng.choice((None, None, "You are a helpful assistant.")), runs_per_day=runs, nightly_hour=nightly,
+                suite=suite, suffix=rng.choice(("\n\nLet's think step by step.", " Let's think step by step."))
+                if cot else "", system=rng.choice((None, None, "You are a helpful assistant.")), runs_per_day=runs,
+                nightly_hour=nightly,
                 concurrency=rng.choice((4, 8, 16, 32)), samples=samples, extra_run_at=switch,
             ))
 
@@ -1468,7 +1471,7 @@ class _Builder:
             created = self._old(300, 1100)
             acct = self._account("enterprise_batch", None, org=org, payment=pm, tier="enterprise", created=created,
                                  n_keys=rng.randrange(1, 4))
-            daily = math.exp(rng.uniform(math.log(2500), math.log(15000))) * self.cfg.volume
+            daily = math.exp(rng.uniform(math.log(2000), math.log(12000))) * self.cfg.volume
             nightly = rng.random() < 0.5
             start_h = rng.randrange(0, 3) if nightly else 9
             window = (start_h, start_h + rng.randrange(2, 6)) if nightly else (9, 18)
@@ -1507,7 +1510,7 @@ class _Builder:
             out.append([_client(_ipv4(rng, net[0], subnet=subnet), net, ua, fp) for _ in range(rng.randrange(4, 24))])
         return out
 
-    def _windows(self, n: int) -> list[tuple[int, int, int]]:
+    def _windows(self, n: int, cohort: tuple[int, int] = (20, 60)) -> list[tuple[int, int, int]]:
         """(active_from, active_to, created) per account slot of a campaign.
 
         Default: 70% active from the start (created in sign-up cohorts days before), 30% coming online in
@@ -1519,7 +1522,7 @@ class _Builder:
         cohort_at, cohort_left = 0, 0
         for _ in range(n):
             if cohort_left == 0:
-                cohort_left = rng.randrange(20, 61)
+                cohort_left = rng.randint(*cohort)
                 if self.cfg.slow_ramp:
                     cohort_at = start + int((end - start) * 0.8 * rng.random() ** 2)
                 elif rng.random() < 0.7:
@@ -1667,7 +1670,7 @@ class _Builder:
         camp = _Campaign(self.cot_pool, [(None, "{task}")], n)
         short = _Campaign(self.cot_short, [(None, "{task}")], n)
         tiny = _Campaign(self.cot_tiny, [(None, "{task}")], n)
-        windows = self._windows(n)
+        windows = self._windows(n, cohort=(3, 8))
         pms = [f"pm_{self._hex()}" for _ in range(max(1, len(windows) // 5))]
         infra = self._campaign_infra(max(1, len(windows) // 8), _HOSTING[7:9] + _ZH[:1], 3,
                                      ("python-requests/2.31.0", _UA_BROWSER[0], "python-httpx/0.27.0"), None)
@@ -1705,26 +1708,34 @@ class _Builder:
 
     def describe(self) -> str:
         c, k = self.cfg, self.counts
-        start = datetime.fromtimestamp(self.start / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
-        release = datetime.fromtimestamp(self.release / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
-        ordinary = ", ".join(f"{k[x]} {x}" for x in ("chat", "early_adopter", "researcher", "agentic_coding",
-                                                     "corporate_nat", "eval_harness", "enterprise_batch") if x in k)
+        fmt = "%Y-%m-%d %H:%M UTC"
+        start = datetime.fromtimestamp(self.start / 1000, UTC).strftime(fmt)
+        release = datetime.fromtimestamp(self.release / 1000, UTC).strftime(fmt)
+        expected: dict[str, float] = {}
+        for a in self.actors:
+            kind = self.labels[a.account.account_id].kind
+            expected[kind] = expected.get(kind, 0.0) + a.expected
+        ordinary_kinds = ("chat", "early_adopter", "researcher", "agentic_coding", "corporate_nat", "eval_harness",
+                          "enterprise_batch")
+        ordinary = ", ".join(f"{k[x]} {x}" for x in ordinary_kinds if x in k)
         flags = [f for f in ("paraphrase", "fast_rotation", "slow_ramp", "many_asns") if getattr(c, f)]
-        hydra = k.get("hydra", 0)
-        days = c.days
+        hydra, hydra_ev = k.get("hydra", 0), expected.get("hydra", 0.0)
+        cot, cot_ev = k.get("cot_coercion", 0), expected.get("cot_coercion", 0.0)
+        hopper = k.get("model_hopper", 0)
         return (
-            f"Scenario {c.name!r}: {days} simulated days from {start} (seed {self.seed}, scale {self.scale:g}, "
-            f"{c.templates} template set). A new model {MODEL_NEW} is released at {release}.\n"
-            f"Ordinary accounts ({sum(1 for x in self.labels.values() if not x.attack)}): "
-            f"{ordinary}.\n"
-            f"Campaigns, scaled down from documented 2026 cases: hydra {hydra} accounts at ~{sum(c.hydra_rate) / 2:.0f} "
-            f"calls/day each, load-balanced over 24 h (real case: ~25,000 accounts, 28.8M exchanges over 44 days: "
-            f"accounts scaled 1:{25000 / max(1, hydra):.0f}, exchanges ~1:{28.8e6 / max(1, hydra * 26 * days):.0f} "
-            f"over {days} of 44 days); model_hopper {k.get('model_hopper', 0)} accounts at "
-            f"~{500 * c.volume:.0f} calls/day, moving to {MODEL_NEW} within hours of its release; cot_coercion "
-            f"{k.get('cot_coercion', 0)} accounts, ~{k.get('cot_coercion', 0) * 140 * days / 1000:.0f}k chain-of-thought "
-            f"coercion prompts, 60% non-English (real case: ~100k prompts, so ~1:"
-            f"{100_000 / max(1, k.get('cot_coercion', 0) * 140 * days):.0f}); reseller {k.get('reseller', 0)} "
-            f"proxy accounts mixing hydra's templated traffic (40-70%) with their customers' ordinary prompts.\n"
+            f"Scenario {c.name!r}: {c.days} simulated days from {start} (seed {self.seed}, scale {self.scale:g}, "
+            f"{c.templates} template set); ~{sum(expected.values()):,.0f} events. A new model {MODEL_NEW} is "
+            f"released at {release}.\n"
+            f"Ordinary accounts ({sum(1 for x in self.labels.values() if not x.attack)}): {ordinary}.\n"
+            f"Campaigns, scaled down from documented 2026 cases. hydra: {hydra} accounts at "
+            f"~{sum(c.hydra_rate) / 2:.0f} calls/day each, load-balanced over 24 h, ~{hydra_ev:,.0f} exchanges "
+            f"(real case: ~25,000 accounts, 28.8M exchanges over 44 days; accounts scaled "
+            f"1:{25_000 / max(1, hydra):.0f}, exchanges per day 1:{28.8e6 / 44 / max(1.0, hydra_ev / c.days):,.0f}). "
+            f"model_hopper: {hopper} accounts, ~{expected.get('model_hopper', 0.0) / max(1, hopper * c.days):,.0f} "
+            f"calls/day each, moving to {MODEL_NEW} within hours of its release. cot_coercion: {cot} accounts, "
+            f"~{cot_ev:,.0f} chain-of-thought coercion prompts, ~60% non-English (real case: ~100k prompts; "
+            f"1:{100_000 / max(1.0, cot_ev):.0f}). reseller: {k.get('reseller', 0)} proxy accounts mixing hydra's "
+            f"templated traffic (40-70%) with their customers' ordinary prompts, "
+            f"~{expected.get('reseller', 0.0):,.0f} calls.\n"
             f"Adversarial variants: {', '.join(flags) if flags else 'none'}."
         )
