@@ -210,11 +210,11 @@ class Detector:
             "cluster_new_model": sf * c["new_model_share_1h"],
             "linked_to_blocked": 1.0 if cluster.blocked else 0.0,
         }
-        if not cluster.blocked and template_share > 0.1:
+        if not cluster.blocked and template_share > 0.2:
             # Below the linking threshold, but filling the templates of (or sharing keys with) a blocked
             # cluster: a reseller proxy mixing a campaign's traffic with its customers'.
             toward = self.linker.link_weight_to(account, lambda r: r in self._blocked_roots, NEAR_KINDS)
-            evidence["near_blocked"] = _clip(toward / 0.5) * _clip(template_share * 2.0)
+            evidence["near_blocked"] = _clip(toward / 0.5) * _clip((template_share - 0.2) * 2.5)
             values["near_blocked"] = toward
         return evidence, values, c["size"]
 

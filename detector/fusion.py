@@ -34,13 +34,13 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "cot_requests": 1.0,  # asks for chain-of-thought
     "max_length_outputs": 0.8,  # answers run to the output limit
     "capability_focus": 0.5,  # traffic concentrated on one capability (coding, agentic, ...)
-    "machine_schedule": 1.0,  # active around the clock at a steady rate
+    "machine_schedule": 1.5,  # active around the clock at a steady rate
     "new_model_jump": 1.0,  # moved to a model within a day of its release
     "new_model_replay": 2.5,  # re-sends its own private prompts to a newly released model
     "young_account": 0.8,
     "anomaly": 1.0,  # the anomaly model ranks the account in the population's far tail
     "cluster_size": 0.8,  # many linked accounts active
-    "cluster_load_balanced": 1.5,  # many linked accounts, each modest, together high volume, 24/7
+    "cluster_load_balanced": 3.0,  # many linked accounts, each modest, together high volume, 24/7
     "cluster_templates": 2.0,  # linked accounts share prompt templates
     "cluster_new_accounts": 1.5,  # linked accounts are freshly created
     "cluster_cot": 1.0,
@@ -49,7 +49,7 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
     "near_blocked": 5.0,  # shares keys or templates with a blocked cluster, below the linking threshold
 }
-PRIOR_INTERCEPT = -6.0
+PRIOR_INTERCEPT = -5.5
 
 DETAILS: dict[str, str] = {
     "shared_template": "{pct} of prompts fill templates shared with other accounts",

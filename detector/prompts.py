@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 PromptKind = Literal["attack", "ordinary", "benchmark"]
 KINDS: tuple[str, ...] = ("attack", "ordinary", "benchmark")
 #: At most this many prompts are taken from one file (keeps loading and the simulator fast).
-CAP_PER_FILE = 4000
+CAP_PER_FILE = 3000
 #: Prompts longer than this are dropped (a few records hold whole documents).
 MAX_CHARS = 12000
 ENV_VAR = "DETECTOR_PROMPTS_DIR"

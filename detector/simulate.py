@@ -111,8 +111,9 @@ class Simulation:
     def events(self) -> Iterator[dict[str, Any]]:
         """Valid events in event-time order (ties by account), generated lazily and deterministically.
 
-        Each call starts afresh and yields the very same events (event ids included). Costs about
-        0.1-0.2 ms per event; fingerprints are cached per distinct (prompt, system prompt).
+        Each call starts afresh and yields the very same events (event ids included). Costs ~0.1 ms per
+        event (most of it ``validate_event``) plus ~0.7 ms per distinct (prompt, system prompt), whose
+        fingerprint is computed once and cached (LRU, :data:`FP_CACHE_SIZE` entries, ~100 MB at most).
         """
         fp = functools.lru_cache(maxsize=FP_CACHE_SIZE)(functools.partial(_fingerprint, key=self._key))
         for event_id, call in self._calls():
@@ -1136,6 +1137,10 @@ def _paraphrase(rng: random.Random, task: str) -> tuple[str, str | None]:
     return text.strip(), rng.choice(_PARA_SYSTEM)
 
 
+# (actor, rng, ts, per-pass state) -> (prompt, system prompt, refusal probability or None)
+_Render = Callable[["_CampaignActor", random.Random, int, dict[str, int]], tuple[str, str | None, float | None]]
+
+
 @dataclass(eq=False)
 class _CampaignActor(_Actor):
     """An attack account: flat (load-balanced) Poisson arrivals, templated prompts from its campaign."""
@@ -1145,8 +1150,7 @@ class _CampaignActor(_Actor):
     boost: float = 1.0
     ramp: tuple[int, int] | None = None  # slow_ramp: volume grows from 5% to 100% over [from, to)
     diurnal_tz: int | None = None  # mild local rhythm (reseller customers, cot operators), else flat
-    # (actor, rng, ts, per-pass state) -> (prompt, system prompt, refusal probability or None)
-    render: Callable[[_CampaignActor, random.Random, int, dict[str, int]], tuple[str, str | None, float | None]] = None  # type: ignore[assignment]
+    render: _Render = None  # type: ignore[assignment]
     slot: int = 0
     primary: int = 0
 
@@ -1216,9 +1220,9 @@ class _Builder:
         math_q = self._get(a, "A_llm_adapters_math_data_cot", "A_distilling_step_by_step_palm_cot")
         self.research = _Mixture([(en, 0.55), (coding or en, 0.3), (math_q or everything_a, 0.15)])
         # Agent traffic from finite pools, as tool output repeats across users ("3 passed in 0.12s").
-        agent_tasks = [_agent_task(rng) for _ in range(1500)]
+        agent_tasks = [_agent_task(rng) for _ in range(1200)]
         self.agent_asks = _Mixture([(agent_tasks, 0.75), (coding or en, 0.25)])
-        self.agent_results = [_agent_tool_result(rng) for _ in range(2500)]
+        self.agent_results = [_agent_tool_result(rng) for _ in range(1500)]
         hydra_pool = self._get(
             a, "A_code_alpaca_2k", "A_gpteacher_codegen_instruct", "A_gpteacher_toolformer_dedupe",
             "A_fireact_multitask_multimethod_gpt4", "A_gorilla_apibench_torchhub_train",
@@ -1240,7 +1244,7 @@ class _Builder:
         self.cot_zh = zh
         hopper_pool = list(everything_a)
         rng.shuffle(hopper_pool)
-        self.hopper_pool = hopper_pool
+        self.hopper_pool = hopper_pool[:8000]  # broad capability harvest; prompts resampled (best-of-n)
         self.reseller_ordinary = _Mixture([(en, 0.75), (zh or en, 0.25)])
         b = self.benchmark
         every_b = [p for s in b.values() for p in s]
@@ -1313,8 +1317,12 @@ class _Builder:
         for size in self._split(c.corporate_nat):
             self._corporate_nat(size)
         self._eval(self._n(c.eval_harness))
-        for size in self._split(c.enterprise):
-            self._enterprise_org(size)
+        sizes = self._split(c.enterprise)
+        # Daily volumes stratified over [2,000, 12,000) (log scale), so the scenario's total is stable.
+        strata = [(i + self.rng.random()) / sum(sizes) for i in range(sum(sizes))]
+        self.rng.shuffle(strata)
+        for size in sizes:
+            self._enterprise_org(size, [strata.pop() for _ in range(size)])
         self._hydra_and_resellers()
         self._model_hopper(self._n(c.model_hopper))
         self._cot(self._n(c.cot_coercion))
@@ -1333,8 +1341,10 @@ class _Builder:
             zh = rng.random() < 0.06
             clients_tz = [self._residential_client(zh) for _ in range(1 if rng.random() < 0.6 else 2)]
             tz = clients_tz[0][1]
-            new = rng.random() < 0.04
-            created = rng.randrange(self.start, self.end - 6 * HOUR) if new else self._old(2, 1100)
+            new = rng.random() < 0.03  # signs up during the window
+            young = rng.random() < 0.05
+            created = (rng.randrange(self.start, self.end - 6 * HOUR) if new
+                       else self._old(1, 14) if young else self._old(14, 1100))
             rate = math.exp(rng.uniform(math.log(2.0), math.log(40.0))) * (1.5 if kind == "early_adopter" else 1.0)
             acct = self._account(kind, None, org=None, payment=f"pm_{self._hex()}", tier=self._tier_for_age(created),
                                  created=created)
@@ -1460,18 +1470,18 @@ class _Builder:
                 concurrency=rng.choice((4, 8, 16, 32)), samples=samples, extra_run_at=switch,
             ))
 
-    def _enterprise_org(self, n: int) -> None:
+    def _enterprise_org(self, n: int, strata: list[float]) -> None:
         rng = self.rng
         org, pm = f"org_{self._hex(12)}", f"pm_{self._hex()}"
         net = rng.choice(_CLOUD)
         subnet = rng.randrange(1024)
         ua = rng.choice(("anthropic-python/0.49.0", "anthropic-typescript/0.39.0", "Go-http-client/2.0"))
         clients = tuple(_client(_ipv4(rng, net[0], subnet=subnet), net, ua) for _ in range(rng.randrange(2, 8)))
-        for _ in range(n):
+        for q in strata:
             created = self._old(300, 1100)
             acct = self._account("enterprise_batch", None, org=org, payment=pm, tier="enterprise", created=created,
                                  n_keys=rng.randrange(1, 4))
-            daily = math.exp(rng.uniform(math.log(2000), math.log(12000))) * self.cfg.volume
+            daily = math.exp(math.log(2000) + q * (math.log(12000) - math.log(2000))) * self.cfg.volume
             nightly = rng.random() < 0.5
             start_h = rng.randrange(0, 3) if nightly else 9
             window = (start_h, start_h + rng.randrange(2, 6)) if nightly else (9, 18)
@@ -1520,12 +1530,12 @@ class _Builder:
         rng, start, end = self.rng, self.start, self.end
         out: list[tuple[int, int, int]] = []
         cohort_at, cohort_left = 0, 0
-        for _ in range(n):
+        for i in range(n):
             if cohort_left == 0:
                 cohort_left = rng.randint(*cohort)
                 if self.cfg.slow_ramp:
                     cohort_at = start + int((end - start) * 0.8 * rng.random() ** 2)
-                elif rng.random() < 0.7:
+                elif i == 0 or rng.random() < 0.7:  # the first cohort is always already at work
                     cohort_at = start - rng.randrange(HOUR, 10 * DAY)
                 else:
                     cohort_at = rng.randrange(start, end - 6 * HOUR)
@@ -1549,13 +1559,14 @@ class _Builder:
 
     def _hydra_and_resellers(self) -> None:
         c, rng = self.cfg, self.rng
-        windows = self._windows(self._n(c.hydra))
+        slots = self._n(c.hydra)  # accounts at work at once; fast_rotation burns through more
+        windows = self._windows(slots)
         resellers = self._split(c.reseller)
         n_res = sum(resellers)
         templates = _HYDRA_TEMPLATES[c.templates]
         camp = _Campaign(self.hydra_pool, templates, len(windows) + n_res, paraphrase=c.paraphrase)
-        n_groups = max(1, len(windows) // 30)
-        infra = self._campaign_infra(n_groups, _HOSTING[:5] + (_CLOUD[0],), max(2, len(windows) // 50),
+        # A handful of hosting ASNs and /24s (one per ~50 accounts at work), shared by groups of ~30.
+        infra = self._campaign_infra(max(1, slots // 30), _HOSTING[:5] + (_CLOUD[0],), max(2, slots // 50),
                                      _UA_SCRIPT[:3], _TLS["custom"])
         group_of, payments, primary = [], [], []
         g, left = -1, 0
@@ -1667,12 +1678,12 @@ class _Builder:
             by_lang.setdefault(lang, []).append(fmt)
         langs = list(_COT_LANG_WEIGHTS)
         cum = _cum([_COT_LANG_WEIGHTS[x] for x in langs])
-        camp = _Campaign(self.cot_pool, [(None, "{task}")], n)
-        short = _Campaign(self.cot_short, [(None, "{task}")], n)
-        tiny = _Campaign(self.cot_tiny, [(None, "{task}")], n)
         windows = self._windows(n, cohort=(3, 8))
+        camp = _Campaign(self.cot_pool, [(None, "{task}")], len(windows))
+        short = _Campaign(self.cot_short, [(None, "{task}")], len(windows))
+        tiny = _Campaign(self.cot_tiny, [(None, "{task}")], len(windows))
         pms = [f"pm_{self._hex()}" for _ in range(max(1, len(windows) // 5))]
-        infra = self._campaign_infra(max(1, len(windows) // 8), _HOSTING[7:9] + _ZH[:1], 3,
+        infra = self._campaign_infra(max(1, n // 8), _HOSTING[7:9] + _ZH[:1], 3,
                                      ("python-requests/2.31.0", _UA_BROWSER[0], "python-httpx/0.27.0"), None)
 
         def render(actor: _CampaignActor, r: random.Random, ts: int, state: dict[str, int]
