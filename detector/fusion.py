@@ -9,7 +9,7 @@ the evidence terms with the largest positive contributions ``weight * evidence``
 >>> score, reasons = fz.score({"shared_template": 1.0, "cluster_templates": 1.0, "cluster_new_accounts": 1.0,
 ...                           "cluster_size": 1.0, "cot_requests": 1.0})
 >>> round(score, 2), reasons[0][0]
-(0.79, 'shared_template')
+(0.86, 'shared_template')
 >>> decide(0.9, "allow", DetectionSettings()), decide(0.8, "block", DetectionSettings())
 ('block', 'block')
 >>> decide(0.6, "block", DetectionSettings())
