@@ -107,7 +107,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from detector.evaluation import run_evaluation
 
     return run_evaluation(settings, scenarios=args.scenario, models=args.models, scale=args.scale,
-                          out_dir=args.out_dir, seed=args.seed)
+                          out_dir=args.out_dir, seed=args.seed, compare_all=args.compare_all)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scale", type=float, default=1.0)
     e.add_argument("--seed", type=int, default=7)
     e.add_argument("--out-dir", type=Path, default=Path("."), help="where EVALUATION.md and plots go")
+    e.add_argument("--compare-all", action="store_true",
+                   help="run every model on every scenario (default: compare on the first, then the chosen one)")
     e.set_defaults(func=cmd_evaluate)
 
     try:

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PREFIX = "DETECTOR_"
+#: Variables read by tools rather than by the detector's settings: the local broker's jar cache and the
+#: simulator's prompt datasets. ``DETECTOR_TEST_*`` variables belong to the test suite.
+TOOL_VARIABLES = frozenset({"DETECTOR_KAFKA_HOME", "DETECTOR_PROMPTS_DIR"})
 
 
 class SettingsError(ValueError):
@@ -191,7 +194,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     env = os.environ if env is None else env
     known = set(env_names())
-    unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known and k != "DETECTOR_KAFKA_HOME")
+    unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known and k not in TOOL_VARIABLES
+                     and not k.startswith("DETECTOR_TEST_"))
     if unknown:
         raise SettingsError(f"unknown setting {unknown[0]} (known: see README, Configuration)")
     settings: Settings = _build(Settings, env, PREFIX)
