@@ -272,7 +272,7 @@ def _demo(rng: random.Random) -> _Config:
 
 def _smoke(rng: random.Random) -> _Config:
     return _Config(
-        name="smoke", days=1, release_after=8 * HOUR, volume=0.08, chat=100, early_adopter=10, researcher=4,
+        name="smoke", days=1, release_after=8 * HOUR, volume=0.08, chat=90, early_adopter=10, researcher=3,
         agentic_coding=12, corporate_nat=(10,), eval_harness=1, enterprise=(1,), hydra=40, model_hopper=2,
         cot_coercion=4, reseller=(2,), eval_suites=("vicuna",),
     )
