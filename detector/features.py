@@ -49,7 +49,8 @@ N_SLOTS = HOUR0 + 24
 FEATURE_NAMES = (
     "n_10m", "n_1h", "n_24h", "in_tokens", "out_tokens", "out_in_ratio", "max_len_share", "error_share",
     "refusal_share", "cot_share", "template_share", "exact_shared_share", "self_repeat_share",
-    "new_model_share", "new_model_share_1h", "new_model_replay_share", "non_latin_share", "capability_concentration", "hour_spread", "gap_log_std",
+    "new_model_share", "new_model_share_1h", "new_model_replay_share", "non_latin_share",
+    "capability_concentration", "hour_spread", "gap_log_std",
     "distinct_ips", "distinct_asns", "distinct_uas", "account_age_days",
 )
 
@@ -186,7 +187,10 @@ def features(st: AccountState, now: int) -> dict[str, float]:
     """
     day = st.day
     n = day[N] or 1.0
-    scale = 2.0 ** (-(now - st.t0) / H_DAY)
+    # Read more than _RENORM half-lives before the window's reference time t0 (an event years late, which
+    # the schema allows), the window is read as of that bound: the same bound keeps the stored sums finite,
+    # and 2 ** (years / day) would overflow a float.
+    scale = 2.0 ** min(-(now - st.t0) / H_DAY, _RENORM)
     gaps = day[GAPS]
     gap_mean = day[GAP_LOG] / gaps if gaps else 0.0
     gap_var = max(day[GAP_LOG2] / gaps - gap_mean * gap_mean, 0.0) if gaps else 0.0

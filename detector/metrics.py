@@ -38,7 +38,8 @@ class Metrics:
         self.consumer_lag = Gauge("detector_consumer_lag_events", "Events behind the end of api-calls, per partition",
                                   ["partition"], registry=r)
         self.latency = Histogram("detector_event_to_score_latency_seconds",
-                                 "Wall-clock time from an event's timestamp to its score being published",
+                                 "Time from an event's publication to Kafka (its message timestamp) to its score "
+                                 "being published", 
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.batch_seconds = Histogram("detector_batch_duration_seconds", "Time to process one batch of events",
                                        buckets=LATENCY_BUCKETS, registry=r)
@@ -51,7 +52,8 @@ class Metrics:
         self.accounts = Gauge("detector_accounts_by_action", "Tracked accounts by current action", ["action"],
                               registry=r)
         self.accounts_tracked = Gauge("detector_accounts_tracked", "Accounts held in state", registry=r)
-        self.clusters_blocked = Gauge("detector_clusters_blocked_current", "Clusters currently marked blocked", registry=r)
+        self.clusters_blocked = Gauge("detector_clusters_blocked_current", "Clusters currently marked blocked",
+                                      registry=r)
         self.clusters_newly_blocked = Counter("detector_clusters_blocked_total", "Clusters that became blocked",
                                               registry=r)
         self.model_warm = Gauge("detector_model_warm", "1 once the anomaly model has learned its warm-up points",

@@ -150,7 +150,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             last_offsets: dict[Any, int] = {}
             for event in batch:
                 m = event.message  # type: ignore[attr-defined]
-                out = router.on_event(m.value, m.key, Source(m.topic, m.partition, m.offset))
+                out = router.on_event(m.value, m.key, Source(m.topic, m.partition, m.offset, m.timestamp))
                 if out is not None:
                     deliveries.append(await send(out))
                 last_offsets[m.tp] = m.offset

@@ -70,6 +70,7 @@ class Source:
     topic: str | None
     partition: int | None
     offset: int | None
+    published_at: float | None = None  # the message's Kafka timestamp (epoch seconds), when known
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ class Router:
         self.stats["events_processed"] += 1
         self.metrics.events_scored.inc()
         self._window(bad=False)
-        return self._score(record)
+        return self._score(record, source.published_at)
 
     def on_label(self, raw: bytes | None, key: bytes | None, source: Source) -> Output | None:
         """Route one message of ``analyst-labels``: the account's new score, a dead letter, or nothing."""
@@ -264,7 +265,7 @@ class Router:
         return " ".join(f"{k}={v}" for k, v in self.stats.items())
 
     # ----------------------------------------------------------------------------------------------
-    def _score(self, record: dict[str, Any] | None) -> Output | None:
+    def _score(self, record: dict[str, Any] | None, published_at: float | None = None) -> Output | None:
         if record is None:
             return None
         self.stats["records"] += 1
@@ -273,7 +274,10 @@ class Router:
         m.score_values.observe(record["score"])
         if record["reasons"]:
             m.reasons.labels(code=record["reasons"][0]["code"]).inc()
-        m.latency.observe(max(0.0, self.clock() - record["event_ts"] / 1000))
+        # From the gateway's publish (the Kafka timestamp) to this score; replayed or simulated traffic has
+        # old event times, so event_ts is only the fallback when the broker gave no timestamp.
+        start = published_at if published_at else record["event_ts"] / 1000
+        m.latency.observe(max(0.0, self.clock() - start))
         return Output(self.risk_scores_topic, record["account_id"].encode(), orjson.dumps(record))
 
     def _dead(self, reason: str, detail: str, raw: bytes, key: bytes | None, source: Source) -> Output:
