@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DURATION ?= 60
 
-.PHONY: install demo test test-unit test-integration lint evaluate broker-jars clean
+.PHONY: install demo test test-unit lint evaluate bench broker-jars clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ lint: install
 
 evaluate: install  ## scenarios through replay; writes EVALUATION.md and plots in docs/
 	$(VENV)/bin/detector evaluate --out-dir .
+
+bench: broker-jars  ## raw consumer vs worker rate, latency, memory per account; writes bench/results/latest.json
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) .detector-data

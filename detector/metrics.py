@@ -39,7 +39,7 @@ class Metrics:
                                   ["partition"], registry=r)
         self.latency = Histogram("detector_event_to_score_latency_seconds",
                                  "Time from an event's publication to Kafka (its message timestamp) to its score "
-                                 "being published", 
+                                 "being published",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.batch_seconds = Histogram("detector_batch_duration_seconds", "Time to process one batch of events",
                                        buckets=LATENCY_BUCKETS, registry=r)
