@@ -40,6 +40,7 @@ KEY_KINDS: dict[str, tuple[float, int, int]] = {
     "asn": (0.15, 20, 200),
 }
 LINK_THRESHOLD = 1.0
+_RENORM = 24.0  # rescale a cluster's scaled sums after this many half-lives (as detector.features does)
 MAX_KEYS_PER_ACCOUNT = 16
 
 
@@ -200,7 +201,7 @@ class ClusterState:
         if day[_C_N] == 0.0:
             self.t0 = ts
         x = (ts - self.t0) / H_DAY
-        if x > 24:
+        if x > _RENORM:
             f = 2.0 ** -x
             for i in range(_C_SLOTS):
                 day[i] *= f
@@ -228,7 +229,13 @@ class ClusterState:
             return
         if self.day[_C_N] == 0.0:
             self.t0 = other.t0
-        f = 2.0 ** ((other.t0 - self.t0) / H_DAY)
+        x = (other.t0 - self.t0) / H_DAY
+        if x > _RENORM:  # the other cluster's window is far newer: rebase onto it, as add() does, so the
+            g = 2.0 ** -x  # factor stays below 2 ** 24 (two years apart, 2 ** x would overflow a float)
+            for i in range(_C_SLOTS):
+                self.day[i] *= g
+            self.t0, x = other.t0, 0.0
+        f = 2.0 ** x
         for i in range(_C_SLOTS):
             self.day[i] += other.day[i] * f
         self.blocked_members += other.blocked_members
@@ -241,7 +248,7 @@ class ClusterState:
     def features(self, now: int, size: int) -> dict[str, float]:
         day = self.day
         n = day[_C_N] or 1.0
-        scale = 2.0 ** (-(now - self.t0) / H_DAY)
+        scale = 2.0 ** min(-(now - self.t0) / H_DAY, _RENORM)  # bounded as in detector.features.features
         active = min(day[_C_ACTIVE] * scale, float(size))
         volume = day[_C_N] * scale
         hours = list(day[_C_HOUR0:_C_SLOTS])

@@ -28,6 +28,7 @@ True
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import OrderedDict
@@ -45,14 +46,84 @@ MAX_REASONS = 5
 NEW_ACCOUNT_DAYS = 14.0
 MACHINE_MIN_EVENTS = 12.0  # an account needs this many events in its day window to judge its schedule
 MACHINE_SPREAD = 0.85  # hour-of-day entropy (normalised) above which an account runs around the clock
-MODEL_WARM_UP_MS = 3_600_000
+MODEL_WARM_UP_MS = 3_600_000  # models first seen in the stream's first hour existed before it started
 # Key kinds specific enough to tie an account to a blocked cluster below the linking threshold (a shared
 # user agent, TLS library or cloud ASN is not).
-NEAR_KINDS = frozenset({"tmpl", "pay", "ip24", "cohort"})  # models first seen in the stream's first hour existed before it started
+NEAR_KINDS = frozenset({"tmpl", "pay", "ip24", "cohort"})
+DEDUP_IDS = 100_000  # event ids remembered for deduplication: between this many and twice as many
+# Integer fields the detector reads. JSON Schema's "integer" admits 1.0 (to JSON, the same number as 1), but a
+# Python float cannot index an array and hashes to another link key ("1.0" is not "1"): see _integral().
+_INT_FIELDS = ("ts", "status", "input_tokens", "output_tokens")
+_INT_SUBFIELDS = (("client", "asn"), ("billing", "account_created_ts"))
 
 
 def _clip(x: float) -> float:
     return 0.0 if x < 0.0 else 1.0 if x > 1.0 else x
+
+
+def _integral(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` with integral floats in its integer fields made ints: a copy, made only when needed (the
+    input is never mutated). Costs a few dict look-ups per event.
+
+    >>> ev = {"ts": 1775000000000.0, "status": 200, "input_tokens": 1, "output_tokens": 2,
+    ...       "client": {"asn": 64500.0}, "billing": {"account_created_ts": None}}
+    >>> out = _integral(ev)
+    >>> out["ts"], out["client"], ev["ts"]
+    (1775000000000, {'asn': 64500}, 1775000000000.0)
+    >>> _integral(out) is out
+    True
+    """
+    top = [k for k in _INT_FIELDS if type(event[k]) is float]
+    nested = [(p, k) for p, k in _INT_SUBFIELDS if type(event[p].get(k)) is float]
+    if not (top or nested):
+        return event
+    out = dict(event)
+    for k in top:
+        out[k] = int(out[k])
+    for p, k in nested:
+        out[p] = {**out[p], k: int(out[p][k])}
+    return out
+
+
+class RecentIds:
+    """The event ids seen lately, so an event redelivered by Kafka (at-least-once: after a crash, a
+    rebalance, or a producer's retry) is not counted twice.
+
+    Holds 64-bit keyed hashes (BLAKE2b; not ``hash()``, which is salted per process, so replay equals the
+    worker) in two generations: when the current one holds ``capacity`` ids it becomes the previous one
+    and the previous one is dropped, so the last ``capacity`` to ``2 * capacity`` ids are remembered.
+    The window is counted in ids, not event time, so a hostile far-future timestamp cannot flush it; at
+    10,000 events per second the default 100,000 ids cover 10 to 20 s, well beyond a batch (2,000 events)
+    or a producer's retry. Memory: about 80 bytes per id held, at most ``160 * capacity`` bytes (16 MB at
+    the default). Cost: one hash and at most two set look-ups per event, under 1 µs. A false duplicate
+    needs a 64-bit collision: about ``2 * capacity / 2 ** 64`` per event, 1e-14 at the default.
+
+    >>> ids = RecentIds(capacity=2)
+    >>> [ids.seen(e) for e in ("a", "a", "b", "c", "a", "d", "e", "a")]
+    [False, True, False, False, True, False, False, False]
+    >>> len(ids) <= 2 * ids.capacity
+    True
+    """
+
+    def __init__(self, capacity: int = DEDUP_IDS) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._new: set[int] = set()
+        self._old: set[int] = set()
+
+    def seen(self, event_id: str) -> bool:
+        """True if ``event_id`` was seen lately; otherwise remember it and return False."""
+        h = int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+        if h in self._new or h in self._old:
+            return True
+        if len(self._new) >= self.capacity:
+            self._old, self._new = self._new, set()
+        self._new.add(h)
+        return False
+
+    def __len__(self) -> int:
+        return len(self._new) + len(self._old)
 
 
 class _Account:
@@ -73,12 +144,24 @@ class Detector:
     """Stateful detector over a stream of valid events (see the module docstring).
 
     ``anomaly_model`` is one of :data:`detector.models.MODEL_NAMES`. Memory: about 1 KiB per tracked
-    account plus a fixed 64 MiB content sketch; accounts idle for ``idle_evict_s`` of event time, and the
-    least recently active beyond ``max_accounts``, are evicted.
+    account plus a fixed 64 MiB content sketch, plus at most 16 MB of recent event ids
+    (:class:`RecentIds`, ``dedup_ids``); accounts idle for ``idle_evict_s`` of event time, and the least
+    recently active beyond ``max_accounts``, are evicted.
+
+    An event whose ``event_id`` was seen lately (Kafka's at-least-once redelivery) changes nothing:
+    ``process`` returns None and counts it in ``stats["duplicates"]``.
+
+    >>> from detector.gateway import make_event
+    >>> det = Detector(dedup_ids=1000)
+    >>> ev = make_event(account_id="a1", ts=1775000000000, api_key_id="k", model="m", endpoint="/v1/messages",
+    ...                 status=200, input_tokens=10, output_tokens=10, latency_ms=5, prompt_text="hello",
+    ...                 response={"stop_reason": "end_turn"}, fingerprint_key=b"k")
+    >>> det.process(ev), det.process(ev), det.stats["events"], det.stats["duplicates"]
+    (None, None, 1, 1)
     """
 
     def __init__(self, settings: DetectionSettings | None = None, *, anomaly_model: str = "population",
-                 seed: int = 42, content: ContentIndex | None = None) -> None:
+                 seed: int = 42, content: ContentIndex | None = None, dedup_ids: int = DEDUP_IDS) -> None:
         self.settings = settings or DetectionSettings()
         self.anomaly_model = anomaly_model
         self.accounts: OrderedDict[str, _Account] = OrderedDict()
@@ -90,7 +173,8 @@ class Detector:
         self.fusion = Fusion()
         self.model_first_seen: dict[str, int] = {}
         self.allowlist = set(self.settings.allowlist)
-        self.stats = {"events": 0, "records": 0, "evicted": 0, "labels": 0}
+        self.stats = {"events": 0, "records": 0, "evicted": 0, "labels": 0, "duplicates": 0}
+        self.recent_ids = RecentIds(dedup_ids)
         self._last_ts = 0
         self._stream_start = 0
         self._blocked_roots: set[str] = set()
@@ -98,7 +182,16 @@ class Detector:
     # ----------------------------------------------------------------------------------------------
     def process(self, event: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None:
         """Fold one *valid* event in (see :func:`detector.schemas.decode_event`); return a risk-score
-        record (``schemas/risk_score.v1.json``) when the account's decision changed, else None."""
+        record (``schemas/risk_score.v1.json``) when the account's decision changed, else None; None also
+        for a duplicate (an ``event_id`` seen lately), which changes nothing but ``stats["duplicates"]``.
+
+        The id is remembered before the event is folded in, so an event the detector raised on (and the
+        router dead-lettered as ``internal``) is not folded in again if redelivered."""
+        event_id = event.get("event_id")
+        if event_id is not None and self.recent_ids.seen(event_id):
+            self.stats["duplicates"] += 1
+            return None
+        event = _integral(event)
         ts: int = event["ts"]
         aid: str = event["account_id"]
         self.stats["events"] += 1
