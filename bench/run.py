@@ -1,7 +1,7 @@
 """``make bench``: throughput, latency and memory of the detector on this machine, in one run.
 
-    python -m bench.run            # full run (about 8-10 minutes on 2 cores)
-    python -m bench.run --quick    # smaller backlog, shorter latency window, 100k accounts (2-3 minutes)
+    python -m bench.run            # full run: about 7 minutes on a quiet 2-core machine
+    python -m bench.run --quick    # smaller backlog, shorter latency window, 100k accounts: 2-3 minutes
 
 Everything is real: a local Apache Kafka broker (:mod:`detector.broker`, a free port, a temporary data
 directory) and the worker as ``python -m detector.cli worker`` subprocesses. Simulated events are
@@ -12,6 +12,7 @@ generated once (:func:`detector.simulate.build`) and kept as bytes; every phase 
                   ├─▶ worker_events_per_s   one worker drains the backlog (committed offsets reach the end)
                   └─▶ two_worker_speedup    two workers, one consumer group, drain the same backlog
               fresh topic, one worker ─▶ p50/p99_latency_ms   paced at 80% of worker_events_per_s, ts = now
+                                         (full run: again at 25%, in details.latency_low_load)
               in-process ─▶ replay_events_per_s   decode + Detector.process over the events (replay)
               subprocesses ─▶ bytes_per_account, flood   1M synthetic accounts; a 1M-id flood, max_accounts=100k
 
@@ -640,7 +641,8 @@ def measure_latency(bootstrap: str, events: Events, rate: float, warmup_s: float
                   "falls in the measured window (after the warm-up). Records are only emitted on decision "
                   "changes, so they are a sample of events; each record goes through the same batches as every "
                   "other event. histogram_* are estimated from the worker's detector_event_to_score_latency_seconds "
-                  "(observed per record when it is built, before it is sent; coarse buckets), over the same window. "
+                  "(observed per record, from the event's Kafka timestamp, here the same moment as ts, to when the "
+                  "record is built, before it is sent; coarse buckets), over the same window. "
                   f"lag_estimate_*: every {LAG_POLL_S} s the worker's routed-event count k is read and compared with "
                   "the time the k-th event was sent (events of all partitions assumed routed in send order): a "
                   f"per-event estimate of event-to-detector delay over all events, to about {LAG_POLL_S} s.",
@@ -883,10 +885,9 @@ def run(plan: Plan, phases: set[str], out: Path, seed: int, cache_dir: Path | No
                     drain1 = measure_drain(bootstrap, topic, len(events), 1, run_id, tmp, plan.drain_timeout_s)
                     drain2 = measure_drain(bootstrap, topic, len(events), 2, run_id, tmp, plan.drain_timeout_s)
                 if "latency" in phases:
-                    worker_rate = drain1["events_per_s"] if drain1 else None
-                    if worker_rate is None:
-                        worker_rate = measure_drain(bootstrap, topic, len(events), 1, run_id, tmp,
-                                                    plan.drain_timeout_s)["events_per_s"]
+                    if drain1 is None:
+                        drain1 = measure_drain(bootstrap, topic, len(events), 1, run_id, tmp, plan.drain_timeout_s)
+                    worker_rate = drain1["events_per_s"]
                     latency = measure_latency(bootstrap, events, LOAD_SHARE * worker_rate, plan.latency_warmup_s,
                                               plan.latency_s, f"{run_id}-lat", tmp)
                     if plan.low_load_share:  # below capacity: what the pipeline adds when the worker keeps up

@@ -300,8 +300,17 @@ background.threads=4
 
 
 def _cluster_id() -> str:
-    """A random Kafka cluster id: 16 bytes, URL-safe base64 without padding (22 chars)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
+    """A random Kafka cluster id: 16 bytes, URL-safe base64 without padding (22 chars).
+
+    Never starts with ``-``: kafka-storage would read such an id as an option (``-t -Xy...``).
+
+    >>> all(not _cluster_id().startswith("-") for _ in range(500))
+    True
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
+        if not cid.startswith("-"):
+            return cid
 
 
 # --------------------------------------------------------------------------- lifecycle
