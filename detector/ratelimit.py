@@ -67,7 +67,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from detector.schemas import SCORE_SCHEMA, InvalidEvent, validate
+from detector.schemas import SCORE_SCHEMA, InvalidEvent, decode
 from detector.settings import RateLimitSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -133,13 +133,7 @@ def parse_record(key: bytes | str | None, value: bytes, *, now_ms: int, max_byte
     """
     if key is None:
         raise InvalidEvent("no_key", "a risk-score record needs the account id as its key")
-    if len(value) > max_bytes:
-        raise InvalidEvent("too_large", f"{len(value)} bytes > limit of {max_bytes}")
-    try:
-        obj = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidEvent("not_json", str(exc)) from None
-    rec = validate(SCORE_SCHEMA, obj)
+    rec = decode(SCORE_SCHEMA, value, max_bytes)
     account = _key_str(key)
     if account != rec["account_id"]:
         raise InvalidEvent("key_mismatch", f"key {account[:130]!r} is not the record's account_id")

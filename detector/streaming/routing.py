@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import orjson
 
 from detector.metrics import Metrics
-from detector.schemas import LABEL_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode_event, validate
+from detector.schemas import LABEL_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode, decode_event, validate
 from detector.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,13 +94,7 @@ def decode_label(raw: bytes, max_bytes: int = 64 * 1024) -> dict[str, Any]:
     ...
     detector.schemas.InvalidEvent: schema: data.label must be one of ['attack', 'benign']
     """
-    if len(raw) > max_bytes:
-        raise InvalidEvent("too_large", f"{len(raw)} bytes > limit of {max_bytes}")
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidEvent("not_json", str(exc)) from None
-    return validate(LABEL_SCHEMA, obj)
+    return decode(LABEL_SCHEMA, raw, max_bytes)
 
 
 def dead_letter(reason: str, detail: str, raw: bytes, source: Source, received_at: int) -> dict[str, Any]:
