@@ -165,7 +165,7 @@ def _print_summary(elapsed: float, sent: int, processed: int, n_scores: int, lat
     print("\n=== demo summary ===")
     print(f"elapsed: {elapsed:.0f}s   events sent: {sent:,}   events processed: {processed:,}   "
           f"scores emitted: {n_scores:,}")
-    print(f"accounts by action: allow={actions['allow']} watch={actions['watch']} "
+    print(f"accounts with a decision (no record = allowed): allow={actions['allow']} watch={actions['watch']} "
           f"throttle={actions['throttle']} block={actions['block']}")
     print(f"riskiest 20 accounts: {in_campaign} of 20 belong to a simulated campaign")
     print(f"throttled or blocked: {len(acted)} accounts, {attack_acted} of them attackers "
