@@ -45,6 +45,8 @@ from typing import Any
 
 import orjson
 
+from detector.streaming.topics import committed
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 PARTITIONS = 4
@@ -260,15 +262,6 @@ def publish_backlog(bootstrap: str, topic: str, events: Events) -> float:
     if on_broker != len(events):
         raise BenchError(f"published {len(events)} events but {topic} holds {on_broker}")
     return took
-
-
-def committed(admin: Any, group: str, topic: str) -> int:
-    """Sum of a consumer group's committed offsets on ``topic`` (0 before its first commit)."""
-    try:
-        offsets = admin.list_group_offsets([group]).get(group, {})
-    except Exception:  # noqa: BLE001 - the group does not exist until the worker joins
-        return 0
-    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
 
 
 def scrape(port: int) -> dict[str, float]:

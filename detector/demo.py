@@ -36,22 +36,13 @@ def _broker_reachable(bootstrap: str) -> bool:
         return False
 
 
-def _committed(admin: Any, group: str, topic: str) -> int:
-    """Events the worker has processed: its consumer group's committed offsets on ``topic``."""
-    try:
-        offsets = admin.list_group_offsets([group]).get(group, {})
-    except Exception:  # noqa: BLE001 - the group does not exist until the worker joins
-        return 0
-    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
-
-
 def run_demo(settings: Settings, *, duration_s: float | None, scenario: str = "demo", rate: float = 3000.0) -> int:
     """Run the demo; with ``duration_s`` stop by itself, print a summary and return 0."""
     from kafka import KafkaAdminClient, KafkaConsumer
 
     from detector import simulate
     from detector.cli import publish_simulation
-    from detector.streaming.topics import ensure_topics
+    from detector.streaming.topics import committed, ensure_topics
 
     started_broker: Path | None = None
     bootstrap = settings.kafka.bootstrap
@@ -106,7 +97,7 @@ def run_demo(settings: Settings, *, duration_s: float | None, scenario: str = "d
                 return 1
             if now - last_view >= 3.0:
                 last_view = now
-                processed = _committed(admin, run_id, topics["api_calls"])
+                processed = committed(admin, run_id, topics["api_calls"])
                 _print_view(now - t0, sent[0], processed, n_scores, latest, labels)
             done_producing = not producer.is_alive()
             if duration_s is not None and now - t0 >= duration_s:
@@ -120,13 +111,13 @@ def run_demo(settings: Settings, *, duration_s: float | None, scenario: str = "d
         producer.join(timeout=10)
         # Let the worker finish what was sent (bounded), then read the last scores.
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _committed(admin, run_id, topics["api_calls"]) < sent[0]:
+        while time.monotonic() < deadline and committed(admin, run_id, topics["api_calls"]) < sent[0]:
             time.sleep(0.5)
         for msg in consumer:
             latest[msg.value["account_id"]] = msg.value
             n_scores += 1
         consumer.close()
-        processed = _committed(admin, run_id, topics["api_calls"])
+        processed = committed(admin, run_id, topics["api_calls"])
         admin.close()
         os.killpg(worker.pid, signal.SIGTERM)
         try:

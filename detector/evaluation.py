@@ -160,15 +160,8 @@ def _plots(out_dir: Path, scenario: str, sim: Any, outcomes: list[Outcome], chos
     ax.hist(ords, bins=bins, alpha=0.6, label=f"ordinary ({len(ords)})", color="tab:blue")
     ax.hist(atk, bins=bins, alpha=0.6, label=f"attack ({len(atk)})", color="tab:red")
     ax.set_yscale("log")
-    ax.set_xlabel("highest risk score reached by the account")
-    ax.set_ylabel("accounts")
-    ax.set_title(f"{scenario}: score distributions ({chosen})")
-    ax.legend()
-    fig.tight_layout()
-    name = f"{scenario}-scores.png"
-    fig.savefig(out_dir / name, dpi=110)
-    plt.close(fig)
-    files.append(name)
+    files.append(_save(plt, fig, ax, out_dir, f"{scenario}-scores.png", f"{scenario}: score distributions ({chosen})",
+                       "highest risk score reached by the account", "accounts"))
     # 2. precision-recall over the score threshold, per model
     fig, ax = plt.subplots(figsize=(5, 4))
     for o in outcomes:
@@ -182,16 +175,9 @@ def _plots(out_dir: Path, scenario: str, sim: Any, outcomes: list[Outcome], chos
             prec.append(tp / (tp + fp))
             rec.append(tp / n_pos)
         ax.plot(rec, prec, label=o.model)
-    ax.set_xlabel("recall (attack accounts)")
-    ax.set_ylabel("precision")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"{scenario}: precision-recall")
-    ax.legend()
-    fig.tight_layout()
-    name = f"{scenario}-pr.png"
-    fig.savefig(out_dir / name, dpi=110)
-    plt.close(fig)
-    files.append(name)
+    files.append(_save(plt, fig, ax, out_dir, f"{scenario}-pr.png", f"{scenario}: precision-recall",
+                       "recall (attack accounts)", "precision"))
     # 3. detection timeline: campaign accounts caught over time
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for campaign, points in sorted(best.timeline.items()):
@@ -200,16 +186,21 @@ def _plots(out_dir: Path, scenario: str, sim: Any, outcomes: list[Outcome], chos
         xs = [(ts - start) / 3.6e6 for ts, _ in points]
         ys = [(i + 1) / members for i in range(len(points))]
         ax.step(xs, ys, where="post", label=campaign)
-    ax.set_xlabel("hours since the campaign's first exchange")
-    ax.set_ylabel("share of its accounts caught")
-    ax.set_title(f"{scenario}: detection timeline ({chosen})")
+    files.append(_save(plt, fig, ax, out_dir, f"{scenario}-timeline.png", f"{scenario}: detection timeline ({chosen})",
+                       "hours since the campaign's first exchange", "share of its accounts caught"))
+    return files
+
+
+def _save(plt: Any, fig: Any, ax: Any, out_dir: Path, name: str, title: str, xlabel: str, ylabel: str) -> str:
+    """Label, lay out, write and close one figure; return its file name."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    name = f"{scenario}-timeline.png"
     fig.savefig(out_dir / name, dpi=110)
     plt.close(fig)
-    files.append(name)
-    return files
+    return name
 
 
 def _fmt_hours(h: float | None) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import random
 from collections import deque
 from typing import Protocol
 
@@ -148,9 +147,8 @@ class Sampler:
     event time (so a heavy account does not become the whole baseline) and never a flagged one
     (the poisoning guard: do not learn from what you flagged)."""
 
-    def __init__(self, every_ms: int = 30 * 60_000, seed: int = 42) -> None:
+    def __init__(self, every_ms: int = 30 * 60_000) -> None:
         self.every_ms = every_ms
-        self._rng = random.Random(seed)
 
     def should_learn(self, last_learned_ts: int, ts: int, flagged: bool) -> bool:
         return not flagged and (last_learned_ts == 0 or ts - last_learned_ts >= self.every_ms)

@@ -129,3 +129,13 @@ def _check(admin: Any, settings: Settings) -> None:
         log.warning("topics %s (%s partitions) and %s (%s partitions) are not co-partitioned: a label may be "
                     "applied by a worker that does not hold the account", t.api_calls,
                     partitions.get(t.api_calls), t.analyst_labels, partitions.get(t.analyst_labels))
+
+
+def committed(admin: Any, group: str, topic: str) -> int:
+    """Events a consumer group has processed on ``topic``: the sum of its committed offsets (0 before its
+    first commit). ``admin`` is a kafka-python ``KafkaAdminClient``."""
+    try:
+        offsets = admin.list_group_offsets([group]).get(group, {})
+    except Exception:  # noqa: BLE001 - the group does not exist until the worker joins
+        return 0
+    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
