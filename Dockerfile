@@ -16,16 +16,17 @@ RUN groupadd --system --gid 10001 detector \
  && mkdir -p /data \
  && chown detector:detector /data
 
-WORKDIR /app
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY detector ./detector
-# Editable on purpose: detector/schemas.py loads the JSON Schemas from <repo>/schemas, next to the package,
-# and a wheel does not carry that directory (package-data names detector/schemas/*.json, which does not
-# exist). With the source at /app, `detector` finds /app/schemas. Switch to `pip install .` once the
-# schemas ship inside the package.
-RUN pip install -e . \
- && detector --help >/dev/null
+# A normal (non-editable) install: the wheel carries the JSON Schemas as detector/schema_files/ (mapped
+# from schemas/ in pyproject.toml), so the source is not needed at run time and is removed. The last
+# command proves that the installed package finds and compiles its schemas without it.
+RUN pip install . \
+ && cd / && rm -rf /src \
+ && detector --help >/dev/null \
+ && python -c "from detector.schemas import EVENT_SCHEMA, validator; validator(EVENT_SCHEMA)"
 
 USER 10001:10001
 # Faust's local state; a named volume or a PVC is mounted here (a fresh named volume copies the ownership).

@@ -9,7 +9,10 @@ repository, so a fresh clone installs the broker by itself::
     stop(data_dir)                # SIGTERM, then SIGKILL after a grace period; idempotent
 
 One process runs both roles (``process.roles=broker,controller``, ``node.id=1``) with a static
-one-voter quorum, replication factor 1 everywhere and auto topic creation on. Everything the broker
+one-voter quorum, replication factor 1 everywhere and auto topic creation on. A ``PLAINTEXT``
+listener on ``port`` is always there (the readiness probe uses it); ``start(..., listeners=,
+properties=, add_scram=)`` adds TLS and SASL listeners, an authorizer and SCRAM users for tests of
+a secured broker (``tests/integration/test_security.py``). Everything the broker
 owns lives under ``data_dir``::
 
     data_dir/
@@ -47,7 +50,8 @@ import subprocess
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +105,9 @@ class BrokerError(RuntimeError):
 class BrokerHandle:
     """A running broker started by :func:`start`.
 
-    ``bootstrap`` is what clients take as ``bootstrap_servers``; ``log_path`` is the JVM's
-    stdout and stderr.
+    ``bootstrap`` is what clients take as ``bootstrap_servers`` (the ``PLAINTEXT`` listener);
+    ``listeners`` holds the same for each extra listener; ``log_path`` is the JVM's stdout and
+    stderr.
     """
 
     bootstrap: str
@@ -111,6 +116,29 @@ class BrokerHandle:
     log_path: Path
     port: int
     controller_port: int
+    listeners: Mapping[str, str] = field(default_factory=dict)
+    """Extra listeners (:class:`Listener`) by name, each as ``host:port``."""
+
+
+@dataclass(frozen=True)
+class Listener:
+    """An extra client listener on 127.0.0.1, beside the ``PLAINTEXT`` one on ``port``.
+
+    ``name`` is the listener's name in ``listeners`` and in listener-prefixed properties
+    (``listener.name.<name lower-cased>.*``); ``protocol`` is its security protocol (``SSL``,
+    ``SASL_SSL``, ``SASL_PLAINTEXT``), by default the name itself.
+
+    >>> Listener("SASL_SSL", 9094).protocol
+    'SASL_SSL'
+    """
+
+    name: str
+    port: int
+    protocol: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.protocol:
+            object.__setattr__(self, "protocol", self.name)
 
 
 # --------------------------------------------------------------------------- paths
@@ -244,28 +272,54 @@ def _java() -> str:
 # --------------------------------------------------------------------------- configuration
 
 
-def render_server_properties(data_dir: Path, port: int, controller_port: int) -> str:
+def render_server_properties(
+    data_dir: Path,
+    port: int,
+    controller_port: int,
+    *,
+    listeners: Sequence[Listener] = (),
+    controller_protocol: str = "PLAINTEXT",
+    properties: Mapping[str, str] | None = None,
+) -> str:
     """The ``server.properties`` of a combined broker+controller listening on 127.0.0.1.
 
-    Pure: it only formats text.
+    Pure: it only formats text. ``listeners`` are added beside ``PLAINTEXT`` on ``port`` (which
+    the readiness probe uses); ``controller_protocol`` is the security protocol of the
+    ``CONTROLLER`` listener (``SSL`` needs ``listener.name.controller.ssl.*`` in ``properties``).
+    Each of ``properties`` replaces the line of the same key, or is appended: security settings,
+    an authorizer, listener-prefixed settings.
 
     >>> text = render_server_properties(Path("/d"), 9092, 9093)
     >>> "listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093" in text
     True
     >>> "controller.quorum.voters=1@127.0.0.1:9093" in text
     True
+    >>> text = render_server_properties(Path("/d"), 9092, 9093, listeners=[Listener("SASL_SSL", 9094)],
+    ...                                 properties={"num.partitions": "3", "super.users": "User:broker"})
+    >>> for line in text.splitlines():
+    ...     if line.startswith(("advertised.", "listener.security", "num.partitions", "super")):
+    ...         print(line)
+    advertised.listeners=PLAINTEXT://127.0.0.1:9092,SASL_SSL://127.0.0.1:9094
+    listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+    num.partitions=3
+    super.users=User:broker
     """
+    names = [listener.name.upper() for listener in listeners]
+    if len(set(names)) != len(names) or {"PLAINTEXT", "CONTROLLER"} & set(names):
+        raise BrokerError(f"listener names must be unique and not PLAINTEXT or CONTROLLER: {names}")
+    extra = "".join(f",{listener.name.upper()}://127.0.0.1:{listener.port}" for listener in listeners)
+    protocols = "".join(f",{listener.name.upper()}:{listener.protocol.upper()}" for listener in listeners)
     log_dirs = data_dir / "kraft-logs"
-    return f"""\
+    text = f"""\
 # Written by detector/broker.py: a single-node KRaft broker for tests and the demo.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}{extra}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}{extra}
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:{controller_protocol.upper()},PLAINTEXT:PLAINTEXT{protocols}
 log.dirs={log_dirs}
 
 # One node: replication factor 1 everywhere.
@@ -297,6 +351,29 @@ num.io.threads=4
 num.recovery.threads.per.data.dir=1
 background.threads=4
 """
+    return _override(text, properties or {})
+
+
+def _override(text: str, properties: Mapping[str, str]) -> str:
+    """``text`` with each of ``properties`` replacing the line of its key, or appended under a header.
+
+    >>> print(_override("a=1\\nb=2\\n", {"b": "3", "c": "4"}), end="")
+    a=1
+    b=3
+    <BLANKLINE>
+    # Given to start().
+    c=4
+    """
+    remaining = dict(properties)
+    lines = []
+    for line in text.splitlines():
+        key = line.partition("=")[0]
+        if not line.startswith("#") and key in remaining:
+            line = f"{key}={remaining.pop(key)}"
+        lines.append(line)
+    if remaining:
+        lines += ["", "# Given to start()."] + [f"{key}={value}" for key, value in remaining.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _cluster_id() -> str:
@@ -323,6 +400,10 @@ def start(
     wait_s: float = 60,
     *,
     kafka_home: Path | None = None,
+    listeners: Sequence[Listener] = (),
+    controller_protocol: str = "PLAINTEXT",
+    properties: Mapping[str, str] | None = None,
+    add_scram: Sequence[str] = (),
 ) -> BrokerHandle:
     """Start a broker whose files live in ``data_dir`` and wait until it serves requests.
 
@@ -331,6 +412,12 @@ def start(
     detached from this process (its own session and process group; it outlives the caller), and
     returns once the broker answers an ApiVersions and a Metadata request listing itself.
     ``controller_port`` defaults to a free port. Data in ``data_dir`` survives a restart.
+
+    A secured broker takes extra ``listeners``, ``controller_protocol`` and ``properties`` (see
+    :func:`render_server_properties`) and SCRAM credentials to format the storage with, each as
+    ``kafka-storage format --add-scram`` takes it, e.g. ``SCRAM-SHA-512=[name=u,password=p]``
+    (used only on the first start of ``data_dir``; they pass through the formatter's command line).
+    Readiness is still probed on the ``PLAINTEXT`` listener on ``port``.
 
     If a broker started from the same ``data_dir`` is already running, returns its handle (and
     raises if it listens on another port). Raises :class:`BrokerError` with the tail of
@@ -355,8 +442,9 @@ def start(
 
     libs = ensure_jars(kafka_home)
     java = _java()
-    if not _port_is_free(port):
-        raise BrokerError(f"port {port} on 127.0.0.1 is already in use")
+    for taken in (port, *(listener.port for listener in listeners)):
+        if not _port_is_free(taken):
+            raise BrokerError(f"port {taken} on 127.0.0.1 is already in use")
     if controller_port is None:
         controller_port = _free_port(avoid=port)
     elif controller_port == port or not _port_is_free(controller_port):
@@ -364,19 +452,29 @@ def start(
 
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = _Paths(data_dir)
-    paths.properties.write_text(render_server_properties(data_dir, port, controller_port))
+    paths.properties.write_text(
+        render_server_properties(
+            data_dir,
+            port,
+            controller_port,
+            listeners=listeners,
+            controller_protocol=controller_protocol,
+            properties=properties,
+        )
+    )
     paths.log4j.write_text(_LOG4J_PROPERTIES)
     classpath = f"{libs}{os.sep}*"
     jvm = [java, *_JVM_OPTS, f"-Dlog4j.configuration={paths.log4j.as_uri()}", "-cp", classpath]
 
     began = time.monotonic()
-    _format_storage(jvm, paths)
+    _format_storage(jvm, paths, add_scram)
     pid = _launch(jvm, paths)
     state = {
         "pid": pid,
         "port": port,
         "controller_port": controller_port,
         "bootstrap": f"127.0.0.1:{port}",
+        "listeners": {listener.name.upper(): f"127.0.0.1:{listener.port}" for listener in listeners},
         "kafka_version": KAFKA_VERSION,
         "started_at": time.time(),
     }
@@ -426,9 +524,9 @@ def stop(data_dir: Path, timeout_s: float = 15.0) -> bool:
 def status(data_dir: Path) -> dict[str, Any] | None:
     """Describe the broker started from ``data_dir``, or ``None`` when none is running.
 
-    The dict holds ``pid``, ``port``, ``controller_port``, ``bootstrap``, ``kafka_version``,
-    ``started_at`` (epoch seconds), ``data_dir``, ``log`` and ``ready`` (whether it answers a
-    Kafka request right now).
+    The dict holds ``pid``, ``port``, ``controller_port``, ``bootstrap``, ``listeners`` (extra
+    listeners by name, as ``host:port``), ``kafka_version``, ``started_at`` (epoch seconds),
+    ``data_dir``, ``log`` and ``ready`` (whether it answers a Kafka request right now).
 
     >>> status(Path("/nonexistent/broker-data")) is None
     True
@@ -483,10 +581,11 @@ def _handle_from_state(data_dir: Path, state: dict[str, Any]) -> BrokerHandle:
         log_path=_Paths(data_dir).log,
         port=int(state["port"]),
         controller_port=int(state["controller_port"]),
+        listeners=dict(state.get("listeners", {})),
     )
 
 
-def _format_storage(jvm: list[str], paths: _Paths) -> None:
+def _format_storage(jvm: list[str], paths: _Paths, add_scram: Sequence[str] = ()) -> None:
     if paths.meta.is_file():
         logger.debug("storage in %s already formatted", paths.meta.parent)
         return
@@ -499,6 +598,7 @@ def _format_storage(jvm: list[str], paths: _Paths) -> None:
         "-c",
         str(paths.properties),
         "--ignore-formatted",
+        *(arg for credential in add_scram for arg in ("--add-scram", credential)),
     ]
     try:
         result = subprocess.run(

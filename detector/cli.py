@@ -52,8 +52,12 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     if args.out is not None:
         n = simulate.write_jsonl(sim, args.out, args.labels, progress=prog.update)
     else:
+        from detector.streaming.topics import kafka_client_config  # kafka-python options; imports no Faust
+
+        security = kafka_client_config(settings.kafka)
+        del security["bootstrap_servers"]  # --kafka may name other brokers; DETECTOR_KAFKA__* says how to log in
         n = publish_simulation(sim, args.kafka or settings.kafka.bootstrap, settings.topics.api_calls,
-                               rate=args.rate, progress=prog.update, labels_path=args.labels)
+                               rate=args.rate, progress=prog.update, labels_path=args.labels, kafka_config=security)
     prog.update(n)
     prog.close()
     attack = sum(1 for lab in sim.labels.values() if lab.attack)
@@ -63,8 +67,10 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def publish_simulation(sim, bootstrap: str, topic: str, *, rate: float = 0.0, progress=None,  # type: ignore[no-untyped-def]
-                       labels_path: Path | None = None, stop=None) -> int:
-    """Publish a simulation's events through the gateway SDK, at most ``rate`` events/s (0 = no limit)."""
+                       labels_path: Path | None = None, stop=None, kafka_config=None) -> int:
+    """Publish a simulation's events through the gateway SDK, at most ``rate`` events/s (0 = no limit).
+
+    ``kafka_config``: kafka-python security options for :class:`~detector.gateway.EventPublisher`."""
     import time
 
     import orjson
@@ -75,7 +81,7 @@ def publish_simulation(sim, bootstrap: str, topic: str, *, rate: float = 0.0, pr
         labels_path.write_bytes(orjson.dumps({a: vars(lab) for a, lab in sim.labels.items()}))
     n = 0
     start = time.monotonic()
-    with EventPublisher(bootstrap, topic) as pub:
+    with EventPublisher(bootstrap, topic, **(kafka_config or {})) as pub:
         for ev in sim.events():
             if stop is not None and stop():
                 break
@@ -95,6 +101,15 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     run_worker(settings)
     return 0
+
+
+def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
+    from detector.chaos import run_chaos
+
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # every refused connection during the broker restart
+    result = run_chaos(duration_s=args.duration, rate=args.rate)
+    print(result.summary())
+    return 0 if result.ok else 1
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -145,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rate", type=float, default=3000.0, help="simulated events/s")
     d.set_defaults(func=cmd_demo)
 
+    c = sub.add_parser("chaos", help="kill -9 workers, restart the broker, rebalance under load; count every event")
+    c.add_argument("--duration", type=float, default=90.0, help="seconds of traffic (faults at fixed shares of it)")
+    c.add_argument("--rate", type=float, default=600.0, help="simulated events/s")
+    c.set_defaults(func=cmd_chaos)
+
     e = sub.add_parser("evaluate", help="scenarios through replay; precision/recall/FPR; writes EVALUATION.md")
     e.add_argument("--scenario", action="append", help="scenario(s) (default: the evaluation suite)")
     e.add_argument("--models", default="population,hst,loda", help="anomaly models to compare")
@@ -192,8 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         from detector.broker import BrokerError
         from detector.schemas import InvalidEvent
+        from detector.streaming.topics import KafkaConnectError
 
-        known = (CliError, BrokerError, InvalidEvent, SettingsError, FileNotFoundError, PermissionError)
+        known = (CliError, BrokerError, InvalidEvent, KafkaConnectError, SettingsError, FileNotFoundError,
+                 PermissionError)
         kind = "error" if isinstance(exc, known) else f"internal error ({type(exc).__name__})"
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"detector: {kind}: {msg}", file=sys.stderr)

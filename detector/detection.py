@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 import time
+from array import array
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 from detector import features as feat
@@ -51,6 +54,7 @@ MODEL_WARM_UP_MS = 3_600_000  # models first seen in the stream's first hour exi
 # user agent, TLS library or cloud ASN is not).
 NEAR_KINDS = frozenset({"tmpl", "pay", "ip24", "cohort"})
 DEDUP_IDS = 100_000  # event ids remembered for deduplication: between this many and twice as many
+RECENT_PER_ACCOUNT = 8  # event-id hashes kept in each account's snapshot (duplicates across a restart)
 # Integer fields the detector reads. JSON Schema's "integer" admits 1.0 (to JSON, the same number as 1), but a
 # Python float cannot index an array and hashes to another link key ("1.0" is not "1"): see _integral().
 _INT_FIELDS = ("ts", "status", "input_tokens", "output_tokens")
@@ -85,6 +89,15 @@ def _integral(event: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def id_hash(event_id: str) -> int:
+    """The 64-bit hash under which an event id is remembered (BLAKE2b, the same in every process).
+
+    >>> id_hash("evt_1") == id_hash("evt_1") != id_hash("evt_2")
+    True
+    """
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+
+
 class RecentIds:
     """The event ids seen lately, so an event redelivered by Kafka (at-least-once: after a crash, a
     rebalance, or a producer's retry) is not counted twice.
@@ -114,7 +127,10 @@ class RecentIds:
 
     def seen(self, event_id: str) -> bool:
         """True if ``event_id`` was seen lately; otherwise remember it and return False."""
-        h = int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+        return self.seen_hash(id_hash(event_id))
+
+    def seen_hash(self, h: int) -> bool:
+        """:meth:`seen` for an id already hashed with :func:`id_hash`."""
         if h in self._new or h in self._old:
             return True
         if len(self._new) >= self.capacity:
@@ -127,7 +143,8 @@ class RecentIds:
 
 
 class _Account:
-    __slots__ = ("state", "seen", "action", "score", "emitted_score", "learned_ts", "root", "blocked_counted")
+    __slots__ = ("state", "seen", "action", "score", "emitted_score", "learned_ts", "root", "blocked_counted",
+                 "shard", "seq", "recent")
 
     def __init__(self, created_ts: int | None) -> None:
         self.state = feat.AccountState(created_ts)
@@ -138,6 +155,73 @@ class _Account:
         self.learned_ts = 0
         self.root = ""
         self.blocked_counted = False
+        self.shard = -1  # where the account's events come from (a Kafka partition); -1: unknown
+        self.seq = -1  # position (offset) of the last event folded in from ``shard``
+        self.recent: list[int] = []  # id_hash of its last RECENT_PER_ACCOUNT events, oldest first
+
+
+# Account snapshot, version 1 (little-endian): this header, the account's 1024-bit SeenFilter, its recent
+# event-id hashes (``n_recent`` of them) and the day-window array (feat.N_SLOTS doubles): 644 to 708 bytes.
+_SNAPSHOT_VERSION = 1
+_HEAD = struct.Struct("<BBBBqqqqqqqqdddddQQQ")
+_SEEN_BYTES = SeenFilter.SIZE // 8
+_HAS_CREATED, _ALLOWLISTED = 1, 2
+
+
+def dump_account(acct: _Account, allowlisted: bool = False) -> bytes:
+    """The account's state as bytes: everything needed to go on counting it exactly after a restart.
+
+    Cluster membership is not in it (the linker re-links an account from its next events), nor is
+    ``blocked_counted`` (a cluster's count of blocked members is rebuilt with the cluster). Plain
+    ``struct`` packing, never pickle: a snapshot travels through a Kafka topic. Cost: about 2 µs.
+    """
+    st = acct.state
+    flags = (_HAS_CREATED if st.created_ts is not None else 0) | (_ALLOWLISTED if allowlisted else 0)
+    head = _HEAD.pack(_SNAPSHOT_VERSION, ACTIONS.index(acct.action), flags, len(acct.recent),
+                      st.created_ts or 0, st.first_ts, st.last_ts, st.t0, st.events, acct.learned_ts,
+                      acct.shard, acct.seq, st.n_10m, st.n_1h, st.new_model_1h, acct.score, acct.emitted_score,
+                      st.ip_bits, st.asn_bits, st.ua_bits)
+    recent = struct.pack(f"<{len(acct.recent)}Q", *acct.recent)
+    return head + acct.seen.bits.to_bytes(_SEEN_BYTES, "little") + recent + st.day.tobytes()
+
+
+def load_account(blob: bytes) -> tuple[_Account, bool]:
+    """The account in ``blob`` (from :func:`dump_account`) and whether it was allowlisted.
+
+    Raises ValueError on a blob of another version or the wrong length.
+
+    >>> acct = _Account(created_ts=5)
+    >>> acct.state.events, acct.seq, acct.recent, acct.action = 3, 41, [7, 9], "watch"
+    >>> back, allowlisted = load_account(dump_account(acct, allowlisted=True))
+    >>> back.state.events, back.state.created_ts, back.seq, back.recent, back.action, allowlisted
+    (3, 5, 41, [7, 9], 'watch', True)
+    >>> load_account(b"\\x02junk")
+    Traceback (most recent call last):
+    ...
+    ValueError: account snapshot: version 2 (expected 1) or length 5 wrong
+    """
+    n_recent = blob[3] if len(blob) >= _HEAD.size else 0
+    size = _HEAD.size + _SEEN_BYTES + 8 * n_recent + 8 * feat.N_SLOTS
+    if len(blob) != size or blob[0] != _SNAPSHOT_VERSION or n_recent > RECENT_PER_ACCOUNT:
+        raise ValueError(f"account snapshot: version {blob[0] if blob else None} (expected {_SNAPSHOT_VERSION})"
+                         f" or length {len(blob)} wrong")
+    (_, action, flags, _, created_ts, first_ts, last_ts, t0, events, learned_ts, shard, seq, n_10m, n_1h,
+     new_model_1h, score, emitted_score, ip_bits, asn_bits, ua_bits) = _HEAD.unpack_from(blob)
+    acct = _Account(created_ts if flags & _HAS_CREATED else None)
+    st = acct.state
+    st.first_ts, st.last_ts, st.t0, st.events = first_ts, last_ts, t0, events
+    st.n_10m, st.n_1h, st.new_model_1h = n_10m, n_1h, new_model_1h
+    st.ip_bits, st.asn_bits, st.ua_bits = ip_bits, asn_bits, ua_bits
+    acct.action, acct.score, acct.emitted_score = ACTIONS[action], score, emitted_score
+    acct.learned_ts, acct.shard, acct.seq = learned_ts, shard, seq
+    at = _HEAD.size
+    acct.seen.bits = int.from_bytes(blob[at:at + _SEEN_BYTES], "little")
+    at += _SEEN_BYTES
+    acct.recent = list(struct.unpack_from(f"<{n_recent}Q", blob, at))
+    at += 8 * n_recent
+    st.day = array("d")
+    st.day.frombytes(blob[at:])
+    return acct, bool(flags & _ALLOWLISTED)
 
 
 class Detector:
@@ -161,7 +245,8 @@ class Detector:
     """
 
     def __init__(self, settings: DetectionSettings | None = None, *, anomaly_model: str = "population",
-                 seed: int = 42, content: ContentIndex | None = None, dedup_ids: int = DEDUP_IDS) -> None:
+                 seed: int = 42, content: ContentIndex | None = None, dedup_ids: int = DEDUP_IDS,
+                 track_changes: bool = False) -> None:
         self.settings = settings or DetectionSettings()
         self.anomaly_model = anomaly_model
         self.accounts: OrderedDict[str, _Account] = OrderedDict()
@@ -173,35 +258,68 @@ class Detector:
         self.fusion = Fusion()
         self.model_first_seen: dict[str, int] = {}
         self.allowlist = set(self.settings.allowlist)
-        self.stats = {"events": 0, "records": 0, "evicted": 0, "labels": 0, "duplicates": 0}
+        self.stats = {"events": 0, "records": 0, "evicted": 0, "labels": 0, "duplicates": 0, "restore_errors": 0}
         self.recent_ids = RecentIds(dedup_ids)
         self._last_ts = 0
         self._stream_start = 0
         self._blocked_roots: set[str] = set()
+        # With track_changes, the accounts changed or evicted since the last drain_changes() (for a changelog).
+        self._changed: set[str] | None = set() if track_changes else None
+        self._evicted: list[tuple[str, int]] = []
 
     # ----------------------------------------------------------------------------------------------
-    def process(self, event: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None:
+    def process(self, event: dict[str, Any], emitted_at: int | None = None,
+                position: tuple[int, int] | None = None) -> dict[str, Any] | None:
         """Fold one *valid* event in (see :func:`detector.schemas.decode_event`); return a risk-score
-        record (``schemas/risk_score.v1.json``) when the account's decision changed, else None; None also
-        for a duplicate (an ``event_id`` seen lately), which changes nothing but ``stats["duplicates"]``.
+        record (``schemas/risk_score.v1.json``) when the account's decision changed, else None.
+
+        A duplicate changes nothing but ``stats["duplicates"]`` and returns None. An event is a duplicate
+        if its ``event_id`` was seen lately (:class:`RecentIds`) or is among its account's last
+        :data:`RECENT_PER_ACCOUNT` ids, or if ``position`` (``(shard, seq)``: a Kafka partition and
+        offset) is at or before the last position folded into its account from that shard. The account's
+        ids and position are part of its snapshot (:func:`dump_account`), so an event redelivered after a
+        crash is recognised even by a detector restored from a changelog.
 
         The id is remembered before the event is folded in, so an event the detector raised on (and the
-        router dead-lettered as ``internal``) is not folded in again if redelivered."""
+        router dead-lettered as ``internal``) is not folded in again if redelivered.
+
+        >>> from detector.gateway import make_event
+        >>> det = Detector()
+        >>> ev = make_event(account_id="a1", ts=1775000000000, api_key_id="k", model="m", endpoint="/v1/x",
+        ...                 status=200, input_tokens=1, output_tokens=1, latency_ms=5, prompt_text="hi",
+        ...                 response={"stop_reason": "end_turn"}, fingerprint_key=b"k")
+        >>> again = {**ev, "event_id": "evt_other"}  # a different id, redelivered from the same offset
+        >>> det.process(ev, position=(0, 10)), det.process(again, position=(0, 10)), det.stats["duplicates"]
+        (None, None, 1)
+        """
         event_id = event.get("event_id")
-        if event_id is not None and self.recent_ids.seen(event_id):
+        h = id_hash(event_id) if event_id is not None else None
+        if h is not None and self.recent_ids.seen_hash(h):
+            self.stats["duplicates"] += 1
+            return None
+        aid: str = event["account_id"]
+        acct = self.accounts.get(aid)
+        if acct is not None and (h in acct.recent or (
+                position is not None and position[0] == acct.shard and position[1] <= acct.seq)):
             self.stats["duplicates"] += 1
             return None
         event = _integral(event)
         ts: int = event["ts"]
-        aid: str = event["account_id"]
         self.stats["events"] += 1
         self._last_ts = max(self._last_ts, ts)
-        acct = self.accounts.get(aid)
         if acct is None:
             self._evict(ts)
             acct = self.accounts[aid] = _Account(event["billing"].get("account_created_ts"))
         else:
             self.accounts.move_to_end(aid)
+        if position is not None:
+            acct.shard, acct.seq = position
+        if h is not None:
+            acct.recent.append(h)
+            if len(acct.recent) > RECENT_PER_ACCOUNT:
+                del acct.recent[0]
+        if self._changed is not None:
+            self._changed.add(aid)
         if aid in self.allowlist or (event.get("org_id") and event["org_id"] in self.allowlist):
             return self._emit(acct, aid, ts, 0.0, "allow", [("allowlisted", 1.0, 1.0, 0)], None, emitted_at)
 
@@ -356,6 +474,9 @@ class Detector:
             if len(accounts) >= self.settings.max_accounts or oldest.state.last_ts < horizon:
                 del accounts[aid]
                 self.stats["evicted"] += 1
+                if self._changed is not None:
+                    self._changed.discard(aid)
+                    self._evicted.append((aid, oldest.shard))
             else:
                 break
 
@@ -378,6 +499,8 @@ class Detector:
             ts = acct.state.last_ts
         else:
             acct = self.accounts[aid] = _Account(None)
+        if self._changed is not None:
+            self._changed.add(aid)
         if attack:
             root = self.linker.root(aid)
             cluster = self.clusters.setdefault(root, ClusterState())
@@ -388,6 +511,70 @@ class Detector:
             return self._emit(acct, aid, ts, 1.0, "block", [("analyst_label", 1.0, 1.0, 0)], cluster_id, emitted_at)
         self.allowlist.add(aid)
         return self._emit(acct, aid, ts, 0.0, "allow", [("analyst_label", 1.0, 0.0, 0)], None, emitted_at)
+
+    # ----------------------------------------------------------------------------------------------
+    def drain_changes(self) -> list[tuple[str, int, bytes | None]]:
+        """``(account, shard, snapshot)`` for every account changed since the last call, and
+        ``(account, shard, None)`` for every account evicted since: what a changelog needs to rebuild
+        this detector's accounts with :meth:`restore`. Needs ``track_changes=True`` (else: empty).
+
+        >>> det = Detector(track_changes=True)
+        >>> _ = det.apply_label({"account_id": "a1", "label": "benign", "ts": 1})
+        >>> [(aid, shard, len(blob)) for aid, shard, blob in det.drain_changes()], det.drain_changes()
+        ([('a1', -1, 644)], [])
+        """
+        if self._changed is None:
+            return []
+        out: list[tuple[str, int, bytes | None]] = [(aid, shard, None) for aid, shard in self._evicted]
+        for aid in self._changed:
+            acct = self.accounts[aid]
+            out.append((aid, acct.shard, dump_account(acct, aid in self.allowlist)))
+        self._changed.clear()
+        self._evicted.clear()
+        return out
+
+    def restore(self, snapshots: Iterable[tuple[str, bytes]]) -> int:
+        """Take accounts in from snapshots (:func:`dump_account`, e.g. read back from a changelog) and
+        return how many; an account already tracked keeps its live state, and a damaged snapshot is
+        skipped and counted in ``stats["restore_errors"]``. Restored accounts enter the eviction order by
+        their last event time, so the idlest are evicted first.
+
+        >>> a, b = Detector(track_changes=True), Detector()
+        >>> _ = a.apply_label({"account_id": "a1", "label": "attack", "ts": 1})
+        >>> b.restore([(aid, blob) for aid, _, blob in a.drain_changes()] + [("a2", b"junk")])
+        1
+        >>> b.accounts["a1"].action, b.stats["restore_errors"]
+        ('block', 1)
+        """
+        loaded = []
+        for aid, blob in snapshots:
+            if aid in self.accounts:
+                continue
+            try:
+                acct, allowlisted = load_account(blob)
+            except ValueError:
+                self.stats["restore_errors"] += 1
+                continue
+            loaded.append((acct.state.last_ts, aid, acct))
+            if allowlisted:
+                self.allowlist.add(aid)
+        loaded.sort(key=lambda item: item[0], reverse=True)
+        for _, aid, acct in loaded:
+            self.accounts[aid] = acct
+            self.accounts.move_to_end(aid, last=False)  # idlest first
+        return len(loaded)
+
+    def drop_shards(self, shards: Iterable[int]) -> int:
+        """Forget the accounts whose events come from ``shards`` (partitions now owned by another
+        worker): they are moved, not evicted, so :meth:`drain_changes` reports nothing for them.
+        Returns how many were dropped. Cost: one pass over the tracked accounts."""
+        gone = set(shards)
+        dropped = [aid for aid, acct in self.accounts.items() if acct.shard in gone]
+        for aid in dropped:
+            del self.accounts[aid]
+            if self._changed is not None:
+                self._changed.discard(aid)
+        return len(dropped)
 
     @property
     def actions(self) -> dict[str, str]:

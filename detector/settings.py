@@ -89,6 +89,7 @@ class WorkerSettings:
     batch_within_s: float = 0.2
     max_event_bytes: int = 64 * 1024
     invalid_ratio_limit: float = 0.05  # alert (and log) when more than this share of a window is invalid
+    session_timeout_s: float = 10.0  # a worker silent this long is out of the group; its partitions move
 
 
 @dataclass(frozen=True)

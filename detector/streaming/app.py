@@ -24,8 +24,18 @@ partitions that guarantee weakens:
   on partitions held by different workers are never linked into one cluster;
 * analyst labels are applied when they arrive, wherever the events agent yields (while a batch's
   records are being sent); they are outside the replay guarantee (replay does not read labels);
-* state is in memory (``store memory://``): a restarted worker starts from an empty detector at the
-  committed offsets.
+* cross-account state (content index, linker, cluster windows, anomaly model, label-trained fusion
+  weights) lives in each worker's memory and is rebuilt from the stream after a restart.
+
+Durable account state. Each account's state (windows, decision, last offset and event ids) is a snapshot
+(:func:`detector.detection.dump_account`) in the ``account-state`` table, co-partitioned with
+``api-calls``; its compacted changelog ``<app id>-account-state-changelog`` gets one write per changed
+account per batch, sent before the batch is acknowledged. Faust's commit flushes the producer before it
+commits offsets, so a batch's effects are in the changelog before it counts as consumed. After a crash
+or a rebalance the worker restores the snapshots of the partitions it is assigned (before their streams
+resume) and is redelivered the events after the last commit: the detector skips those already folded in
+(each snapshot keeps the offset of its account's last event, and its last event ids), so no event is
+lost or counted twice. ``make chaos`` checks exactly that against a real broker.
 """
 
 from __future__ import annotations
@@ -56,6 +66,8 @@ STATS_LOG_INTERVAL_S = 30.0
 #: How often the state gauges (accounts by action, clusters blocked, model warm-up) are refreshed; each
 #: refresh walks every tracked account once.
 GAUGE_INTERVAL_S = 10.0
+#: The table of account snapshots; its changelog topic is ``<app id>-account-state-changelog``.
+ACCOUNT_TABLE = "account-state"
 #: Bytes fetched per partition and request (Faust's default is 1 MiB: about 1,000 events).
 CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
 
@@ -106,7 +118,10 @@ def create_app(settings: Settings, detector: DetectorLike | None = None) -> faus
 
 
 def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App, Router]:
-    router = Router(detector if detector is not None else Detector(settings.detection), settings)
+    det = detector if detector is not None else Detector(settings.detection, track_changes=True)
+    router = Router(det, settings)
+    # Account state survives restarts only with the real detector (a test double has no snapshots).
+    durable = det if isinstance(det, Detector) else None
     metrics = router.metrics
     w, t = settings.worker, settings.topics
     app = faust.App(
@@ -114,6 +129,11 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         broker=[f"kafka://{host}" for host in kafka_client_config(settings.kafka)["bootstrap_servers"]],
         broker_credentials=broker_credentials(settings.kafka),
         store="memory://",
+        # No standby copies: after recovery the table then holds exactly the assigned partitions, which is
+        # what restore_accounts() takes in (the memory store reads the changelog from its start anyway).
+        table_standby_replicas=0,
+        broker_session_timeout=w.session_timeout_s,
+        broker_heartbeat_interval=max(0.5, w.session_timeout_s / 5),
         datadir=w.data_dir,
         web_enabled=w.web_port != 0,
         web_port=w.web_port or 6066,
@@ -135,9 +155,55 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         t.dead_letters: app.topic(t.dead_letters, **raw),
     }
 
+    # Account state, keyed by account id, co-partitioned with api-calls: its changelog is what a restarted
+    # (or newly assigned) worker recovers from. Written once per changed account per batch.
+    accounts = app.Table(ACCOUNT_TABLE, partitions=t.partitions, key_type=bytes, value_type=bytes)
+    # Faust derives a table's codecs from its types ("json" for bytes) and uses them when it recovers; the
+    # snapshots are raw bytes (detection.dump_account). Set before the changelog topic is first built.
+    accounts.key_serializer = accounts.value_serializer = "raw"  # type: ignore[attr-defined]
+
     async def send(out: Output) -> Awaitable[Any]:
         # Topic.send returns once the message is in the producer's buffer; the awaitable is its delivery.
         return await destinations[out.topic].send(key=out.key, value=out.value)
+
+    def write_changes() -> None:
+        """Send the accounts the detector changed since the last call to the table's changelog.
+
+        Only for partitions this worker holds now: an account whose partition was revoked mid-batch is
+        dropped instead (its new owner recovers it from the changelog and is redelivered the events).
+        Faust's commit flushes the producer before it commits offsets, so the changelog holds a batch's
+        effects before the batch counts as consumed."""
+        if durable is None:
+            return
+        held = {tp.partition for tp in app.consumer.assignment() if tp.topic == t.api_calls}
+        lost = set()
+        for aid, shard, blob in durable.drain_changes():
+            key = aid.encode()
+            if shard < 0:  # known only from an analyst label: goes where its events would go
+                shard = app.producer.key_partition(t.api_calls, key).partition
+            if shard in held:
+                accounts.send_changelog(shard, key, blob)
+            else:
+                lost.add(shard)
+        if lost:
+            durable.drop_shards(lost)
+
+    @accounts.on_recover
+    async def restore_accounts() -> None:
+        # Called when recovery has filled the table with the assigned partitions, before their streams resume.
+        if durable is None:
+            return
+        restored = durable.restore((k.decode(), v) for k, v in accounts.data.items())
+        log.info("restored %d accounts from the %s changelog", restored, ACCOUNT_TABLE)
+
+    def drop_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Revoked partitions may go to another worker: forget their accounts, and those known only from
+        # a label (shard -1); whatever comes back is restored from the changelog after the rebalance.
+        revoked = args[0] if args else kwargs.get("revoked", ())
+        if durable is not None:
+            durable.drop_shards({tp.partition for tp in revoked if tp.topic == t.api_calls} | {-1})
+
+    app.on_partitions_revoked.connect(drop_revoked)
 
     @app.agent(events_topic, supervisor_strategy=CrashingSupervisor)
     async def route_events(stream: faust.StreamT[bytes]) -> None:
@@ -154,6 +220,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
                 if out is not None:
                     deliveries.append(await send(out))
                 last_offsets[m.tp] = m.offset
+            write_changes()
             await asyncio.gather(*deliveries)
             for event in batch:
                 await stream.ack(event)  # type: ignore[arg-type]
@@ -165,6 +232,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         async for event in stream.events():  # acked when the next one is taken, after its delivery
             m = event.message
             out = router.on_label(m.value, m.key, Source(m.topic, m.partition, m.offset))
+            write_changes()
             if out is not None:
                 await (await send(out))
 

@@ -58,7 +58,8 @@ INVALID_RATIO_WINDOW = 1000
 class DetectorLike(Protocol):
     """What the router needs from :class:`detector.detection.Detector`."""
 
-    def process(self, event: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None: ...
+    def process(self, event: dict[str, Any], emitted_at: int | None = None,
+                position: tuple[int, int] | None = None) -> dict[str, Any] | None: ...
 
     def apply_label(self, label: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None: ...
 
@@ -134,7 +135,7 @@ class Router:
     exception logged), never the stream:
 
     >>> class Broken:
-    ...     def process(self, event, emitted_at=None): raise KeyError("billing")
+    ...     def process(self, event, emitted_at=None, position=None): raise KeyError("billing")
     ...     def apply_label(self, label, emitted_at=None): return None
     >>> from detector.gateway import make_event
     >>> ev = make_event(account_id="a1", ts=1775000000000, api_key_id="k", model="m", endpoint="/v1/messages",
@@ -188,7 +189,10 @@ class Router:
             return self._dead(exc.reason, exc.detail, raw, key, source)
         self._m_valid.inc()
         try:
-            record = self.detector.process(event)
+            position = None
+            if source.partition is not None and source.offset is not None:
+                position = (source.partition, source.offset)
+            record = self.detector.process(event, position=position)
             if record is not None:
                 validate(SCORE_SCHEMA, record)
         except Exception as exc:  # noqa: BLE001 - one event must not stop the stream; see the log

@@ -17,7 +17,9 @@ Existing topics are left as they are; a mismatch that matters (``risk-scores`` n
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from detector.settings import KafkaSettings, Settings, SettingsError
@@ -28,7 +30,11 @@ _PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 
 
 def kafka_client_config(kafka: KafkaSettings) -> dict[str, Any]:
-    """kafka-python client options for ``kafka`` (bootstrap and security); the password is revealed here.
+    """kafka-python client options for ``kafka`` (bootstrap and security).
+
+    The password stays a :class:`~detector.settings.Secret`: a ``str`` that kafka-python's SASL code uses as it
+    is, and that shows as ``********`` wherever the options are logged (kafka-python's admin client logs all of
+    them at DEBUG).
 
     >>> kafka_client_config(KafkaSettings(bootstrap="k1:9092,k2:9092"))
     {'bootstrap_servers': ['k1:9092', 'k2:9092'], 'security_protocol': 'PLAINTEXT'}
@@ -36,7 +42,9 @@ def kafka_client_config(kafka: KafkaSettings) -> dict[str, Any]:
     >>> cfg = kafka_client_config(KafkaSettings(security_protocol="SASL_SSL", sasl_username="u",
     ...                                         sasl_password=Secret("p"), ssl_cafile="/ca.pem"))
     >>> cfg["sasl_mechanism"], cfg["sasl_plain_password"], cfg["ssl_cafile"]
-    ('PLAIN', 'p', '/ca.pem')
+    ('PLAIN', Secret('********'), '/ca.pem')
+    >>> cfg["sasl_plain_password"] == "p", cfg["sasl_plain_password"].encode(), "'p'" in str(cfg)
+    (True, b'p', False)
     """
     protocol = kafka.security_protocol.upper()
     if protocol not in _PROTOCOLS:
@@ -48,12 +56,96 @@ def kafka_client_config(kafka: KafkaSettings) -> dict[str, Any]:
     }
     if protocol.startswith("SASL"):
         config.update(sasl_mechanism=kafka.sasl_mechanism, sasl_plain_username=kafka.sasl_username,
-                      sasl_plain_password=kafka.sasl_password.reveal())
+                      sasl_plain_password=kafka.sasl_password)
     if protocol.endswith("SSL"):
         config.update({name: value for name, value in (("ssl_cafile", kafka.ssl_cafile),
                                                         ("ssl_certfile", kafka.ssl_certfile),
                                                         ("ssl_keyfile", kafka.ssl_keyfile)) if value})
     return config
+
+
+class KafkaConnectError(ConnectionError):
+    """A kafka-python client found no broker it could talk to in time. The message is one line and names the
+    most telling connection error the client logged meanwhile (a refused password or certificate, a refused
+    connection), which kafka-python's own timeout error does not."""
+
+
+def describe_connection(kafka: KafkaSettings) -> str:
+    """Where and as whom a client connects, for error messages (never the password).
+
+    >>> describe_connection(KafkaSettings(bootstrap="k1:9093", security_protocol="SASL_SSL", sasl_username="det",
+    ...                                   sasl_mechanism="SCRAM-SHA-512"))
+    'k1:9093 over SASL_SSL as det (SCRAM-SHA-512)'
+    >>> describe_connection(KafkaSettings(bootstrap="k1:9094", security_protocol="SSL", ssl_certfile="/tls/det.pem"))
+    'k1:9094 over SSL with client certificate /tls/det.pem'
+    """
+    protocol = kafka.security_protocol.upper()
+    who = ""
+    if protocol.startswith("SASL"):
+        who = f" as {kafka.sasl_username or '(no user name)'} ({kafka.sasl_mechanism})"
+    if protocol.endswith("SSL"):
+        who += f" with client certificate {kafka.ssl_certfile}" if kafka.ssl_certfile else ""
+    return f"{kafka.bootstrap} over {protocol}{who}"
+
+
+@contextlib.contextmanager
+def explain_connect_errors(target: str) -> Iterator[None]:
+    """Turn kafka-python's bootstrap timeout inside the block into :class:`KafkaConnectError` saying why.
+
+    kafka-python retries a refused SASL password or client certificate like any lost connection, until its
+    bootstrap timeout, and then raises ``KafkaTimeoutError: Unable to bootstrap``; the reason is only in its
+    log. While the block runs, the connection errors logged under ``kafka`` are kept (an authentication or TLS
+    error is preferred over a bare disconnect) and the timeout is re-raised naming it. A broker often answers a
+    wrong SCRAM password by closing the connection, which kafka-python logs as "socket disconnected" only; the
+    message then says so. Errors logged by other kafka-python clients of the process at the same time may be
+    picked up too. Costs nothing when no error is logged.
+
+    >>> import logging
+    >>> from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError
+    >>> try:
+    ...     with explain_connect_errors("k1:9093 over SASL_SSL as det"):
+    ...         logging.getLogger("kafka.net").warning("failed: %s", SaslAuthenticationFailedError("bad"))
+    ...         raise KafkaTimeoutError("Unable to bootstrap from ['k1:9093']")
+    ... except KafkaConnectError as exc:
+    ...     print(exc)
+    cannot connect to Kafka at k1:9093 over SASL_SSL as det: [Error 58] SaslAuthenticationFailedError: bad
+    """
+    from kafka import errors
+
+    timeouts = tuple(getattr(errors, name) for name in ("KafkaTimeoutError", "NoBrokersAvailable")  # 3.x, 2.x
+                     if hasattr(errors, name))
+    recorder = _ConnectErrors(ignore=timeouts)
+    kafka_log = logging.getLogger("kafka")
+    kafka_log.addHandler(recorder)
+    try:
+        yield
+    except timeouts as exc:
+        cause = recorder.cause or f"{exc} (no connection error was logged)"
+        if not recorder.telling and "disconnected" in cause:
+            cause += " (the broker closed the connection: a refused SASL password shows like this too)"
+        raise KafkaConnectError(f"cannot connect to Kafka at {target}: {cause}") from exc
+    finally:
+        kafka_log.removeHandler(recorder)
+
+
+class _ConnectErrors(logging.Handler):
+    """Keeps the most telling exception among the arguments of kafka-python's warnings and errors."""
+
+    _TELLING = ("Authentication", "Authorization", "SSL", "certificate", "Connection refused")
+
+    def __init__(self, ignore: tuple[type[BaseException], ...] = ()) -> None:
+        super().__init__(logging.WARNING)
+        self.ignore = ignore  # the timeout itself, logged once more as it is raised
+        self.cause = ""
+        self.telling = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        for exc in (arg for arg in args if isinstance(arg, BaseException) and not isinstance(arg, self.ignore)):
+            text = " ".join(str(exc).split())
+            telling = any(word in text for word in self._TELLING)
+            if telling or not self.telling:
+                self.cause, self.telling = text, telling
 
 
 def topic_specs(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -78,15 +170,20 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create the worker's topics that do not exist yet; return the names created.
 
     Idempotent and safe to race with another worker (an "already exists" answer is fine). Waits until
-    every created partition has a leader. Raises kafka-python's errors for anything else (no broker,
-    not authorised).
+    every created partition has a leader. Raises :class:`KafkaConnectError` when no broker answers within
+    ``timeout_s`` (a refused password or client certificate included), and kafka-python's errors for anything
+    else (not authorised to create or describe a topic).
     """
     from kafka import KafkaAdminClient
     from kafka.errors import TopicAlreadyExistsError, for_code
 
     specs = topic_specs(settings)
-    admin = KafkaAdminClient(client_id=f"{settings.worker.app_id}-admin", request_timeout_ms=int(timeout_s * 1000),
-                             **kafka_client_config(settings.kafka))
+    timeouts = {"request_timeout_ms": int(timeout_s * 1000)}
+    if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG:  # kafka-python 3; 2.x refuses unknown options
+        timeouts["bootstrap_timeout_ms"] = int(timeout_s * 1000)
+    with explain_connect_errors(describe_connection(settings.kafka)):
+        admin = KafkaAdminClient(client_id=f"{settings.worker.app_id}-admin", **timeouts,
+                                 **kafka_client_config(settings.kafka))
     try:
         existing = set(admin.list_topics())
         missing = {name: spec for name, spec in specs.items() if name not in existing}

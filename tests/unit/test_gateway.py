@@ -1,9 +1,12 @@
+import json
+
 import orjson
 import pytest
 
 from detector.fingerprints import fingerprint, hamming
 from detector.gateway import make_event
-from detector.schemas import InvalidEvent, decode_event
+from detector.schemas import DEAD_LETTER_SCHEMA, REASONS, InvalidEvent, decode_event, load_schema
+from detector.streaming.routing import INTERNAL
 from tests.factory import event
 
 
@@ -83,3 +86,38 @@ def test_ordinary_prompt_is_not_chain_of_thought():
 def test_scripts():
     assert fingerprint("这是一个测试问题，请回答", key=b"k")["script"] == "cjk"
     assert fingerprint("Привет, как дела?", key=b"k")["script"] == "cyrillic"
+
+
+def _spaced(ev):
+    """The event as another producer might write it: white space, escaped non-ASCII, keys sorted."""
+    return json.dumps(ev, indent=1, sort_keys=True).encode()
+
+
+@pytest.mark.parametrize("dup", [
+    lambda raw: raw.replace(b'"account_id":', b'"account_id":"acct_evil","account_id":'),  # top level
+    lambda raw: raw.replace(b'"ip":', b'"ip":"203.0.113.9",\n  "ip":'),  # nested, with white space
+    lambda raw: raw.replace(b'"ts":', b'"\\u0074s":1775000000001,"ts":'),  # the same key, escaped
+])
+@pytest.mark.parametrize("writer", [orjson.dumps, _spaced])
+def test_a_repeated_key_is_refused(dup, writer):
+    ev = event(prompt_text="naïve café")
+    raw = writer(ev)
+    assert decode_event(raw) == ev  # either writer's bytes decode
+    twice = dup(raw)
+    assert twice != raw
+    with pytest.raises(InvalidEvent) as err:
+        decode_event(twice)
+    assert err.value.reason == "duplicate_field"
+
+
+def test_a_repeated_key_with_an_invalid_last_value_is_a_schema_error():
+    raw = orjson.dumps(event(status=200)).replace(b'"status":200', b'"status":200,"status":"ok"')
+    with pytest.raises(InvalidEvent) as err:
+        decode_event(raw)
+    assert err.value.reason == "schema"
+
+
+def test_every_dead_letter_reason_is_produced_by_someone():
+    """The dead-letter schema's reasons are exactly the decode reasons and the router's ``internal``."""
+    enum = load_schema(DEAD_LETTER_SCHEMA)["properties"]["reason"]["enum"]
+    assert sorted(enum) == sorted((*REASONS, INTERNAL))
