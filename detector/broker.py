@@ -649,8 +649,12 @@ def _wait_ready(data_dir: Path, pid: int, port: int, wait_s: float) -> None:
     paths = _Paths(data_dir)
     deadline = time.monotonic() + wait_s
     while True:
+        # Checked twice: while the JVM starts (the java launcher may exec again) its /proc entry can
+        # briefly read as another program, and a busy machine has been seen to hit that window.
         if not _is_broker_process(pid, paths.properties):
-            raise BrokerError(f"broker exited during startup; {_log_tail(paths.log)}")
+            time.sleep(0.5)
+            if not _is_broker_process(pid, paths.properties):
+                raise BrokerError(f"broker exited during startup; {_log_tail(paths.log)}")
         if _probe(port, timeout_s=1.0):
             return
         if time.monotonic() >= deadline:

@@ -219,9 +219,10 @@ def read_state(bootstrap: str, topic: str, timeout_s: float = 60.0) -> dict[str,
         consumer.close()
 
 
-def run_chaos(*, duration_s: float = 90.0, rate: float = 600.0, seed: int = 7,
-              say: Callable[[str], None] = print) -> Result:
-    """Run the whole exercise (about ``duration_s`` plus a minute) and return its counts."""
+def run_chaos(*, duration_s: float = 90.0, rate: float = 500.0, seed: int = 7,
+              say: Callable[[str], None] = print, work_dir: Path | None = None) -> Result:
+    """Run the whole exercise (about ``duration_s`` plus a minute) and return its counts. The broker's
+    files and the workers' logs go to ``work_dir`` (default: a new temporary directory), and stay."""
     from kafka import KafkaAdminClient, KafkaConsumer
 
     from detector import simulate
@@ -230,7 +231,7 @@ def run_chaos(*, duration_s: float = 90.0, rate: float = 600.0, seed: int = 7,
     from detector.streaming.app import ACCOUNT_TABLE
     from detector.streaming.topics import ensure_topics
 
-    work = Path(tempfile.mkdtemp(prefix="detector-chaos-"))
+    work = work_dir or Path(tempfile.mkdtemp(prefix="detector-chaos-"))
     port = broker.free_port()
     say(f"chaos: starting a Kafka broker in {work} (jars from Maven Central on the first run)")
     handle = broker.start(work / "broker", port=port)

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chaos", help="kill -9 workers, restart the broker, rebalance under load; count every event")
     c.add_argument("--duration", type=float, default=90.0, help="seconds of traffic (faults at fixed shares of it)")
-    c.add_argument("--rate", type=float, default=600.0, help="simulated events/s")
+    c.add_argument("--rate", type=float, default=500.0, help="simulated events/s")
     c.set_defaults(func=cmd_chaos)
 
     e = sub.add_parser("evaluate", help="scenarios through replay; precision/recall/FPR; writes EVALUATION.md")

@@ -8,7 +8,12 @@ summed weight of its keys pointing into that cluster reaches 1, so one weak coin
 one common template phrase) never glues unrelated accounts together; two independent ones can.
 
 Clusters are kept with union-find (union by size, path halving); a cluster's id is derived from its
-root account, so it is stable while the cluster grows and the larger side of a merge keeps its id.
+root account, so it is stable while the cluster grows and the larger side of a merge keeps its id (it
+changes if the root account is forgotten: see :meth:`Linker.forget`).
+
+Accounts the detector evicts are forgotten (:meth:`Linker.forget`): their keys go at once, and the
+clusters they were in keep their live members together, so memory follows the live accounts and a flood
+of random account ids cannot grow it without bound.
 
 >>> lk = Linker()
 >>> roots = [lk.link(a, [("pay", "pm_1")]) for a in ("a1", "a2")]
@@ -83,17 +88,44 @@ def link_keys(ev: dict) -> list[tuple[str, object]]:
 
 
 class Linker:
-    """Streaming union-find of accounts over weighted link keys. Not thread-safe; one per worker."""
+    """Streaming union-find of accounts over weighted link keys. Not thread-safe; one per worker.
+
+    Forgetting (:meth:`forget`) is eager for keys and lazy for the tree. A forgotten account's keys go
+    at once (its key degrees drop; a key it represented passes to another holder). Its node may be a
+    root or an inner node that live members' parent pointers pass through, and without child lists it
+    cannot be unhooked, so in a cluster of two or more it stays as a *tombstone* (not counted in
+    ``size``) until tombstones outnumber the cluster's live members; then the cluster is *compacted*:
+    tombstones dropped, live members pointed straight at a live root. Each tombstone is dropped once and
+    a compaction costs under twice the tombstones it drops, so forgetting is amortised O(1) per
+    account (plus O(its keys)), and ``link`` on a steady account costs what it did. The alternative, a
+    global rebuild once the dead outnumber the live, is as cheap amortised but stalls the stream for a
+    pass over every account (seconds at a million); a compaction touches one cluster.
+
+    Memory is bounded by the live accounts: one node each plus at most as many tombstones, their keys (at
+    most ``MAX_KEYS_PER_ACCOUNT`` each), and per key shared by two or more live accounts a list of its
+    other holders, at most twice as long as they are many (so a forgotten representative can be
+    replaced at once). Forgetting every account empties every structure (Python dicts give back their
+    capacity on their next resize).
+
+    ``merges`` lists ``(old root, new root)`` pairs in the order they happened, drained by the caller:
+    the old root's cluster now lives under the new root. A union records ``(absorbed, surviving)``; a
+    compaction whose root was forgotten records ``(forgotten root, new live root)``. Either way the
+    caller moves its per-cluster state from the first to the second.
+    """
 
     def __init__(self) -> None:
-        self._parent: dict[str, str] = {}
-        self._size: dict[str, int] = {}
-        self._key_rep: dict[tuple[str, object], str] = {}  # key -> an account that holds it
-        self._key_degree: dict[tuple[str, object], int] = {}
-        self._keys: dict[str, list[tuple[str, object]]] = {}  # account -> its keys (bounded)
-        self.merges: list[tuple[str, str]] = []  # (absorbed root, surviving root), drained by the caller
+        self._parent: dict[str, str] = {}  # live accounts and tombstones
+        self._size: dict[str, int] = {}  # root -> live members of its cluster
+        self._nodes: dict[str, list[str]] = {}  # root -> every node of its tree, root first (2+ nodes only)
+        self._dead: set[str] = set()  # tombstones: forgotten accounts still in a tree
+        self._key_rep: dict[tuple[str, object], str] = {}  # key -> a live holder (the first, while it lives)
+        self._key_others: dict[tuple[str, object], list[str]] = {}  # key -> its other holders, newest last
+        self._key_degree: dict[tuple[str, object], int] = {}  # key -> live accounts holding it
+        self._keys: dict[str, list[tuple[str, object]]] = {}  # live account -> its keys (bounded)
+        self.merges: list[tuple[str, str]] = []  # (old root, new root), drained by the caller
 
     def root(self, account: str) -> str:
+        """The root of the account's cluster; an account not seen before becomes a cluster of one."""
         parent = self._parent
         if account not in parent:
             parent[account] = account
@@ -105,10 +137,16 @@ class Linker:
         return account
 
     def size(self, root: str) -> int:
+        """Live members of the cluster of ``root`` (a root, as :meth:`root` or :meth:`link` return)."""
         return self._size.get(root, 1)
 
     def cluster_id(self, account: str) -> str:
-        """A stable id for the account's cluster: ``c_`` and 12 hex digits."""
+        """An id for the account's cluster: ``c_`` and 12 hex digits of its root's name.
+
+        Stable while the cluster grows or absorbs smaller ones; it changes when another cluster absorbs
+        this one, or when the root account was forgotten and a compaction moved the cluster to a new
+        root. Both are reported in ``merges``.
+        """
         return "c_" + hashlib.blake2b(self.root(account).encode(), digest_size=6).hexdigest()
 
     def _union(self, a: str, b: str) -> str:
@@ -116,28 +154,54 @@ class Linker:
             a, b = b, a
         self._parent[b] = a
         self.merges.append((b, a))
-        self._size[a] += self._size[b]
+        self._size[a] += self._size.pop(b)
+        nodes = self._nodes.get(a)
+        if nodes is None:
+            nodes = self._nodes[a] = [a]
+        absorbed = self._nodes.pop(b, None)
+        if absorbed is None:
+            nodes.append(b)
+        else:
+            nodes.extend(absorbed)  # O(smaller side), as union by size keeps it
         return a
 
     def degree(self, key: tuple[str, object]) -> int:
+        """Live accounts holding ``key``."""
         return self._key_degree.get(key, 0)
 
     def link(self, account: str, keys: Iterable[tuple[str, object]]) -> str:
         """Register the account's keys; merge it into every cluster its keys point to with weight >= 1.
 
         Returns the account's cluster root. Cost: O(keys of the account) once the keys are known, so a
-        steady account costs a few dict look-ups per event.
+        steady account costs a few dict look-ups per event. A forgotten account linked again while its
+        tombstone is still in a tree rejoins that cluster (it never left the tree); once compacted away
+        it starts afresh. Either way its keys link it anew.
         """
-        own = self._keys.setdefault(account, [])
+        own = self._keys.get(account)
+        if own is None:
+            own = self._keys[account] = []
+            if account in self._dead:
+                self._dead.remove(account)
+                self._size[self.root(account)] += 1
         new = [k for k in keys if k not in own]
         if not new:
             return self.root(account)
         for key in new:
             if len(own) >= MAX_KEYS_PER_ACCOUNT:
                 break  # an account rotating through endless IPs stops adding keys; it is linked by then
+            if key in own:
+                continue  # given twice in one call: one holder, one degree
             own.append(key)
-            self._key_degree[key] = self._key_degree.get(key, 0) + 1
-            self._key_rep.setdefault(key, account)
+            degree = self._key_degree.get(key, 0)
+            self._key_degree[key] = degree + 1
+            if degree == 0:
+                self._key_rep[key] = account
+            else:
+                others = self._key_others.get(key)
+                if others is None:
+                    self._key_others[key] = [account]
+                else:
+                    others.append(account)
         me = self.root(account)
         # Per cluster, the strongest key of each kind, summed over kinds: two bands of one template or two
         # IPs of one range are one piece of evidence, not two.
@@ -159,6 +223,101 @@ class Linker:
                 me = self._union(self.root(me), self.root(r))
         return self.root(account)
 
+    def forget(self, accounts: Iterable[str]) -> list[str]:
+        """Forget accounts whose state the caller evicted; return the roots of clusters left with no live
+        member, whose per-cluster state the caller drops.
+
+        The accounts' keys go: degrees drop (so rarity weights are right), a key no live account holds
+        is dropped, and a key whose representative went passes to its newest live holder. Live members
+        of a cluster stay together. A cluster whose root was forgotten keeps that root as a tombstone
+        until it is compacted; then the new root is reported as ``(old root, new root)`` in ``merges``.
+        The caller applies ``merges`` before dropping the returned roots: a root moved to in this call
+        may itself be left empty later in it. Unknown or already forgotten accounts are ignored.
+
+        Cost: O(keys) per account (at most ``MAX_KEYS_PER_ACCOUNT``), plus amortised O(1) for the tree.
+
+        >>> lk = Linker()
+        >>> roots = [lk.link(a, [("pay", "pm_1")]) for a in ("a1", "a2", "a3")]
+        >>> lk.root("a1"), lk.size("a2"), lk.degree(("pay", "pm_1"))
+        ('a2', 3, 3)
+        >>> lk.merges.clear()
+        >>> lk.forget(["a2"]), lk.size(lk.root("a3")), lk.root("a1") == lk.root("a3")  # the root goes
+        ([], 2, True)
+        >>> lk.forget(["a1"]), lk.merges, lk.size("a3"), lk.degree(("pay", "pm_1"))  # compacted
+        ([], [('a2', 'a3')], 1, 1)
+        >>> lk.forget(["a3"]), lk.members(), lk.degree(("pay", "pm_1"))
+        (['a3'], 0, 0)
+        """
+        if isinstance(accounts, str):
+            raise TypeError("forget() takes an iterable of account ids, not one id")
+        gone: list[str] = []
+        for account in accounts:
+            if account not in self._parent or account in self._dead:
+                continue
+            for key in self._keys.pop(account, ()):
+                self._drop_holder(key, account)
+            root = self.root(account)
+            self._size[root] -= 1
+            nodes = self._nodes.get(root)
+            if nodes is None:  # a cluster of one: nothing points through it
+                del self._parent[account], self._size[account]
+                gone.append(account)
+                continue
+            self._dead.add(account)
+            if len(nodes) > 2 * self._size[root] and self._compact(root) is None:
+                gone.append(root)
+        return gone
+
+    def _drop_holder(self, key: tuple[str, object], account: str) -> None:
+        """Take ``account`` (already out of ``_keys``) off the holders of ``key``. Amortised O(1).
+
+        The list of other holders is pruned lazily: a forgotten holder stays listed (removing it would
+        cost O(degree), and a cloud ASN has a million holders) until the list is over twice as long as
+        the live holders, then it is rebuilt, a cost paid by the entries it drops. A forgotten
+        representative passes to the newest listed holder that still holds the key; the entries popped
+        on the way are dropped for good.
+        """
+        degree = self._key_degree[key] - 1
+        if degree == 0:
+            del self._key_degree[key], self._key_rep[key]
+            self._key_others.pop(key, None)
+            return
+        self._key_degree[key] = degree
+        others = self._key_others[key]
+        if self._key_rep[key] == account:
+            holder = others.pop()
+            while key not in self._keys.get(holder, ()):  # forgotten since it was listed
+                holder = others.pop()
+            self._key_rep[key] = holder
+        if degree == 1:  # the representative alone holds it
+            del self._key_others[key]
+        elif len(others) > 2 * degree:
+            rep = self._key_rep[key]
+            others[:] = dict.fromkeys(h for h in others if h != rep and key in self._keys.get(h, ()))
+
+    def _compact(self, root: str) -> str | None:
+        """Drop the tombstones of ``root``'s cluster and point its live members straight at its first live
+        node (``root`` itself if live). Returns the new root, None if no member was live. O(nodes)."""
+        live: list[str] = []
+        for node in self._nodes.pop(root):
+            if node in self._dead:
+                self._dead.remove(node)
+                del self._parent[node]
+            else:
+                live.append(node)
+        del self._size[root]
+        if not live:
+            return None
+        new = live[0]
+        for node in live:
+            self._parent[node] = new
+        self._size[new] = len(live)
+        if len(live) > 1:
+            self._nodes[new] = live
+        if new != root:
+            self.merges.append((root, new))
+        return new
+
     def link_weight_to(self, account: str, accept: Callable[[str], bool], kinds: Collection[str]) -> float:
         """Summed key weight (strongest key per kind) from ``account`` into clusters ``accept`` picks,
         whether or not it reached the linking threshold: "weakly linked to a blocked cluster"."""
@@ -173,7 +332,8 @@ class Linker:
         return sum(best.values())
 
     def members(self) -> int:
-        return len(self._parent)
+        """Live accounts (tombstones of forgotten ones not counted)."""
+        return len(self._parent) - len(self._dead)
 
 
 class ClusterState:

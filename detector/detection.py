@@ -466,19 +466,29 @@ class Detector:
         self.linker.merges.clear()
 
     def _evict(self, now: int) -> None:
-        """Drop accounts idle for ``idle_evict_s`` and the least recently active beyond ``max_accounts``."""
+        """Drop accounts idle for ``idle_evict_s`` and the least recently active beyond ``max_accounts``,
+        with their links (:meth:`Linker.forget`) and the windows of clusters left without members, so a
+        flood of new account ids cannot grow memory without bound."""
         accounts = self.accounts
         horizon = now - self.settings.idle_evict_s * 1000
+        evicted: list[str] = []
         while accounts:
             aid, oldest = next(iter(accounts.items()))
             if len(accounts) >= self.settings.max_accounts or oldest.state.last_ts < horizon:
                 del accounts[aid]
+                evicted.append(aid)
                 self.stats["evicted"] += 1
                 if self._changed is not None:
                     self._changed.discard(aid)
                     self._evicted.append((aid, oldest.shard))
             else:
                 break
+        if evicted:
+            emptied = self.linker.forget(evicted)
+            self._apply_merges()  # clusters whose root was forgotten move first, then the emptied ones go
+            for root in emptied:
+                self.clusters.pop(root, None)
+                self._blocked_roots.discard(root)
 
     # ----------------------------------------------------------------------------------------------
     def apply_label(self, label: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None:
