@@ -576,14 +576,19 @@ class Detector:
 
     def drop_shards(self, shards: Iterable[int]) -> int:
         """Forget the accounts whose events come from ``shards`` (partitions now owned by another
-        worker): they are moved, not evicted, so :meth:`drain_changes` reports nothing for them.
-        Returns how many were dropped. Cost: one pass over the tracked accounts."""
+        worker): they are moved, not evicted, so :meth:`drain_changes` reports nothing for them. Also
+        clears the worker-wide memory of recent event ids (see :class:`RecentIds`). Returns how many
+        accounts were dropped. Cost: one pass over the tracked accounts."""
         gone = set(shards)
         dropped = [aid for aid, acct in self.accounts.items() if acct.shard in gone]
         for aid in dropped:
             del self.accounts[aid]
             if self._changed is not None:
                 self._changed.discard(aid)
+        # The worker-wide id memory may hold ids whose effects left with the dropped accounts: were they
+        # restored from an older snapshot, their redelivered events would be skipped and lost. From here
+        # on, each account's own positions and ids (which travel with its snapshot) decide.
+        self.recent_ids = RecentIds(self.recent_ids.capacity)
         return len(dropped)
 
     @property

@@ -212,15 +212,18 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         batches = cast(faust.Stream[bytes], stream).noack_take(w.batch_size, within=w.batch_within_s)
         async for batch in batches:
             started = time.perf_counter()
-            deliveries = []
+            outs = []
             last_offsets: dict[Any, int] = {}
+            # No await from the first event to write_changes(): a rebalance (which drops and restores
+            # accounts) runs between batches, never between a batch's effects and their changelog writes.
             for event in batch:
                 m = event.message  # type: ignore[attr-defined]
                 out = router.on_event(m.value, m.key, Source(m.topic, m.partition, m.offset, m.timestamp))
                 if out is not None:
-                    deliveries.append(await send(out))
+                    outs.append(out)
                 last_offsets[m.tp] = m.offset
             write_changes()
+            deliveries = [await send(out) for out in outs]
             await asyncio.gather(*deliveries)
             for event in batch:
                 await stream.ack(event)  # type: ignore[arg-type]
