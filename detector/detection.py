@@ -157,7 +157,7 @@ class _Account:
         self.blocked_counted = False
         self.shard = -1  # where the account's events come from (a Kafka partition); -1: unknown
         self.seq = -1  # position (offset) of the last event folded in from ``shard``
-        self.recent: list[int] = []  # id_hash of its last RECENT_PER_ACCOUNT events, oldest first
+        self.recent = array("Q")  # id_hash of its last RECENT_PER_ACCOUNT events, oldest first
 
 
 # Account snapshot, version 1 (little-endian): this header, the account's 1024-bit SeenFilter, its recent
@@ -191,9 +191,9 @@ def load_account(blob: bytes) -> tuple[_Account, bool]:
     Raises ValueError on a blob of another version or the wrong length.
 
     >>> acct = _Account(created_ts=5)
-    >>> acct.state.events, acct.seq, acct.recent, acct.action = 3, 41, [7, 9], "watch"
+    >>> acct.state.events, acct.seq, acct.recent, acct.action = 3, 41, array("Q", [7, 9]), "watch"
     >>> back, allowlisted = load_account(dump_account(acct, allowlisted=True))
-    >>> back.state.events, back.state.created_ts, back.seq, back.recent, back.action, allowlisted
+    >>> back.state.events, back.state.created_ts, back.seq, list(back.recent), back.action, allowlisted
     (3, 5, 41, [7, 9], 'watch', True)
     >>> load_account(b"\\x02junk")
     Traceback (most recent call last):
@@ -217,7 +217,7 @@ def load_account(blob: bytes) -> tuple[_Account, bool]:
     at = _HEAD.size
     acct.seen.bits = int.from_bytes(blob[at:at + _SEEN_BYTES], "little")
     at += _SEEN_BYTES
-    acct.recent = list(struct.unpack_from(f"<{n_recent}Q", blob, at))
+    acct.recent = array("Q", struct.unpack_from(f"<{n_recent}Q", blob, at))
     at += 8 * n_recent
     st.day = array("d")
     st.day.frombytes(blob[at:])
@@ -346,7 +346,11 @@ class Detector:
         self._apply_merges()
         cluster = self.clusters.get(root)
         if cluster is None:
-            cluster = self.clusters[root] = ClusterState()
+            # Windows are kept for clusters of two or more accounts only (most accounts are alone, and a
+            # cluster's evidence is weighted by its size: nothing for one account); alone, a throwaway.
+            cluster = ClusterState()
+            if self.linker.size(root) > 1:
+                self.clusters[root] = cluster
         f = feat.features(st, ts)
         age_days = (ts - st.created_ts) / feat.DAY_MS if st.created_ts is not None else math.inf
         cluster.add(ts, arrival=arrival, templated=templated, cot=prompt["cot"],
@@ -364,7 +368,7 @@ class Detector:
         if self.sampler.should_learn(acct.learned_ts, ts, flagged=action != "allow"):
             self.model.learn_one(x)
             acct.learned_ts = ts
-        if action == "block" and not acct.blocked_counted:
+        if action == "block" and not acct.blocked_counted and root in self.clusters:
             acct.blocked_counted = True
             cluster.blocked_members += 1
             if (cluster.blocked_members >= 2 or size >= 3) and not cluster.blocked:
