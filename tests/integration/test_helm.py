@@ -59,7 +59,40 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 def container_env(workload: dict[str, Any]) -> dict[str, dict[str, Any]]:
     (container,) = workload["spec"]["template"]["spec"]["containers"]
+    names = [item["name"] for item in container["env"]]
+    assert len(names) == len(set(names)), f"duplicate env entries: {names}"  # Kubernetes would keep the last
     return {item["name"]: item for item in container["env"]}
+
+
+def kafka_identity(env: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Who a workload connects to Kafka as: user, the Secret key of its password, client certificate and key."""
+    ref = env.get("DETECTOR_KAFKA__SASL_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    return {"user": env["DETECTOR_KAFKA__SASL_USERNAME"]["value"], "password": (ref.get("name"), ref.get("key")),
+            "cert": env["DETECTOR_KAFKA__SSL_CERTFILE"]["value"], "key": env["DETECTOR_KAFKA__SSL_KEYFILE"]["value"]}
+
+
+def mount_paths(workload: dict[str, Any]) -> dict[str, str]:
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+
+
+#: The worker (User:detector) and the rate limiter (User:ratelimiter) as docs/SECURITY.md's ACLs want them.
+SEPARATE_IDENTITIES: dict[str, Any] = {
+    "env": {"kafka": {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "detector",
+                      "ssl_cafile": "/etc/kafka-ca/ca.pem", "ssl_certfile": "/etc/kafka-tls/detector.pem",
+                      "ssl_keyfile": "/etc/kafka-tls/detector.key"}},
+    "secrets": {"kafkaSaslPassword": "detector-pw", "rateLimiterKafkaSaslPassword": "ratelimiter-pw"},
+    "extraVolumes": [{"name": "kafka-ca", "secret": {"secretName": "kafka-ca"}}],
+    "extraVolumeMounts": [{"name": "kafka-ca", "mountPath": "/etc/kafka-ca", "readOnly": True}],
+    "worker": {"extraVolumes": [{"name": "kafka-tls", "secret": {"secretName": "detector-tls"}}],
+               "extraVolumeMounts": [{"name": "kafka-tls", "mountPath": "/etc/kafka-tls", "readOnly": True}]},
+    "rateLimiter": {
+        "kafka": {"sasl_username": "ratelimiter", "ssl_certfile": "/etc/ratelimiter-tls/tls.crt",
+                  "ssl_keyfile": "/etc/ratelimiter-tls/tls.key"},
+        "extraVolumes": [{"name": "ratelimiter-tls", "secret": {"secretName": "ratelimiter-tls"}}],
+        "extraVolumeMounts": [{"name": "ratelimiter-tls", "mountPath": "/etc/ratelimiter-tls", "readOnly": True}],
+    },
+}
 
 
 def test_helm_lint(helm: str, tmp_path: Path) -> None:
@@ -68,6 +101,9 @@ def test_helm_lint(helm: str, tmp_path: Path) -> None:
     values = tmp_path / "full.yaml"
     values.write_text(yaml.safe_dump({"serviceMonitor": {"enabled": True},
                                       "secrets": {"fingerprintKey": "k", "kafkaSaslPassword": "p"}}))
+    done = run(helm, "lint", "--strict", str(CHART), "-f", str(values))
+    assert done.returncode == 0, done.stdout + done.stderr
+    values.write_text(yaml.safe_dump(SEPARATE_IDENTITIES))
     done = run(helm, "lint", "--strict", str(CHART), "-f", str(values))
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -134,3 +170,70 @@ def test_relative_data_dir_is_refused(helm: str, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"env": {"worker": {"data_dir": ".detector-data"}}}))
     done = run(helm, "template", "dd", str(CHART), "-f", str(path))
     assert done.returncode != 0 and "absolute path" in done.stderr
+
+
+def test_rate_limiter_has_its_own_kafka_identity(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, tmp_path, SEPARATE_IDENTITIES)
+    secret = one(docs, "Secret")
+    name = secret["metadata"]["name"]
+    assert {"kafka-sasl-password", "ratelimit-kafka-sasl-password"} <= set(secret["data"])
+    worker, ratelimit = one(docs, "StatefulSet"), one(docs, "Deployment")
+    assert kafka_identity(container_env(worker)) == {
+        "user": "detector", "password": (name, "kafka-sasl-password"),
+        "cert": "/etc/kafka-tls/detector.pem", "key": "/etc/kafka-tls/detector.key"}
+    env = container_env(ratelimit)
+    assert kafka_identity(env) == {
+        "user": "ratelimiter", "password": (name, "ratelimit-kafka-sasl-password"),
+        "cert": "/etc/ratelimiter-tls/tls.crt", "key": "/etc/ratelimiter-tls/tls.key"}
+    assert set(env) == set(env_names()) - {"DETECTOR_FINGERPRINT_KEY"}  # each once, overrides included
+    settings = load_settings({n: i["value"] for n, i in env.items() if "value" in i})
+    assert settings.kafka.security_protocol == "SASL_SSL" and settings.kafka.ssl_cafile == "/etc/kafka-ca/ca.pem"
+    # each pod mounts the shared CA and its own client key only
+    assert mount_paths(worker).items() >= {"kafka-ca": "/etc/kafka-ca", "kafka-tls": "/etc/kafka-tls"}.items()
+    assert "ratelimiter-tls" not in mount_paths(worker)
+    assert mount_paths(ratelimit).items() >= {"kafka-ca": "/etc/kafka-ca",
+                                              "ratelimiter-tls": "/etc/ratelimiter-tls"}.items()
+    assert "kafka-tls" not in mount_paths(ratelimit)
+
+    # from an existing Secret; a certificate alone (mutual TLS) never gets the workers' password
+    docs = render(helm, tmp_path, {"secrets": {"existingSecret": "detector-keys"},
+                                   "rateLimiter": {"kafka": {"sasl_username": "ratelimiter"}}})
+    ref = container_env(one(docs, "Deployment"))["DETECTOR_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "detector-keys", "key": "ratelimit-kafka-sasl-password", "optional": True}
+    docs = render(helm, tmp_path, {"env": {"kafka": {"security_protocol": "SSL"}},
+                                   "secrets": {"existingSecret": "detector-keys"},
+                                   "rateLimiter": {"kafka": {"ssl_certfile": "/t/rl.crt", "ssl_keyfile": "/t/rl.key"}}})
+    worker_env, env = container_env(one(docs, "StatefulSet")), container_env(one(docs, "Deployment"))
+    assert "DETECTOR_KAFKA__SASL_PASSWORD" in worker_env and "DETECTOR_KAFKA__SASL_PASSWORD" not in env
+    assert (env["DETECTOR_KAFKA__SSL_CERTFILE"]["value"], env["DETECTOR_KAFKA__SSL_KEYFILE"]["value"]) == (
+        "/t/rl.crt", "/t/rl.key")
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    {"rateLimiter": {"kafka": {"sasl_username": "", "ssl_certfile": "", "ssl_keyfile": ""}}},
+    {"env": {"kafka": {"security_protocol": "SASL_SSL", "sasl_username": "detector",
+                       "ssl_certfile": "/etc/kafka-tls/tls.crt", "ssl_keyfile": "/etc/kafka-tls/tls.key"}},
+     "secrets": {"kafkaSaslPassword": "pw"}},
+    {"secrets": {"existingSecret": "detector-keys"}},
+], ids=["defaults", "empty-overrides", "sasl", "existing-secret"])
+def test_by_default_the_rate_limiter_connects_as_the_workers(helm: str, tmp_path: Path, values: dict[str, Any]) -> None:
+    docs = render(helm, tmp_path, values)
+    envs = [one(docs, kind)["spec"]["template"]["spec"]["containers"][0]["env"]
+            for kind in ("StatefulSet", "Deployment")]
+    assert envs[0] == envs[1]  # the very same entries, in the same order, as before rateLimiter.kafka existed
+    password = container_env(one(docs, "Deployment")).get("DETECTOR_KAFKA__SASL_PASSWORD")
+    if values.get("secrets"):
+        assert password is not None and password["valueFrom"]["secretKeyRef"]["key"] == "kafka-sasl-password"
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"rateLimiter": {"kafka": {"sasl_user": "ratelimiter"}}}, "only sasl_username, ssl_certfile and ssl_keyfile"),
+    ({"secrets": {"rateLimiterKafkaSaslPassword": "pw"}}, "rateLimiter.kafka.sasl_username is not"),
+])
+def test_rate_limiter_identity_mistakes_are_refused(helm: str, tmp_path: Path, values: dict[str, Any],
+                                                   message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    done = run(helm, "template", "dd", str(CHART), "-f", str(path))
+    assert done.returncode != 0 and message in done.stderr
