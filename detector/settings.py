@@ -90,6 +90,7 @@ class WorkerSettings:
     max_event_bytes: int = 64 * 1024
     invalid_ratio_limit: float = 0.05  # alert (and log) when more than this share of a window is invalid
     session_timeout_s: float = 10.0  # a worker silent this long is out of the group; its partitions move
+    fetch_max_wait_ms: int = 100  # longest a fetch waits for data (Faust hard-codes 1500: a latency floor)
 
 
 @dataclass(frozen=True)

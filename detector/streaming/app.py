@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.auth import CredentialsT
 from mode import CrashingSupervisor
 
@@ -70,6 +71,34 @@ GAUGE_INTERVAL_S = 10.0
 ACCOUNT_TABLE = "account-state"
 #: Bytes fetched per partition and request (Faust's default is 1 MiB: about 1,000 events).
 CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
+
+
+class _FetchWaitThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread with the fetch wait from ``settings.worker.fetch_max_wait_ms``.
+
+    Faust builds its aiokafka consumer with a hard-coded ``fetch_max_wait_ms=1500``: a fetch on a quiet
+    partition can hold events for 1.5 s before the agent sees them, a latency floor at any load
+    (BENCHMARKS.md). aiokafka reads the value when the consumer starts, so it is set just after Faust
+    creates the consumer and before it starts."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = self.app.conf.detector_fetch_max_wait_ms  # type: ignore[attr-defined]
+        return consumer
+
+
+class _FetchWaitConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _FetchWaitThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _FetchWaitTransport(faust_aiokafka.Transport):
+    Consumer = _FetchWaitConsumer
+
+
+class _App(faust.App):
+    def _new_transport(self) -> Any:
+        return _FetchWaitTransport(self.conf.broker_consumer, self)
 
 
 class WorkerError(RuntimeError):
@@ -124,7 +153,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
     durable = det if isinstance(det, Detector) else None
     metrics = router.metrics
     w, t = settings.worker, settings.topics
-    app = faust.App(
+    app = _App(
         w.app_id,
         broker=[f"kafka://{host}" for host in kafka_client_config(settings.kafka)["bootstrap_servers"]],
         broker_credentials=broker_credentials(settings.kafka),
@@ -147,6 +176,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         consumer_max_fetch_size=CONSUMER_MAX_FETCH_BYTES,
         stream_buffer_maxsize=max(4096, 4 * w.batch_size),
     )
+    app.conf.detector_fetch_max_wait_ms = w.fetch_max_wait_ms  # type: ignore[attr-defined]  # _FetchWaitThread
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}  # bytes in, bytes out
     events_topic = app.topic(t.api_calls, **raw)
     labels_topic = app.topic(t.analyst_labels, **raw)
