@@ -258,7 +258,8 @@ class Detector:
         self.fusion = Fusion()
         self.model_first_seen: dict[str, int] = {}
         self.allowlist = set(self.settings.allowlist)
-        self.stats = {"events": 0, "records": 0, "evicted": 0, "labels": 0, "duplicates": 0, "restore_errors": 0}
+        self.stats = {"events": 0, "records": 0, "evicted": 0, "labels": 0, "duplicates": 0, "restored": 0,
+                      "restore_errors": 0}
         self.recent_ids = RecentIds(dedup_ids)
         self._last_ts = 0
         self._stream_start = 0
@@ -576,6 +577,7 @@ class Detector:
         for _, aid, acct in loaded:
             self.accounts[aid] = acct
             self.accounts.move_to_end(aid, last=False)  # idlest first
+        self.stats["restored"] += len(loaded)
         return len(loaded)
 
     def drop_shards(self, shards: Iterable[int]) -> int:

@@ -63,6 +63,11 @@ class Metrics:
         self.model_drift = Gauge("detector_model_tail_share",
                                  "Share of recent events the anomaly model ranks above 0.95 (about 0.05 when the "
                                  "baseline fits; drift moves it)", registry=r)
+        self.duplicates = Counter("detector_events_duplicate_total", "Valid events skipped as already applied "
+                                  "(redelivered after a crash or rebalance, or sent twice by the gateway)", registry=r)
+        self.restored = Counter("detector_accounts_restored_total",
+                                "Accounts restored from the account-state changelog (at start and on rebalance)",
+                                registry=r)
         self.labels = Counter("detector_analyst_labels_total", "Analyst verdicts applied, by label", ["label"],
                               registry=r)
         self.rebalances = Counter("detector_rebalances_total", "Consumer group rebalances seen by this worker",

@@ -271,7 +271,8 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
 
     @app.page(STATS_PATH)
     async def stats(web: Any, request: Any) -> Any:
-        return web.json({**router.stats, "invalid_by_reason": router.invalid_by_reason})
+        return web.json({**router.stats, "invalid_by_reason": router.invalid_by_reason,
+                         "detector": dict(getattr(det, "stats", {}))})
 
     last: dict[str, int] = {}
 

@@ -172,6 +172,7 @@ class Router:
         self._window_bad = 0
         self._blocked_seen = 0
         self._learned_seen = 0
+        self._detector_seen: dict[str, int] = {}
         m = self.metrics = metrics if metrics is not None else Metrics()
         self._m_valid, self._m_invalid = m.events.labels(result="valid"), m.events.labels(result="invalid")
 
@@ -257,6 +258,11 @@ class Router:
             if model.learned > self._learned_seen:
                 m.model_learned.inc(model.learned - self._learned_seen)
             self._learned_seen = model.learned
+        counts = getattr(det, "stats", {})
+        for key, counter in (("duplicates", m.duplicates), ("restored", m.restored)):
+            if counts.get(key, 0) > self._detector_seen.get(key, 0):
+                counter.inc(counts[key] - self._detector_seen.get(key, 0))
+                self._detector_seen[key] = counts[key]
 
     def summary(self) -> str:
         """One line of counters for the log."""

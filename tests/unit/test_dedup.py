@@ -130,3 +130,22 @@ def test_ids_hash_the_same_in_every_process() -> None:
     for n in range(10):
         assert a.seen(f"e{n}") == b.seen(f"e{n}")
     assert a._new == b._new and a._old == b._old
+
+
+def test_duplicates_and_restored_accounts_reach_the_metrics() -> None:
+    det = detector(track_changes=True)
+    router = Router(det, Settings())
+    ev = event("acct_m1", ts=1_775_000_000_000, event_id="evt_metric_0001")
+    raw = orjson.dumps(ev)
+    router.on_event(raw, b"acct_m1", Source("api-calls", 0, 5))
+    router.on_event(raw, b"acct_m1", Source("api-calls", 0, 5))  # redelivered
+    router.on_event(raw, b"acct_m1", Source("api-calls", 0, 6))  # sent twice by the gateway
+    other = detector()
+    other.restore((aid, blob) for aid, _, blob in det.drain_changes())
+    router.refresh_gauges()
+    Router(other, Settings(), metrics=router.metrics).refresh_gauges()
+    sample = router.metrics.registry.get_sample_value
+    assert sample("detector_events_duplicate_total") == 2
+    assert sample("detector_accounts_restored_total") == 1
+    router.refresh_gauges()  # counts only what is new since the last refresh
+    assert sample("detector_events_duplicate_total") == 2
