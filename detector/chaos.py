@@ -219,6 +219,16 @@ def read_state(bootstrap: str, topic: str, timeout_s: float = 60.0) -> dict[str,
         consumer.close()
 
 
+def _worker_env(bootstrap: str, run_id: str, topics: Any) -> dict[str, str]:
+    """The environment of a ``detector worker`` in this run (no web or metrics port: two run side by side)."""
+    return dict(os.environ, DETECTOR_KAFKA__BOOTSTRAP=bootstrap, DETECTOR_WORKER__APP_ID=run_id,
+                DETECTOR_WORKER__WEB_PORT="0", DETECTOR_WORKER__METRICS_PORT="0",
+                DETECTOR_DETECTION__IDLE_EVICT_S=str(TEN_YEARS_S),
+                DETECTOR_TOPICS__API_CALLS=topics.api_calls, DETECTOR_TOPICS__DEAD_LETTERS=topics.dead_letters,
+                DETECTOR_TOPICS__RISK_SCORES=topics.risk_scores,
+                DETECTOR_TOPICS__ANALYST_LABELS=topics.analyst_labels, DETECTOR_TOPICS__PARTITIONS=str(PARTITIONS))
+
+
 def run_chaos(*, duration_s: float = 90.0, rate: float = 500.0, seed: int = 7,
               say: Callable[[str], None] = print, work_dir: Path | None = None) -> Result:
     """Run the whole exercise (about ``duration_s`` plus a minute) and return its counts. The broker's
@@ -235,110 +245,107 @@ def run_chaos(*, duration_s: float = 90.0, rate: float = 500.0, seed: int = 7,
     port = broker.free_port()
     say(f"chaos: starting a Kafka broker in {work} (jars from Maven Central on the first run)")
     handle = broker.start(work / "broker", port=port)
-    bootstrap = handle.bootstrap
-    run_id = f"chaos-{int(time.time())}"
-    topics = TopicSettings(api_calls=f"{run_id}.api-calls", dead_letters=f"{run_id}.api-calls.dlq",
-                           risk_scores=f"{run_id}.risk-scores", analyst_labels=f"{run_id}.analyst-labels",
-                           partitions=PARTITIONS)
-    ensure_topics(Settings(kafka=KafkaSettings(bootstrap=bootstrap), topics=topics))
-    env = dict(os.environ, DETECTOR_KAFKA__BOOTSTRAP=bootstrap, DETECTOR_WORKER__APP_ID=run_id,
-               DETECTOR_WORKER__WEB_PORT="0", DETECTOR_WORKER__METRICS_PORT="0",
-               DETECTOR_DETECTION__IDLE_EVICT_S=str(TEN_YEARS_S),
-               DETECTOR_TOPICS__API_CALLS=topics.api_calls, DETECTOR_TOPICS__DEAD_LETTERS=topics.dead_letters,
-               DETECTOR_TOPICS__RISK_SCORES=topics.risk_scores, DETECTOR_TOPICS__ANALYST_LABELS=topics.analyst_labels,
-               DETECTOR_TOPICS__PARTITIONS=str(PARTITIONS))
-    n_events = int(duration_s * rate)
-    events = []
-    # The smoke scenario (one simulated day, ~4,800 events at scale 1) scaled up to the events needed.
-    for ev in simulate.build("smoke", seed=seed, scale=max(1.0, n_events / 4500)).events():
-        events.append(ev)
-        if len(events) >= n_events:
-            break
-    say(f"chaos: {len(events):,} events at {rate:.0f}/s over {PARTITIONS} partitions; run {run_id}")
-
-    workers = {"A": _Worker("A", env, work)}
-    restarts = 0
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="detector-chaos")
-    probe_consumer = KafkaConsumer(bootstrap_servers=bootstrap)
-
-    def probe() -> tuple[dict[int, int], dict[int, int]] | None:
-        return _offsets(admin, probe_consumer, run_id, topics.api_calls)
-
-    def supervise() -> None:  # what Kubernetes would do: restart a worker that exited by itself
-        nonlocal restarts
-        for name, w in list(workers.items()):
-            if w.proc.poll() is not None and not w.retired:
-                say(f"chaos: worker {name} exited with {w.proc.returncode}; restarting it (log {w.log})")
-                workers[name] = _Worker(name, env, work)
-                restarts += 1
-
-    traffic = _Traffic(bootstrap, topics.api_calls, events, rate, seed)
-    plan = [Fault("kill -9 worker A, restart it", 0.15 * duration_s),
-            Fault("restart the broker", 0.35 * duration_s),
-            Fault("kill -9 worker A while B runs (failover)", 0.65 * duration_s, limit_s=FAILOVER_LIMIT_S)]
-    t0 = time.monotonic()
-    traffic.start()
-    last_report = [0.0]
-
-    def wait_until(at_s: float, done: Callable[[], bool] = lambda: False) -> None:
-        while time.monotonic() - t0 < at_s and not done():
-            if time.monotonic() - last_report[0] >= 5:
-                last_report[0] = time.monotonic()
-                got = probe()
-                committed = f"{sum(got[0].values()):,}" if got else "?"
-                say(f"[{time.monotonic() - t0:5.0f}s] sent={traffic.sent:,} committed={committed}")
-            supervise()
-            time.sleep(0.2)
-
     try:
-        for fault in plan:
-            if fault is plan[-1]:
-                say(f"chaos: starting worker B at {time.monotonic() - t0:.0f}s (a rebalance)")
-                workers["B"] = _Worker("B", env, work)
-                wait_until(time.monotonic() - t0 + 90, lambda: "restored" in workers["B"].log.read_text())
-            wait_until(fault.at_s)
-            fault.at_s = time.monotonic() - t0
-            if not traffic.is_alive():
-                say(f"chaos: warning: traffic ended before '{fault.name}'; use a longer --duration")
-            got = probe()
-            while got is None:
-                time.sleep(0.5)
-                got = probe()
-            baseline = got[0]
-            say(f"chaos: fault at {fault.at_s:.0f}s: {fault.name}")
-            if fault is plan[0]:
-                workers["A"].kill()
-                time.sleep(2)
-                workers["A"] = _Worker("A", env, work)
-            elif fault is plan[1]:
-                broker.stop(work / "broker")
-                time.sleep(2)
-                broker.start(work / "broker", port=port)
-            else:
-                workers["A"].retired = True
-                workers["A"].kill()
-            _await_progress(fault, t0, probe, baseline, fault.limit_s + 30, say)
-            supervise()
-        traffic.join(timeout=duration_s * 3)
-        traffic.stop.set()
-        say(f"chaos: traffic done: {traffic.sent:,} events, {traffic.resent} sent twice, "
-            f"{traffic.failed} sends failed; waiting for the workers to commit everything")
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            supervise()
-            got = probe()
-            if got is not None and got[0] == got[1]:
+        bootstrap = handle.bootstrap
+        run_id = f"chaos-{int(time.time())}"
+        topics = TopicSettings(api_calls=f"{run_id}.api-calls", dead_letters=f"{run_id}.api-calls.dlq",
+                               risk_scores=f"{run_id}.risk-scores", analyst_labels=f"{run_id}.analyst-labels",
+                               partitions=PARTITIONS)
+        ensure_topics(Settings(kafka=KafkaSettings(bootstrap=bootstrap), topics=topics))
+        env = _worker_env(bootstrap, run_id, topics)
+        n_events = int(duration_s * rate)
+        events = []
+        # The smoke scenario (one simulated day, ~4,800 events at scale 1) scaled up to the events needed.
+        for ev in simulate.build("smoke", seed=seed, scale=max(1.0, n_events / 4500)).events():
+            events.append(ev)
+            if len(events) >= n_events:
                 break
-            time.sleep(1)
-        else:
-            say("chaos: the workers did not commit every offset within 180 s")
+        say(f"chaos: {len(events):,} events at {rate:.0f}/s over {PARTITIONS} partitions; run {run_id}")
+
+        workers = {"A": _Worker("A", env, work)}
+        restarts = 0
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="detector-chaos")
+        probe_consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+
+        def probe() -> tuple[dict[int, int], dict[int, int]] | None:
+            return _offsets(admin, probe_consumer, run_id, topics.api_calls)
+
+        def supervise() -> None:  # what Kubernetes would do: restart a worker that exited by itself
+            nonlocal restarts
+            for name, w in list(workers.items()):
+                if w.proc.poll() is not None and not w.retired:
+                    say(f"chaos: worker {name} exited with {w.proc.returncode}; restarting it (log {w.log})")
+                    workers[name] = _Worker(name, env, work)
+                    restarts += 1
+
+        traffic = _Traffic(bootstrap, topics.api_calls, events, rate, seed)
+        plan = [Fault("kill -9 worker A, restart it", 0.15 * duration_s),
+                Fault("restart the broker", 0.35 * duration_s),
+                Fault("kill -9 worker A while B runs (failover)", 0.65 * duration_s, limit_s=FAILOVER_LIMIT_S)]
+        t0 = time.monotonic()
+        traffic.start()
+        last_report = [0.0]
+
+        def wait_until(at_s: float, done: Callable[[], bool] = lambda: False) -> None:
+            while time.monotonic() - t0 < at_s and not done():
+                if time.monotonic() - last_report[0] >= 5:
+                    last_report[0] = time.monotonic()
+                    got = probe()
+                    committed = f"{sum(got[0].values()):,}" if got else "?"
+                    say(f"[{time.monotonic() - t0:5.0f}s] sent={traffic.sent:,} committed={committed}")
+                supervise()
+                time.sleep(0.2)
+
+        try:
+            for fault in plan:
+                if fault is plan[-1]:
+                    say(f"chaos: starting worker B at {time.monotonic() - t0:.0f}s (a rebalance)")
+                    workers["B"] = _Worker("B", env, work)
+                    wait_until(time.monotonic() - t0 + 90, lambda: "restored" in workers["B"].log.read_text())
+                wait_until(fault.at_s)
+                fault.at_s = time.monotonic() - t0
+                if not traffic.is_alive():
+                    say(f"chaos: warning: traffic ended before '{fault.name}'; use a longer --duration")
+                got = probe()
+                while got is None:
+                    time.sleep(0.5)
+                    got = probe()
+                baseline = got[0]
+                say(f"chaos: fault at {fault.at_s:.0f}s: {fault.name}")
+                if fault is plan[0]:
+                    workers["A"].kill()
+                    time.sleep(2)
+                    workers["A"] = _Worker("A", env, work)
+                elif fault is plan[1]:
+                    broker.stop(work / "broker")
+                    time.sleep(2)
+                    broker.start(work / "broker", port=port)
+                else:
+                    workers["A"].retired = True
+                    workers["A"].kill()
+                _await_progress(fault, t0, probe, baseline, fault.limit_s + 30, say)
+                supervise()
+            traffic.join(timeout=duration_s * 3)
+            traffic.stop.set()
+            say(f"chaos: traffic done: {traffic.sent:,} events, {traffic.resent} sent twice, "
+                f"{traffic.failed} sends failed; waiting for the workers to commit everything")
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                supervise()
+                got = probe()
+                if got is not None and got[0] == got[1]:
+                    break
+                time.sleep(1)
+            else:
+                say("chaos: the workers did not commit every offset within 180 s")
+        finally:
+            for w in workers.values():
+                w.stop()
+            admin.close()
+            probe_consumer.close()
+        state = read_state(bootstrap, f"{run_id}-{ACCOUNT_TABLE}-changelog")
     finally:
-        for w in workers.values():
-            w.stop()
-        admin.close()
-        probe_consumer.close()
-    state = read_state(bootstrap, f"{run_id}-{ACCOUNT_TABLE}-changelog")
-    broker.stop(work / "broker")
+        broker.stop(work / "broker")
 
     expected = traffic.per_account
     got_counts = {aid: load_account(blob)[0].state.events for aid, blob in state.items()}
