@@ -51,6 +51,9 @@ class PopulationBaseline(AnomalyDetector):
         self.z_cap = z_cap
         self._mean: dict[str, stats.EWMean] = {}
         self._var: dict[str, stats.EWVar] = {}
+        # (mean, sd) per feature as of the last learn_one: scoring runs on every event, learning far less
+        # often (the Sampler), so the square roots are taken when learning.
+        self._params: dict[str, tuple[float, float]] = {}
 
     def learn_one(self, x: dict[str, float]) -> None:
         for k, v in x.items():
@@ -59,13 +62,16 @@ class PopulationBaseline(AnomalyDetector):
                 self._var[k] = stats.EWVar(fading_factor=self.fading)
             self._mean[k].update(v)
             self._var[k].update(v)
+            sd = math.sqrt(max(self._var[k].get(), 0.0)) + 1e-3  # EWVar can round below 0
+            self._params[k] = (self._mean[k].get(), sd)
 
     def score_one(self, x: dict[str, float]) -> float:
         total, n = 0.0, 0
+        params, cap = self._params, self.z_cap
         for k, v in x.items():
-            if k in self._mean:
-                sd = math.sqrt(max(self._var[k].get(), 0.0)) + 1e-3  # EWVar can round below 0
-                total += min(abs(v - self._mean[k].get()) / sd, self.z_cap)
+            p = params.get(k)
+            if p is not None:
+                total += min(abs(v - p[0]) / p[1], cap)
                 n += 1
         return total / n if n else 0.0
 
@@ -126,20 +132,42 @@ def squash(f: dict[str, float]) -> dict[str, float]:
     """
     out: dict[str, float] = {}
     for k, v in f.items():
-        if k.startswith(("n_", "volume")) or k in ("in_tokens", "out_tokens", "size", "active_accounts",
-                                                   "per_account_24h"):
-            out[k] = min(math.log1p(max(v, 0.0)) / math.log1p(100_000), 1.0)
-        elif k == "out_in_ratio":
-            out[k] = min(math.log1p(v) / math.log1p(100), 1.0)
-        elif k == "gap_log_std":
+        kind = _SQUASH_KIND.get(k)
+        if kind is None:
+            kind = _SQUASH_KIND[k] = _squash_kind(k)
+        if kind == _COUNT:
+            out[k] = min(math.log1p(max(v, 0.0)) / _LOG_100K, 1.0)
+        elif kind == _RATIO:
+            out[k] = min(math.log1p(v) / _LOG_100, 1.0)
+        elif kind == _GAP:
             out[k] = min(v / 4.0, 1.0)
-        elif k.startswith("distinct_"):
+        elif kind == _DISTINCT:
             out[k] = min(v / 64.0, 1.0)
-        elif k == "account_age_days":
-            out[k] = min(math.log1p(v) / math.log1p(3650), 1.0)
+        elif kind == _AGE:
+            out[k] = min(math.log1p(v) / _LOG_10Y, 1.0)
         else:
             out[k] = min(max(v, 0.0), 1.0)
     return out
+
+
+_COUNT, _RATIO, _GAP, _DISTINCT, _AGE, _SHARE = range(6)
+_LOG_100K, _LOG_100, _LOG_10Y = math.log1p(100_000), math.log1p(100), math.log1p(3650)
+_SQUASH_KIND: dict[str, int] = {}  # feature name -> how squash maps it, decided once per name
+
+
+def _squash_kind(k: str) -> int:
+    if k.startswith(("n_", "volume")) or k in ("in_tokens", "out_tokens", "size", "active_accounts",
+                                               "per_account_24h"):
+        return _COUNT
+    if k == "out_in_ratio":
+        return _RATIO
+    if k == "gap_log_std":
+        return _GAP
+    if k.startswith("distinct_"):
+        return _DISTINCT
+    if k == "account_age_days":
+        return _AGE
+    return _SHARE
 
 
 class Sampler:
