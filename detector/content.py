@@ -79,16 +79,15 @@ class ContentIndex:
             self._new = array("I", bytes(4 * self.depth * self.width))
             self._window_start = ts
 
-    def _cells(self, key: int) -> list[int]:
+    def _estimate_and_add(self, key: int, add: bool) -> int:
+        # Double hashing into ``depth`` rows; runs for every band of every event (about 9 per event).
         h1 = (key * _M1) & _MASK
         h2 = ((key ^ (key >> 29)) * _M2) & _MASK | 1
         w = self.width
-        return [r * w + ((h1 + r * h2) & _MASK) % w for r in range(self.depth)]
-
-    def _estimate_and_add(self, key: int, add: bool) -> int:
         new, old = self._new, self._old
         best = 1 << 32
-        for c in self._cells(key):
+        for r in range(self.depth):
+            c = r * w + ((h1 + r * h2) & _MASK) % w
             if add:
                 new[c] += 1
             v = new[c] + old[c]
