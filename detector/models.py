@@ -81,8 +81,20 @@ class RankScorer:
     scores of learned points (0 until ``warm_up`` points were learned).
 
     Keeps a sorted list and a queue of the recent raw scores: O(window) memory, O(log window + window
-    shifts) per learn.
+    shifts) per learn. ``tail_share`` is the share of scored points ranked above 0.95, exponentially
+    weighted over about the last 1,000 (about 0.05 while the baseline fits the traffic; drift, or a flood
+    of odd traffic, moves it).
+
+    >>> from detector.models import PopulationBaseline
+    >>> rs = RankScorer(PopulationBaseline(), window=100, warm_up=10)
+    >>> for i in range(300):
+    ...     rs.learn_one({"x": i % 5 / 5})
+    >>> rs.score_one({"x": 0.4}), rs.score_one({"x": 9.0}), round(rs.tail_share, 4)  # one of two in the tail
+    (0.4, 1.0, 0.001)
     """
+
+    TAIL = 0.95
+    TAIL_FADING = 0.001
 
     def __init__(self, model: Scorer, window: int = 2000, warm_up: int = 200) -> None:
         self.model = model
@@ -91,6 +103,7 @@ class RankScorer:
         self._recent: deque[float] = deque()
         self._sorted: list[float] = []
         self.learned = 0
+        self.tail_share = 0.0
 
     @property
     def warm(self) -> bool:
@@ -100,7 +113,9 @@ class RankScorer:
         if not self.warm:
             return 0.0
         raw = self.model.score_one(x)
-        return bisect.bisect_left(self._sorted, raw) / len(self._sorted)
+        rank = bisect.bisect_left(self._sorted, raw) / len(self._sorted)
+        self.tail_share += self.TAIL_FADING * ((rank > self.TAIL) - self.tail_share)
+        return rank
 
     def learn_one(self, x: dict[str, float]) -> None:
         raw = self.model.score_one(x)

@@ -258,6 +258,7 @@ class Router:
             if model.learned > self._learned_seen:
                 m.model_learned.inc(model.learned - self._learned_seen)
             self._learned_seen = model.learned
+            m.model_drift.set(getattr(model, "tail_share", 0.0))
         counts = getattr(det, "stats", {})
         for key, counter in (("duplicates", m.duplicates), ("restored", m.restored)):
             if counts.get(key, 0) > self._detector_seen.get(key, 0):

@@ -149,3 +149,12 @@ def test_duplicates_and_restored_accounts_reach_the_metrics() -> None:
     assert sample("detector_accounts_restored_total") == 1
     router.refresh_gauges()  # counts only what is new since the last refresh
     assert sample("detector_events_duplicate_total") == 2
+
+
+def test_model_tail_share_reaches_its_gauge() -> None:
+    det = detector()
+    router = Router(det, Settings())
+    det.model.learned = det.model.warm_up  # warm, so the gauges read the model
+    det.model.tail_share = 0.2
+    router.refresh_gauges()
+    assert router.metrics.registry.get_sample_value("detector_model_tail_share") == 0.2
