@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
+from faust.stores.memory import Store as MemoryStore
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.auth import CredentialsT
 from mode import CrashingSupervisor
@@ -225,6 +226,13 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             return
         restored = durable.restore((k.decode(), v) for k, v in accounts.data.items())
         log.info("restored %d accounts from the %s changelog", restored, ACCOUNT_TABLE)
+        store = accounts.data
+        if isinstance(store, MemoryStore):
+            # The detector holds the accounts now; a second copy of every snapshot would double the memory
+            # per account. The memory store re-reads the changelog from its start at every recovery (its
+            # persisted_offset is None), so nothing is lost by emptying it here.
+            store.data.clear()
+            store._key_partition.clear()
 
     def drop_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         # Revoked partitions may go to another worker: forget their accounts, and those known only from
