@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
-from faust.stores.memory import Store as MemoryStore
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.auth import CredentialsT
 from mode import CrashingSupervisor
@@ -192,32 +191,37 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
     # Faust derives a table's codecs from its types ("json" for bytes) and uses them when it recovers; the
     # snapshots are raw bytes (detection.dump_account). Set before the changelog topic is first built.
     accounts.key_serializer = accounts.value_serializer = "raw"  # type: ignore[attr-defined]
+    changelog = accounts.changelog_topic
+    destinations[changelog.get_topic_name()] = changelog
 
     async def send(out: Output) -> Awaitable[Any]:
         # Topic.send returns once the message is in the producer's buffer; the awaitable is its delivery.
-        return await destinations[out.topic].send(key=out.key, value=out.value)
+        return await destinations[out.topic].send(key=out.key, value=out.value, partition=out.partition)
 
-    def write_changes() -> None:
-        """Send the accounts the detector changed since the last call to the table's changelog.
+    def take_changes() -> list[Output]:
+        """The changelog messages for the accounts the detector changed since the last call (synchronous:
+        call it right after the events that made the changes, before any await).
 
         Only for partitions this worker holds now: an account whose partition was revoked mid-batch is
         dropped instead (its new owner recovers it from the changelog and is redelivered the events).
-        Faust's commit flushes the producer before it commits offsets, so the changelog holds a batch's
-        effects before the batch counts as consumed."""
+        The caller sends them like risk-score records and awaits their delivery before acknowledging the
+        batch, so the changelog holds a batch's effects before the batch counts as consumed. (Not through
+        Table.send_changelog: Faust's send buffer may still hold messages when its commit has flushed.)"""
         if durable is None:
-            return
+            return []
         held = {tp.partition for tp in app.consumer.assignment() if tp.topic == t.api_calls}
-        lost = set()
+        lost, changes = set(), []
         for aid, shard, blob in durable.drain_changes():
             key = aid.encode()
             if shard < 0:  # known only from an analyst label: goes where its events would go
                 shard = app.producer.key_partition(t.api_calls, key).partition
             if shard in held:
-                accounts.send_changelog(shard, key, blob)
+                changes.append(Output(changelog.get_topic_name(), key, blob, shard))
             else:
                 lost.add(shard)
         if lost:
             durable.drop_shards(lost)
+        return changes
 
     @accounts.on_recover
     async def restore_accounts() -> None:
@@ -226,13 +230,9 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             return
         restored = durable.restore((k.decode(), v) for k, v in accounts.data.items())
         log.info("restored %d accounts from the %s changelog", restored, ACCOUNT_TABLE)
-        store = accounts.data
-        if isinstance(store, MemoryStore):
-            # The detector holds the accounts now; a second copy of every snapshot would double the memory
-            # per account. The memory store re-reads the changelog from its start at every recovery (its
-            # persisted_offset is None), so nothing is lost by emptying it here.
-            store.data.clear()
-            store._key_partition.clear()
+        # The table keeps its copy of every snapshot (memory per account counts it twice): Faust resumes
+        # reading a partition it keeps across a rebalance where it stopped, so an emptied table would
+        # miss the accounts of that partition at the next restore (make chaos lost events that way).
 
     def drop_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         # Revoked partitions may go to another worker: forget their accounts, and those known only from
@@ -252,7 +252,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             started = time.perf_counter()
             outs = []
             last_offsets: dict[Any, int] = {}
-            # No await from the first event to write_changes(): a rebalance (which drops and restores
+            # No await from the first event to take_changes(): a rebalance (which drops and restores
             # accounts) runs between batches, never between a batch's effects and their changelog writes.
             for event in batch:
                 m = event.message  # type: ignore[attr-defined]
@@ -260,7 +260,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
                 if out is not None:
                     outs.append(out)
                 last_offsets[m.tp] = m.offset
-            write_changes()
+            outs += take_changes()
             deliveries = [await send(out) for out in outs]
             await asyncio.gather(*deliveries)
             for event in batch:
@@ -273,9 +273,8 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         async for event in stream.events():  # acked when the next one is taken, after its delivery
             m = event.message
             out = router.on_label(m.value, m.key, Source(m.topic, m.partition, m.offset))
-            write_changes()
-            if out is not None:
-                await (await send(out))
+            outs = ([out] if out is not None else []) + take_changes()
+            await asyncio.gather(*[await send(o) for o in outs])
 
     @app.page(STATS_PATH)
     async def stats(web: Any, request: Any) -> Any:

@@ -80,7 +80,8 @@ class Output:
 
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone (an evicted account's changelog entry)
+    partition: int | None = None  # None: by key, as the producer's partitioner decides
 
 
 def decode_label(raw: bytes, max_bytes: int = 64 * 1024) -> dict[str, Any]:
