@@ -52,7 +52,11 @@ MACHINE_SPREAD = 0.85  # hour-of-day entropy (normalised) above which an account
 MODEL_WARM_UP_MS = 3_600_000  # models first seen in the stream's first hour existed before it started
 # Key kinds specific enough to tie an account to a blocked cluster below the linking threshold (a shared
 # user agent, TLS library or cloud ASN is not).
-NEAR_KINDS = frozenset({"tmpl", "pay", "ip24", "cohort"})
+NEAR_KINDS = frozenset({"pay", "ip24", "cohort"})
+# A shared template ties an account to a blocked cluster only if that cluster's traffic is largely templated
+# (the template is the campaign's). The bands of a barely templated cluster are boilerplate everyone uses
+# ("Think step by step."), which public-benchmark runs share too.
+NEAR_TEMPLATE_SHARE = 0.25
 DEDUP_IDS = 100_000  # event ids remembered for deduplication: between this many and twice as many
 RECENT_PER_ACCOUNT = 8  # event-id hashes kept in each account's snapshot (duplicates across a restart)
 # Integer fields the detector reads. JSON Schema's "integer" admits 1.0 (to JSON, the same number as 1), but a
@@ -390,6 +394,16 @@ class Detector:
         size = c["size"]
         sf = _clip(math.log(size / 2.0) / math.log(25.0)) if size >= 3 else 0.0  # 3 -> 0.13, 10 -> 0.5, 50 -> 1
         template_share = f["template_share"] * shrink
+        # Harvest: long answers (1,000 -> 2,500 output tokens on average) at a high rate (hour-horizon count
+        # 8 -> 24, i.e. about 6 -> 17 calls an hour at a steady pace), kept up for two whole hours (a
+        # researcher's session is a burst) and on prompts of its own (a benchmark run sends prompts other
+        # accounts send too). Batch classification has short answers; chat, agents and labs do not keep up
+        # that pace. A content-generation pipeline would: alone it is weak evidence, from an account linked
+        # to others it is strong.
+        harvest = (_clip((f["out_tokens"] - 1000.0) / 1500.0) * _clip((f["n_1h"] - 8.0) / 16.0)
+                   * (1.0 - f["exact_shared_share"]))
+        if harvest > 0.0:  # steady_hours reads up to 23 slots: only for the few accounts it can matter to
+            harvest *= _clip((feat.steady_hours(self.accounts[account].state, ts) + 1.0) / 3.0)
         values = {
             "shared_template": f["template_share"],
             "cot_requests": f["cot_share"],
@@ -405,6 +419,8 @@ class Detector:
             "cluster_cot": c["cot_share"],
             "cluster_new_model": c["new_model_share_1h"],
             "cluster_multi_org": c["orgs"],
+            "harvest": f["out_tokens"],
+            "cluster_harvest": f["out_tokens"],
         }
         evidence = {
             "shared_template": _clip((f["template_share"] * shrink - 0.1) / 0.6),
@@ -425,14 +441,24 @@ class Detector:
             "cluster_cot": sf * c["cot_share"],
             "cluster_new_model": sf * c["new_model_share_1h"],
             "linked_to_blocked": 1.0 if cluster.blocked else 0.0,
+            "harvest": harvest,
+            "cluster_harvest": sf * harvest,
         }
         if not cluster.blocked and template_share > 0.2:
             # Below the linking threshold, but filling the templates of (or sharing keys with) a blocked
             # cluster: a reseller proxy mixing a campaign's traffic with its customers'.
-            toward = self.linker.link_weight_to(account, lambda r: r in self._blocked_roots, NEAR_KINDS)
+            blocked = self._blocked_roots
+            toward = self.linker.link_weight_to(account, lambda r: r in blocked, NEAR_KINDS)
+            toward += self.linker.link_weight_to(account, lambda r: r in blocked and self._templated(r, ts), ("tmpl",))
             evidence["near_blocked"] = _clip(toward / 0.5) * _clip((template_share - 0.2) * 2.5)
             values["near_blocked"] = toward
         return evidence, values, c["size"]
+
+    def _templated(self, root: str, ts: int) -> bool:
+        """Whether the cluster of ``root`` fills shared templates in :data:`NEAR_TEMPLATE_SHARE` or more of
+        its traffic (day window). Cost: one read of the cluster's windows, about 5 µs."""
+        cluster = self.clusters.get(root)
+        return cluster is not None and cluster.features(ts, 1)["template_share"] >= NEAR_TEMPLATE_SHARE
 
     def _emit(self, acct: _Account, aid: str, ts: int, score: float, action: str,
               reasons: list[tuple[str, float, float, int]], cluster_id: str | None,

@@ -172,6 +172,44 @@ def update(st: AccountState, ev: dict, shared: EventContext) -> None:
     st.ua_bits |= _bit(client.get("user_agent"))
 
 
+def steady_hours(st: AccountState, now: int, floor: float = 0.25) -> int:
+    """Whole hours in a row, just before the current one, in each of which the account ran at ``floor``
+    or more of its current hourly rate: how long it has kept up its present pace without a break.
+
+    Read from the day window's hour-of-day slots, each slot's weight undone for the time since that hour
+    (so the slot ``k`` hours back counts as if all of it were ``k`` hours old; what it holds from earlier
+    days makes it only larger). The current rate is the hour-horizon count (``n_1h * ln 2`` calls per
+    hour at a steady pace). A burst after a quiet spell scores 0; a business-hours job at most its length
+    (about 9); only traffic that keeps going through the evening and night gets past that. Assumes events
+    up to ``now`` (the latest one) have been folded in. Cost: at most 23 slot reads, about 5 µs.
+
+    >>> st = AccountState(created_ts=None)
+    >>> ctx = EventContext(template_accounts=1, exact_accounts=1, model_age_ms=1 << 62)
+    >>> ev = {"input_tokens": 100, "output_tokens": 400, "status": 200, "response": {"stop_reason": "end_turn"},
+    ...       "model": "m", "client": {}, "prompt": {"cot": False, "capability": "qa", "script": "latin"}}
+    >>> for i in range(14 * 20):  # 20 calls an hour for 14 hours
+    ...     update(st, {**ev, "ts": i * 180_000}, ctx)
+    >>> steady_hours(st, 14 * HOUR_MS - 180_000)
+    13
+    >>> burst = AccountState(created_ts=None)
+    >>> for i in range(40):  # one call, then a 39-call session 12 hours later
+    ...     update(burst, {**ev, "ts": i and 12 * HOUR_MS + i * 60_000}, ctx)
+    >>> steady_hours(burst, 12 * HOUR_MS + 39 * 60_000)
+    0
+    """
+    if st.events == 0 or st.n_1h <= 0.0:
+        return 0
+    day = st.day
+    scale = 2.0 ** min(-(now - st.t0) / H_DAY, _RENORM)
+    rate = st.n_1h * 2.0 ** (-max(now - st.last_ts, 0) / H_1H) * math.log(2.0)
+    need = floor * rate
+    hour = now // HOUR_MS
+    k = 1
+    while k < 24 and day[HOUR0 + (hour - k) % 24] * scale * 2.0 ** (k * HOUR_MS / H_DAY) >= need:
+        k += 1
+    return k - 1
+
+
 def _entropy(values: list[float]) -> float:
     total = sum(values)
     if total <= 0:

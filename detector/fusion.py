@@ -45,7 +45,9 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "cluster_new_accounts": 1.5,  # linked accounts are freshly created
     "cluster_cot": 1.0,
     "cluster_new_model": 1.5,
-    "cluster_multi_org": 1.0,  # linked accounts moved to a newly released model together
+    "cluster_multi_org": 1.0,  # one payment method or network across organisations
+    "harvest": 1.0,  # pulls long answers at a high rate, kept up for hours (a content pipeline can too)
+    "cluster_harvest": 7.0,  # the same from an account linked to others (scaled by the cluster's size)
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
     "near_blocked": 5.0,  # shares keys or templates with a blocked cluster, below the linking threshold
 }
@@ -68,6 +70,8 @@ DETAILS: dict[str, str] = {
     "cluster_cot": "{pct} of the cluster's prompts ask for step-by-step reasoning",
     "cluster_new_model": "{pct} of the cluster's last-hour traffic on a model released within the last day",
     "cluster_multi_org": "cluster spans {v:.0f} organisations",
+    "harvest": "pulls long answers (~{v:.0f} output tokens each) at a high rate, kept up for hours",
+    "cluster_harvest": "one of {n} linked accounts pulling long answers (~{v:.0f} output tokens each) at a high rate",
     "linked_to_blocked": "linked to a blocked cluster",
     "near_blocked": "shares templates or infrastructure with a blocked cluster",
     "allowlisted": "account or org is on the allowlist",

@@ -117,3 +117,61 @@ def test_idle_accounts_are_evicted():
     det.process(event("acct_old", BASE_TS))
     det.process(event("acct_new", BASE_TS + 2 * HOUR))
     assert list(det.accounts) == ["acct_new"]
+
+
+
+def harvest_and_lab(hours=4, seed=3):
+    """Twelve old, high-tier accounts in two orgs on two cards, pulling long answers ~24 times an hour each
+    and asking for reasoning now and then (a model hopper before the release), and a lab of five
+    researchers on one card with short sessions."""
+    rng = random.Random(seed)
+    events = []
+    for i in range(12):
+        aid = f"acct_h{i:02d}"
+        for k in range(hours * 24):
+            ts = BASE_TS + k * 150_000 + rng.randrange(150_000)
+            task = f"{rng.choice(TASKS)} with {' '.join(rng.sample(WORDS, 5))} case {i}-{k}"
+            if rng.random() < 0.3:
+                task += ". Think step by step and explain your reasoning."
+            events.append(event(aid, ts, task, org_id=f"org_h{i % 2}", output_tokens=rng.randrange(1800, 3200),
+                                billing={"payment_fp": f"pm_h{i % 2}", "tier": "scale",
+                                         "account_created_ts": BASE_TS - 40 * 86_400_000},
+                                client={"ip": f"198.18.7.{i}", "asn": 16509, "country": "US",
+                                        "user_agent": "anthropic-python/0.49.0", "tls_fp": None}))
+    for j in range(5):
+        aid = f"acct_lab{j}"
+        for _ in range(3):
+            ts = BASE_TS + rng.randrange(hours * HOUR)
+            for _ in range(rng.randrange(4, 12)):
+                ts += rng.randrange(20_000, 120_000)
+                events.append(event(aid, ts, rng.choice(ORDINARY) + " " + " ".join(rng.sample(WORDS, 3)),
+                                    org_id="org_lab", output_tokens=rng.randrange(200, 1500),
+                                    billing={"payment_fp": "pm_lab", "tier": "tier-3",
+                                             "account_created_ts": BASE_TS - 300 * 86_400_000},
+                                    client={"ip": f"192.0.2.{j}", "asn": 3, "country": "US",
+                                            "user_agent": "python-requests/2.32.3", "tls_fp": None}))
+    events.sort(key=lambda e: e["ts"])
+    return events
+
+
+def test_linked_accounts_harvesting_long_answers_are_caught_within_hours():
+    det, records = run(harvest_and_lab())
+    harvesters = [a for a in det.accounts if a.startswith("acct_h")]
+    assert all(det.accounts[a].action in ("throttle", "block") for a in harvesters)
+    assert all(det.accounts[a].action == "allow" for a in det.accounts if a.startswith("acct_lab"))
+    first = min(r["event_ts"] for r in records if r["action"] in ("throttle", "block"))
+    assert first - BASE_TS < 3 * HOUR
+    codes = {c["code"] for r in records if r["account_id"].startswith("acct_h") for c in r["reasons"]}
+    assert "cluster_harvest" in codes
+
+
+def test_a_shared_band_ties_to_a_blocked_cluster_only_if_that_cluster_is_templated():
+    """A band the blocked cluster used only in passing ("Think step by step") is boilerplate, which public
+    benchmark runs share too; a band of a campaign that fills templates is the campaign's."""
+    det, _ = run(harvest_and_lab(hours=2))
+    det.apply_label({"account_id": "acct_h00", "label": "attack", "ts": BASE_TS + 2 * HOUR})
+    hopper = det.linker.root("acct_h00")
+    assert det.clusters[hopper].blocked and not det._templated(hopper, BASE_TS + 2 * HOUR)
+    templated, _ = run(campaign_and_ordinary())
+    campaign = templated.linker.root("acct_x001")
+    assert templated.clusters[campaign].blocked and templated._templated(campaign, BASE_TS + 24 * HOUR)
