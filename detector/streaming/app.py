@@ -30,8 +30,8 @@ partitions that guarantee weakens:
 Durable account state. Each account's state (windows, decision, last offset and event ids) is a snapshot
 (:func:`detector.detection.dump_account`) in the ``account-state`` table, co-partitioned with
 ``api-calls``; its compacted changelog ``<app id>-account-state-changelog`` gets one write per changed
-account per batch, sent before the batch is acknowledged. Faust's commit flushes the producer before it
-commits offsets, so a batch's effects are in the changelog before it counts as consumed. After a crash
+account per batch, whose delivery is awaited before the batch is acknowledged, so a batch's effects are
+in the changelog before it counts as consumed. After a crash
 or a rebalance the worker restores the snapshots of the partitions it is assigned (before their streams
 resume) and is redelivered the events after the last commit: the detector skips those already folded in
 (each snapshot keeps the offset of its account's last event, and its last event ids), so no event is
