@@ -99,7 +99,7 @@ def metrics(outcome: Outcome, labels: dict[str, Any]) -> dict[str, Any]:
         "precision": tp / (tp + fp) if tp + fp else 1.0,
         "fpr": fp / len(ordinary) if ordinary else 0.0,
         "served_share": attack_served / attack_events if attack_events else 0.0,
-        "first_detect_share": max((c["first_detect_share"] for c in campaigns.values()), default=0.0),
+        "first_detect_share": max((c["first_detect_share"] or 0.0 for c in campaigns.values()), default=0.0),
         "campaigns": campaigns,
         "seconds": outcome.seconds,
     }

@@ -55,7 +55,7 @@ class PopulationBaseline(AnomalyDetector):
         # often (the Sampler), so the square roots are taken when learning.
         self._params: dict[str, tuple[float, float]] = {}
 
-    def learn_one(self, x: dict[str, float]) -> None:
+    def learn_one(self, x: dict[str, float]) -> None:  # type: ignore[override]  # River types x loosely
         for k, v in x.items():
             if k not in self._mean:
                 self._mean[k] = stats.EWMean(fading_factor=self.fading)
@@ -65,7 +65,7 @@ class PopulationBaseline(AnomalyDetector):
             sd = math.sqrt(max(self._var[k].get(), 0.0)) + 1e-3  # EWVar can round below 0
             self._params[k] = (self._mean[k].get(), sd)
 
-    def score_one(self, x: dict[str, float]) -> float:
+    def score_one(self, x: dict[str, float]) -> float:  # type: ignore[override]
         total, n = 0.0, 0
         params, cap = self._params, self.z_cap
         for k, v in x.items():

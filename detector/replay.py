@@ -86,7 +86,9 @@ def replay_file(path: Path, out: Path | None, detector: Detector, *, sort_by_tim
             result = replay(events, detector, progress=progress)
         else:
             with open(out, "wb") as sink:
-                result = replay(events, detector, progress=progress,
-                                on_record=lambda rec: sink.write(orjson.dumps(rec) + b"\n"))
+                def write(rec: dict[str, Any]) -> None:
+                    sink.write(orjson.dumps(rec) + b"\n")
+
+                result = replay(events, detector, progress=progress, on_record=write)
     result.invalid = invalid
     return result

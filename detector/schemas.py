@@ -88,7 +88,7 @@ def validate(name: str, obj: Any) -> dict[str, Any]:
     try:
         validator(name)(obj)
     except fastjsonschema.JsonSchemaException as exc:
-        raise InvalidEvent("schema", str(exc.message)) from None
+        raise InvalidEvent("schema", str(getattr(exc, "message", exc))) from None
     return obj
 
 
