@@ -46,6 +46,7 @@ import pytest
 import yaml
 
 from detector.schemas import validate_event
+from tests.integration.kafka_io import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -225,25 +226,6 @@ def _venv_env(**extra: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0) -> list[Any]:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
-    try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
-        messages: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and len(messages) < expected:
-            messages.extend(consumer)
-        time.sleep(0.5)  # anything beyond the expected count would be a duplicate: give it a chance to show
-        messages.extend(consumer)
-        return messages
-    finally:
-        consumer.close()
-
-
 def _assert_no_text(messages: list[Any], secrets: list[str]) -> None:
     for msg in messages:
         raw = (msg.key or b"") + b"\0" + (msg.value or b"")
@@ -308,7 +290,7 @@ def test_litellm_sdk_calls_become_events(litellm_python: Path, kafka_bootstrap: 
     for secret in secrets:  # nor in the gateway's own logs
         assert secret not in proc.stderr and secret not in proc.stdout
 
-    messages = _read_topic(kafka_bootstrap, topic, expected=len(cases))
+    messages = read_topic(kafka_bootstrap, topic, expected=len(cases), timeout_s=60.0, linger_s=0.5)
     assert len(messages) == len(cases)
     events = _by_account(messages)
     _assert_no_text(messages, secrets)
@@ -422,7 +404,7 @@ def test_litellm_proxy_request_becomes_event(litellm_python: Path, kafka_bootstr
             assert response.status == 200, answer
             assert answer["choices"][0]["finish_reason"] == "length"
 
-            messages = _read_topic(kafka_bootstrap, topic, expected=1)
+            messages = read_topic(kafka_bootstrap, topic, expected=1, timeout_s=60.0, linger_s=0.5)
         proxy_log = log_path.read_text(errors="replace")
 
     assert len(messages) == 1, proxy_log[-5000:]

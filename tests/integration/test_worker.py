@@ -38,6 +38,7 @@ from detector.schemas import DEAD_LETTER_SCHEMA, SCORE_SCHEMA, InvalidEvent, dec
 from detector.settings import load_settings
 from detector.streaming.app import STATS_PATH
 from detector.streaming.topics import ensure_topics
+from tests.integration.kafka_io import read_topic
 
 ROOT = Path(__file__).resolve().parents[2]
 HOUR = 3_600_000
@@ -90,26 +91,6 @@ class Run:
     returncode: int | None = None
     log: str = ""
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _read(bootstrap: str, topic: str, expected: int, timeout_s: float = 15.0) -> list[Any]:
-    """Every message of ``topic`` (one partition) in offset order, waiting for at least ``expected``."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
-    try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
-        messages: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            messages.extend(consumer)
-            if len(messages) >= expected:
-                break
-        return messages
-    finally:
-        consumer.close()
 
 
 def _stats(port: int) -> dict[str, Any] | None:
@@ -207,9 +188,9 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     result.returncode, result.log = returncode, log_text
     result.timings["stopped_s"] = time.monotonic() - t0
     result.scores = [(m.key, orjson.loads(m.value)) for m in
-                     _read(kafka_bootstrap, topics["risk_scores"], result.stats["records"])]
+                     read_topic(kafka_bootstrap, topics["risk_scores"], result.stats["records"])]
     result.dead_letters = [(m.key, orjson.loads(m.value)) for m in
-                           _read(kafka_bootstrap, topics["dead_letters"], result.stats["dead_letters"])]
+                           read_topic(kafka_bootstrap, topics["dead_letters"], result.stats["dead_letters"])]
     yield result
     print(f"\nworker run timings: {result.timings}")
 
@@ -268,7 +249,7 @@ def test_worker_gives_the_same_records_as_the_detector_in_offset_order(run: Run)
     """What ``detector replay`` computes from a file of the topic's events equals what the worker published."""
     det = Detector(load_settings({}).detection)
     expected: list[dict[str, Any]] = []
-    for message in _read(run.bootstrap, run.topics["api_calls"], run.stats["events"]):
+    for message in read_topic(run.bootstrap, run.topics["api_calls"], run.stats["events"]):
         try:
             ev = decode_event(message.value)
         except InvalidEvent:
