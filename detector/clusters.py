@@ -140,6 +140,25 @@ class Linker:
         """Live members of the cluster of ``root`` (a root, as :meth:`root` or :meth:`link` return)."""
         return self._size.get(root, 1)
 
+    def card_sharers(self, account: str) -> int:
+        """Live accounts holding the payment key of ``account`` if it holds no org key, else 0: how many
+        personal accounts one card pays for (an organisation's members sharing its card are not counted).
+
+        >>> lk = Linker()
+        >>> for a in ("a1", "a2", "a3"):
+        ...     _ = lk.link(a, [("pay", "pm_1")])
+        >>> _ = lk.link("b1", [("pay", "pm_2"), ("org", "o")]); _ = lk.link("b2", [("pay", "pm_2"), ("org", "o")])
+        >>> lk.card_sharers("a1"), lk.card_sharers("b1"), lk.card_sharers("nobody")
+        (3, 0, 0)
+        """
+        degree = 0
+        for kind, value in self._keys.get(account, ()):
+            if kind == "org":
+                return 0
+            if kind == "pay":
+                degree = self._key_degree.get((kind, value), 0)
+        return degree
+
     def cluster_id(self, account: str) -> str:
         """An id for the account's cluster: ``c_`` and 12 hex digits of its root's name.
 
@@ -330,6 +349,17 @@ class Linker:
             if r != me and accept(r):
                 best[key[0]] = max(best.get(key[0], 0.0), key_weight(key[0], self._key_degree[key]))
         return sum(best.values())
+
+    def keys_into(self, account: str, accept: Callable[[str], bool], kind: str) -> int:
+        """How many of ``account``'s keys of ``kind`` point into other clusters ``accept`` picks (linked or
+        not): "fills two of a blocked cluster's templates"."""
+        me = self.root(account)
+        n = 0
+        for key in self._keys.get(account, ()):
+            if key[0] == kind:
+                r = self.root(self._key_rep[key])
+                n += r != me and accept(r)
+        return n
 
     def members(self) -> int:
         """Live accounts (tombstones of forgotten ones not counted)."""

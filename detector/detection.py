@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from detector import features as feat
-from detector.clusters import ClusterState, Linker, link_keys
+from detector.clusters import KEY_KINDS, ClusterState, Linker, link_keys
 from detector.content import ContentIndex, SeenFilter
 from detector.fusion import ACTIONS, Fusion, decide, detail
 from detector.models import RankScorer, Sampler, make_model, squash
@@ -57,6 +57,10 @@ NEAR_KINDS = frozenset({"pay", "ip24", "cohort"})
 # (the template is the campaign's). The bands of a barely templated cluster are boilerplate everyone uses
 # ("Think step by step."), which public-benchmark runs share too.
 NEAR_TEMPLATE_SHARE = 0.25
+# A payment fingerprint on more personal (organisation-less) accounts than SHARED_CARD_FROM is evidence,
+# full at SHARED_CARD_FROM + SHARED_CARD_SPAN accounts.
+SHARED_CARD_FROM = 3
+SHARED_CARD_SPAN = 27
 DEDUP_IDS = 100_000  # event ids remembered for deduplication: between this many and twice as many
 RECENT_PER_ACCOUNT = 8  # event-id hashes kept in each account's snapshot (duplicates across a restart)
 # Integer fields the detector reads. JSON Schema's "integer" admits 1.0 (to JSON, the same number as 1), but a
@@ -368,7 +372,7 @@ class Detector:
         x = squash(f)
         rank = self.model.score_one(x)
         evidence, values, size = self._evidence(f, rank, cluster, root, ts, aid)
-        score, contributions = self.fusion.score(evidence)
+        score = self.fusion.score(evidence)
         action = decide(score, acct.action, self.settings)
         if self.sampler.should_learn(acct.learned_ts, ts, flagged=action != "allow"):
             self.model.learn_one(x)
@@ -379,15 +383,18 @@ class Detector:
             if (cluster.blocked_members >= 2 or size >= 3) and not cluster.blocked:
                 cluster.blocked = True
                 self._blocked_roots.add(root)
-        reasons = [(code, share, values.get(code, 0.0), int(size)) for code, share in contributions]
+        if not self._decided(acct, score, action):
+            return None
+        reasons = [(code, share, values.get(code, 0.0), int(size)) for code, share in self.fusion.reasons(evidence)]
         cluster_id = self.linker.cluster_id(aid) if self.linker.size(root) > 1 else None
-        return self._emit(acct, aid, ts, score, action, reasons, cluster_id, emitted_at)
+        return self._record(acct, aid, ts, score, action, reasons, cluster_id, emitted_at)
 
     # ----------------------------------------------------------------------------------------------
     def _evidence(self, f: dict[str, float], rank: float, cluster: ClusterState, root: str,
                   ts: int, account: str) -> tuple[dict[str, float], dict[str, float], float]:
         """Evidence terms in [0, 1], the raw values behind them (for reason texts) and cluster size."""
         n = f["n_24h"]
+        card = self.linker.card_sharers(account)
         shrink = n / (n + 2.0)  # one event is weak evidence of a share
         age = f["account_age_days"]
         c = cluster.features(ts, self.linker.size(root))
@@ -421,6 +428,7 @@ class Detector:
             "cluster_multi_org": c["orgs"],
             "harvest": f["out_tokens"],
             "cluster_harvest": f["out_tokens"],
+            "shared_payment": float(card),
         }
         evidence = {
             "shared_template": _clip((f["template_share"] * shrink - 0.1) / 0.6),
@@ -443,13 +451,19 @@ class Detector:
             "linked_to_blocked": 1.0 if cluster.blocked else 0.0,
             "harvest": harvest,
             "cluster_harvest": sf * harvest,
+            # A family or a small team on one card: weak; a card paying for dozens of personal accounts: strong.
+            "shared_payment": _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN),
         }
         if not cluster.blocked and template_share > 0.2:
             # Below the linking threshold, but filling the templates of (or sharing keys with) a blocked
             # cluster: a reseller proxy mixing a campaign's traffic with its customers'.
             blocked = self._blocked_roots
             toward = self.linker.link_weight_to(account, lambda r: r in blocked, NEAR_KINDS)
-            toward += self.linker.link_weight_to(account, lambda r: r in blocked and self._templated(r, ts), ("tmpl",))
+            # Through templates: two or more of the blocked cluster's, on prompts of its own. One shared band
+            # can be boilerplate ("Let's think step by step.") that a benchmark run also sends.
+            shared = self.linker.keys_into(account, lambda r: r in blocked and self._templated(r, ts), "tmpl")
+            if shared >= 2:
+                toward += KEY_KINDS["tmpl"][0] * (1.0 - f["exact_shared_share"])
             evidence["near_blocked"] = _clip(toward / 0.5) * _clip((template_share - 0.2) * 2.5)
             values["near_blocked"] = toward
         return evidence, values, c["size"]
@@ -463,11 +477,20 @@ class Detector:
     def _emit(self, acct: _Account, aid: str, ts: int, score: float, action: str,
               reasons: list[tuple[str, float, float, int]], cluster_id: str | None,
               emitted_at: int | None) -> dict[str, Any] | None:
+        if not self._decided(acct, score, action):
+            return None
+        return self._record(acct, aid, ts, score, action, reasons, cluster_id, emitted_at)
+
+    def _decided(self, acct: _Account, score: float, action: str) -> bool:
+        """Take the account's new score and action; whether a record is due (see the module docstring)."""
         changed = action != acct.action
         moved = action != "allow" and abs(score - acct.emitted_score) >= self.settings.min_score_change
         acct.action, acct.score = action, score
-        if not (changed or moved):
-            return None
+        return changed or moved
+
+    def _record(self, acct: _Account, aid: str, ts: int, score: float, action: str,
+                reasons: list[tuple[str, float, float, int]], cluster_id: str | None,
+                emitted_at: int | None) -> dict[str, Any]:
         acct.emitted_score = score
         self.stats["records"] += 1
         return {

@@ -6,9 +6,9 @@ exists, and it learns from analyst verdicts (``analyst-labels``) with a small le
 the evidence terms with the largest positive contributions ``weight * evidence``, normalised to sum to 1.
 
 >>> fz = Fusion()
->>> score, reasons = fz.score({"shared_template": 1.0, "cluster_templates": 1.0, "cluster_new_accounts": 1.0,
-...                           "cluster_size": 1.0, "cot_requests": 1.0})
->>> round(score, 2), reasons[0][0]
+>>> evidence = {"shared_template": 1.0, "cluster_templates": 1.0, "cluster_new_accounts": 1.0, "cluster_size": 1.0,
+...             "cot_requests": 1.0}
+>>> round(fz.score(evidence), 2), fz.reasons(evidence)[0][0]
 (0.86, 'shared_template')
 >>> decide(0.9, "allow", DetectionSettings()), decide(0.8, "block", DetectionSettings())
 ('block', 'block')
@@ -48,6 +48,7 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "cluster_multi_org": 1.0,  # one payment method or network across organisations
     "harvest": 1.0,  # pulls long answers at a high rate, kept up for hours (a content pipeline can too)
     "cluster_harvest": 7.0,  # the same from an account linked to others (scaled by the cluster's size)
+    "shared_payment": 2.0,  # one payment method on many accounts outside any organisation
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
     "near_blocked": 5.0,  # shares keys or templates with a blocked cluster, below the linking threshold
 }
@@ -72,6 +73,7 @@ DETAILS: dict[str, str] = {
     "cluster_multi_org": "cluster spans {v:.0f} organisations",
     "harvest": "pulls long answers (~{v:.0f} output tokens each) at a high rate, kept up for hours",
     "cluster_harvest": "one of {n} linked accounts pulling long answers (~{v:.0f} output tokens each) at a high rate",
+    "shared_payment": "payment method shared by {v:.0f} accounts outside any organisation",
     "linked_to_blocked": "linked to a blocked cluster",
     "near_blocked": "shares templates or infrastructure with a blocked cluster",
     "allowlisted": "account or org is on the allowlist",
@@ -92,15 +94,20 @@ class Fusion:
         self.labels_learned = 0
         self._weights = self.model.weights  # a copy; refreshed after learning
 
-    def score(self, evidence: dict[str, float]) -> tuple[float, list[tuple[str, float]]]:
-        """Score in [0, 1] and the contributing terms, largest first, as (code, share of the push)."""
+    def score(self, evidence: dict[str, float]) -> float:
+        """Score in [0, 1]."""
         weights = self._weights
-        z = self.model.intercept + sum(weights.get(k, 0.0) * v for k, v in evidence.items())
-        score = 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
-        contrib = sorted(((k, weights.get(k, 0.0) * v) for k, v in evidence.items()), key=lambda kv: -kv[1])
+        z = self.model.intercept + sum(weights.get(k, 0.0) * v for k, v in evidence.items() if v)
+        return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
+
+    def reasons(self, evidence: dict[str, float]) -> list[tuple[str, float]]:
+        """The contributing terms, largest first, as (code, share of the push). Asked for only when a
+        record is published, so it costs nothing on most events."""
+        weights = self._weights
+        contrib = sorted(((k, weights.get(k, 0.0) * v) for k, v in evidence.items() if v), key=lambda kv: -kv[1])
         positive = [(k, c) for k, c in contrib if c > 0.05]
         total = sum(c for _, c in positive) or 1.0
-        return score, [(k, c / total) for k, c in positive]
+        return [(k, c / total) for k, c in positive]
 
     def learn_one(self, evidence: dict[str, float], attack: bool) -> None:
         self.model.learn_one(evidence, attack)

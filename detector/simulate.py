@@ -17,7 +17,10 @@ ordinary kind          looks like an attack because                 but
                        of accounts, same user agent, huge inputs    residential ASNs, own payment each
 ``corporate_nat``      100+ accounts on one /24, one ASN, one UA,   diverse prompts, business hours, accounts
                        one payment fp, created together              years old
-``researcher``         CoT prompts, coding and math, scripts        moderate volume, varied content
+``researcher``         CoT prompts, coding and math, scripts;       moderate volume, varied content
+                       labs share one card, half with no org
+``agentic_coding``     teams of 3-19 on one card, half with no      (as above)
+  (teams)              org (personal accounts, a company card)
 ``early_adopter``      switches to a new model within hours         chat-like volume and content
 ``chat``               (the bulk; mobile CGNAT shares IPs)          diurnal, diverse, low volume
 =====================  ==========================================  =========================================
@@ -80,6 +83,9 @@ ENDPOINT = "/v1/messages"
 DEFAULT_KEY = b"distill-detector-demo-key"
 #: Distinct (prompt, system prompt) fingerprints kept per :meth:`Simulation.events` call.
 FP_CACHE_SIZE = 1 << 16
+# Share of research labs and agentic-coding teams that pay for their members' personal accounts with one card
+# without setting up an organisation: the legitimate look-alike of a payment method shared by a campaign.
+ORGLESS_TEAMS = 0.5
 
 
 # ==== public API =========================================================================================
@@ -1368,8 +1374,10 @@ class _Builder:
         rng = self.rng
         lab_org, lab_pm, lab_left = None, None, 0
         for _ in range(n):
-            if lab_left == 0 and rng.random() < 0.4:  # a lab: several accounts on one org and card
+            if lab_left == 0 and rng.random() < 0.4:  # a lab: several accounts on one card, half of them in an org
                 lab_org, lab_pm, lab_left = f"org_{self._hex(12)}", f"pm_{self._hex()}", rng.randrange(3, 8)
+                if rng.random() < ORGLESS_TEAMS:
+                    lab_org = None
             net = rng.choice(_UNIVERSITY) if rng.random() < 0.6 else rng.choices(_RESIDENTIAL, _RESIDENTIAL_WEIGHTS)[0]
             ua = rng.choice(("anthropic-python/0.49.0", "python-requests/2.32.3", "python-httpx/0.27.0",
                              "anthropic-python/0.45.0", "langchain-anthropic/0.3.10"))
@@ -1395,8 +1403,10 @@ class _Builder:
         update = self.release + 20 * HOUR + rng.randrange(2 * HOUR)  # the tool ships frontier-5 as default
         team_org, team_pm, team_left = None, None, 0
         for _ in range(n):
-            if team_left == 0 and rng.random() < 0.15:
+            if team_left == 0 and rng.random() < 0.15:  # a team on one card, half of them in an org
                 team_org, team_pm, team_left = f"org_{self._hex(12)}", f"pm_{self._hex()}", rng.randrange(3, 20)
+                if rng.random() < ORGLESS_TEAMS:
+                    team_org = None
             client, tz = self._residential_client()
             client["user_agent"] = _UA_AGENT.format(rng.choice((61, 62, 62, 63, 63, 63, 64)))
             client["tls_fp"] = _TLS["node"]
