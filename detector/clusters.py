@@ -352,7 +352,17 @@ class Linker:
 
     def keys_into(self, account: str, accept: Callable[[str], bool], kind: str) -> int:
         """How many of ``account``'s keys of ``kind`` point into other clusters ``accept`` picks (linked or
-        not): "fills two of a blocked cluster's templates"."""
+        not): "fills two of a blocked cluster's templates".
+
+        >>> lk = Linker()
+        >>> for a in ("c1", "c2"):
+        ...     _ = lk.link(a, [("pay", "pm_c"), ("tmpl", 1), ("tmpl", 2)])
+        >>> _ = lk.link("r", [("tmpl", 1), ("tmpl", 2), ("tmpl", 3)])  # two bands weigh as one: not linked
+        >>> _ = lk.link("s", [("tmpl", 1), ("tmpl", 3)])
+        >>> campaign = lk.root("c1")
+        >>> [lk.keys_into(a, lambda r: r == campaign, "tmpl") for a in ("r", "s", "c2")]
+        [2, 1, 0]
+        """
         me = self.root(account)
         n = 0
         for key in self._keys.get(account, ()):

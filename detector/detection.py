@@ -459,8 +459,8 @@ class Detector:
             # cluster: a reseller proxy mixing a campaign's traffic with its customers'.
             blocked = self._blocked_roots
             toward = self.linker.link_weight_to(account, lambda r: r in blocked, NEAR_KINDS)
-            # Through templates: two or more of the blocked cluster's, on prompts of its own. One shared band
-            # can be boilerplate ("Let's think step by step.") that a benchmark run also sends.
+            # Through templates: two or more recurring bands of the blocked cluster's, on prompts of its own.
+            # One shared band can be boilerplate ("Let's think step by step.") that a benchmark run sends too.
             shared = self.linker.keys_into(account, lambda r: r in blocked and self._templated(r, ts), "tmpl")
             if shared >= 2:
                 toward += KEY_KINDS["tmpl"][0] * (1.0 - f["exact_shared_share"])

@@ -2,7 +2,10 @@
 
 import random
 
+from detector import features as feat
+from detector.clusters import ClusterState
 from detector.detection import Detector
+from detector.fingerprints import fingerprint
 from detector.schemas import SCORE_SCHEMA, validate
 from detector.settings import DetectionSettings
 from tests.factory import BASE_TS, event
@@ -175,3 +178,36 @@ def test_a_shared_band_ties_to_a_blocked_cluster_only_if_that_cluster_is_templat
     templated, _ = run(campaign_and_ordinary())
     campaign = templated.linker.root("acct_x001")
     assert templated.clusters[campaign].blocked and templated._templated(campaign, BASE_TS + 24 * HOUR)
+
+
+def test_one_card_on_many_personal_accounts_is_evidence_and_an_orgs_card_is_not():
+    """A card paying for 30 personal accounts is a campaign's pattern; an organisation's 30 members on its
+    card, or a family of three on one card, are not evidence."""
+    events = []
+    for group, (size, org) in {"farm": (30, None), "org": (30, "org_acme"), "family": (3, None)}.items():
+        for i in range(size):
+            events.append(event(f"acct_{group}{i:02d}", BASE_TS + i * 1000, org_id=org,
+                                billing={"payment_fp": f"pm_{group}", "tier": "build",
+                                         "account_created_ts": BASE_TS - 400 * 86_400_000}))
+    det, _ = run(events)
+
+    def shared_payment(aid):
+        f = feat.features(det.accounts[aid].state, BASE_TS + HOUR)
+        root = det.linker.root(aid)
+        evidence, values, _ = det._evidence(f, 0.0, det.clusters.get(root) or ClusterState(), root, BASE_TS + HOUR, aid)
+        return evidence["shared_payment"], values["shared_payment"]
+
+    assert shared_payment("acct_farm00") == (1.0, 30.0)
+    assert shared_payment("acct_org00") == (0.0, 0.0)
+    assert shared_payment("acct_family00") == (0.0, 3.0)
+
+
+def test_paraphrased_requests_for_reasoning_are_recognised_and_look_alikes_are_not():
+    asks = ["Narrate your thought process as you go.", "Lay out each intermediate inference before the conclusion.",
+            "Give a thorough derivation first.", "Make every step of the logic explicit.",
+            "Spell out how you arrive at the answer.", "Document your full line of reasoning.",
+            "Reason through it carefully before answering.", "Break the problem into parts and justify each one."]
+    others = ["Walk me through setting up nginx on Ubuntu.", "What is the derivation of the word salary?",
+              "What's your thinking on remote work?", "Every step of the way, my dog follows me. Why?"]
+    assert [fingerprint(t, key=b"k")["cot"] for t in asks] == [True] * len(asks)
+    assert [fingerprint(t, key=b"k")["cot"] for t in others] == [False] * len(others)
