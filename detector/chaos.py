@@ -11,6 +11,9 @@ subprocesses, and simulated traffic published through the gateway SDK while faul
      t=0     0.15                   0.40              0.60        0.72   (share of the traffic phase)
 
 Besides the faults, 1% of events are sent twice by the gateway (a retry after a lost acknowledgement).
+With ``envelope_max_events`` (``detector chaos --envelope N``) the gateway sends envelopes of up to N events
+(:mod:`detector.envelope`), and a share of the events (:data:`SINGLE_SHARE`) still one per message, at
+random, so each partition holds both kinds and the worker's dedup positions are checked across them.
 At the end the workers have committed every offset; the account snapshots are read back from the
 ``account-state`` changelog, and each account's event count is compared with the distinct events the
 broker acknowledged for it::
@@ -25,6 +28,7 @@ nothing was lost or duplicated and every fault recovered in time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -47,6 +51,8 @@ FAILOVER_LIMIT_S = 30.0
 RECOVERY_LIMIT_S = 60.0
 PARTITIONS = 4
 RESEND_SHARE = 0.01  # events the gateway sends twice (its retry after a lost acknowledgement)
+SINGLE_SHARE = 0.2  # with envelopes: events still sent one per message (chosen at random)
+ENVELOPE_LINGER_MS = 50
 TEN_YEARS_S = 10 * 365 * 24 * 3600  # no account is evicted during the run: every count stays checkable
 
 
@@ -119,9 +125,11 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
 class _Traffic(threading.Thread):
     """Publishes simulated events at ``rate`` per second; counts the distinct events the broker acked."""
 
-    def __init__(self, bootstrap: str, topic: str, events: list[dict[str, Any]], rate: float, seed: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, events: list[dict[str, Any]], rate: float, seed: int,
+                 envelope_max_events: int = 0) -> None:
         super().__init__(daemon=True, name="chaos-traffic")
         self.bootstrap, self.topic, self.events, self.rate = bootstrap, topic, events, rate
+        self.envelope_max_events = envelope_max_events
         self.rng = random.Random(seed)
         self.stop = threading.Event()
         self.sent = 0
@@ -147,21 +155,30 @@ class _Traffic(threading.Thread):
         from detector.gateway import EventPublisher
 
         # Retries outlast a broker restart; one request in flight keeps each partition in send order.
-        with EventPublisher(self.bootstrap, self.topic, retries=1000, retry_backoff_ms=250,
-                            max_in_flight_requests_per_connection=1, request_timeout_ms=10_000) as pub:
+        options: dict[str, Any] = dict(retries=1000, retry_backoff_ms=250, max_in_flight_requests_per_connection=1,
+                                       request_timeout_ms=10_000)
+        with contextlib.ExitStack() as publishers:
+            single = publishers.enter_context(EventPublisher(self.bootstrap, self.topic, **options))
+            enveloped = single
+            if self.envelope_max_events:
+                enveloped = publishers.enter_context(EventPublisher(
+                    self.bootstrap, self.topic, envelope_max_events=self.envelope_max_events,
+                    envelope_linger_ms=ENVELOPE_LINGER_MS, **options))
             start = time.monotonic()
             for ev in self.events:
                 if self.stop.is_set():
                     break
                 copies = 2 if self.rng.random() < RESEND_SHARE else 1
                 for _ in range(copies):
+                    pub = enveloped if self.rng.random() >= SINGLE_SHARE else single
                     pub.publish(ev).add_callback(self._on_ack(ev)).add_errback(self._on_error)
                 self.resent += copies - 1
                 self.sent += 1
                 ahead = self.sent / self.rate - (time.monotonic() - start)
                 if ahead > 0:
                     time.sleep(ahead)
-            pub.flush(timeout=120)
+            enveloped.flush(timeout=120)
+            single.flush(timeout=120)
 
 
 def _offsets(admin: Any, consumer: Any, group: str, topic: str) -> tuple[dict[int, int], dict[int, int]] | None:
@@ -197,26 +214,15 @@ def _await_progress(fault: Fault, t0: float, probe: Callable[[], tuple[dict[int,
 
 def read_state(bootstrap: str, topic: str, timeout_s: float = 60.0) -> dict[str, bytes]:
     """The latest snapshot of every account in the changelog ``topic`` (tombstones remove accounts)."""
-    from kafka import KafkaConsumer, TopicPartition
+    from detector.streaming.topics import read_to_end
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        state: dict[str, bytes] = {}
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end[tp] for tp in tps) and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=500).values():
-                for r in records:
-                    if r.value is None:
-                        state.pop(r.key.decode(), None)
-                    else:
-                        state[r.key.decode()] = r.value
-        return state
-    finally:
-        consumer.close()
+    state: dict[str, bytes] = {}
+    for r in read_to_end(bootstrap, topic, timeout_s):
+        if r.value is None:
+            state.pop(r.key.decode(), None)
+        else:
+            state[r.key.decode()] = r.value
+    return state
 
 
 def _worker_env(bootstrap: str, run_id: str, topics: Any) -> dict[str, str]:
@@ -230,9 +236,10 @@ def _worker_env(bootstrap: str, run_id: str, topics: Any) -> dict[str, str]:
 
 
 def run_chaos(*, duration_s: float = 90.0, rate: float = 500.0, seed: int = 7,
-              say: Callable[[str], None] = print, work_dir: Path | None = None) -> Result:
+              say: Callable[[str], None] = print, work_dir: Path | None = None, envelope_max_events: int = 0) -> Result:
     """Run the whole exercise (about ``duration_s`` plus a minute) and return its counts. The broker's
-    files and the workers' logs go to ``work_dir`` (default: a new temporary directory), and stay."""
+    files and the workers' logs go to ``work_dir`` (default: a new temporary directory), and stay.
+    ``envelope_max_events`` > 0: the gateway sends most events in envelopes of up to that many."""
     from kafka import KafkaAdminClient, KafkaConsumer
 
     from detector import simulate
@@ -260,7 +267,9 @@ def run_chaos(*, duration_s: float = 90.0, rate: float = 500.0, seed: int = 7,
             events.append(ev)
             if len(events) >= n_events:
                 break
-        say(f"chaos: {len(events):,} events at {rate:.0f}/s over {PARTITIONS} partitions; run {run_id}")
+        mode = (f"envelopes of up to {envelope_max_events} events ({SINGLE_SHARE:.0%} single)" if envelope_max_events
+                else "one event per message")
+        say(f"chaos: {len(events):,} events at {rate:.0f}/s over {PARTITIONS} partitions, {mode}; run {run_id}")
 
         workers = {"A": _Worker("A", env, work)}
         restarts = 0
@@ -278,7 +287,7 @@ def run_chaos(*, duration_s: float = 90.0, rate: float = 500.0, seed: int = 7,
                     workers[name] = _Worker(name, env, work)
                     restarts += 1
 
-        traffic = _Traffic(bootstrap, topics.api_calls, events, rate, seed)
+        traffic = _Traffic(bootstrap, topics.api_calls, events, rate, seed, envelope_max_events)
         plan = [Fault("kill -9 worker A, restart it", 0.15 * duration_s),
                 Fault("restart the broker", 0.35 * duration_s),
                 Fault("kill -9 worker A while B runs (failover)", 0.65 * duration_s, limit_s=FAILOVER_LIMIT_S)]

@@ -38,8 +38,18 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _envelope_option(n: int) -> int:
+    from detector.envelope import MAX_EVENTS
+
+    if not 0 <= n <= MAX_EVENTS:
+        raise CliError(f"--envelope must be 0 (one event per message) to {MAX_EVENTS}, not {n}")
+    return n
+
+
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from detector import simulate
+
+    envelope_max_events = _envelope_option(args.envelope)
 
     if args.scenario not in simulate.scenario_names():
         raise CliError(f"unknown scenario {args.scenario!r}; choose one of {', '.join(simulate.scenario_names())}")
@@ -57,7 +67,8 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         security = kafka_client_config(settings.kafka)
         del security["bootstrap_servers"]  # --kafka may name other brokers; DETECTOR_KAFKA__* says how to log in
         n = publish_simulation(sim, args.kafka or settings.kafka.bootstrap, settings.topics.api_calls,
-                               rate=args.rate, progress=prog.update, labels_path=args.labels, kafka_config=security)
+                               rate=args.rate, progress=prog.update, labels_path=args.labels, kafka_config=security,
+                               envelope_max_events=envelope_max_events)
     prog.update(n)
     prog.close()
     attack = sum(1 for lab in sim.labels.values() if lab.attack)
@@ -67,10 +78,12 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def publish_simulation(sim, bootstrap: str, topic: str, *, rate: float = 0.0, progress=None,  # type: ignore[no-untyped-def]
-                       labels_path: Path | None = None, stop=None, kafka_config=None) -> int:
+                       labels_path: Path | None = None, stop=None, kafka_config=None,
+                       envelope_max_events: int = 0) -> int:
     """Publish a simulation's events through the gateway SDK, at most ``rate`` events/s (0 = no limit).
 
-    ``kafka_config``: kafka-python security options for :class:`~detector.gateway.EventPublisher`."""
+    ``kafka_config``: kafka-python security options for :class:`~detector.gateway.EventPublisher`.
+    ``envelope_max_events`` > 0: in envelopes of up to that many events (the SDK's envelope mode)."""
     import time
 
     import orjson
@@ -81,7 +94,7 @@ def publish_simulation(sim, bootstrap: str, topic: str, *, rate: float = 0.0, pr
         labels_path.write_bytes(orjson.dumps({a: vars(lab) for a, lab in sim.labels.items()}))
     n = 0
     start = time.monotonic()
-    with EventPublisher(bootstrap, topic, **(kafka_config or {})) as pub:
+    with EventPublisher(bootstrap, topic, envelope_max_events=envelope_max_events, **(kafka_config or {})) as pub:
         for ev in sim.events():
             if stop is not None and stop():
                 break
@@ -107,7 +120,7 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
     from detector.chaos import run_chaos
 
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # every refused connection during the broker restart
-    result = run_chaos(duration_s=args.duration, rate=args.rate)
+    result = run_chaos(duration_s=args.duration, rate=args.rate, envelope_max_events=_envelope_option(args.envelope))
     print(result.summary())
     return 0 if result.ok else 1
 
@@ -147,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kafka", nargs="?", const="", default=None, metavar="BOOTSTRAP",
                    help="publish to Kafka instead (default bootstrap from settings)")
     s.add_argument("--rate", type=float, default=0.0, help="events/s when publishing (0 = as fast as possible)")
+    s.add_argument("--envelope", type=int, default=0, metavar="N",
+                   help="with --kafka: send envelopes of up to N events, one per partition, at least every 50 ms "
+                        "(0 = one event per message, the default)")
     s.add_argument("--prompts-dir", type=Path, default=None,
                    help="real prompt datasets (default: ../shared/datasets/prompts)")
     s.set_defaults(func=cmd_simulate)
@@ -163,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chaos", help="kill -9 workers, restart the broker, rebalance under load; count every event")
     c.add_argument("--duration", type=float, default=90.0, help="seconds of traffic (faults at fixed shares of it)")
     c.add_argument("--rate", type=float, default=500.0, help="simulated events/s")
+    c.add_argument("--envelope", type=int, default=0, metavar="N",
+                   help="the gateway sends envelopes of up to N events (20%% of events still single; 0 = none)")
     c.set_defaults(func=cmd_chaos)
 
     e = sub.add_parser("evaluate", help="scenarios through replay; precision/recall/FPR; writes EVALUATION.md")

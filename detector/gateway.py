@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
+from detector import envelope
 from detector.fingerprints import fingerprint
 from detector.schemas import InvalidEvent, validate_event
 
@@ -181,6 +184,22 @@ class EventPublisher:
     here, in the gateway, instead of reaching the detector. Use as a context manager, or call
     :meth:`close`, so buffered events are flushed.
 
+    **Envelope mode** (``envelope_max_events`` > 0; off by default): events are sent in envelopes
+    (:mod:`detector.envelope`, ``schemas/api_call_envelope.v1.json``) of up to ``envelope_max_events``
+    events and ``envelope_max_bytes`` bytes, one buffer per partition of the topic, each event in the
+    buffer of its account's partition (:func:`detector.envelope.account_partition` over the topic's
+    partitions from the producer's metadata: what kafka-python would choose for the key). A buffer is sent,
+    as one message to its partition with no key, when it is full, ``envelope_linger_ms`` after its first
+    event (a background thread), and on :meth:`flush` and :meth:`close`. The message's timestamp is the
+    time its first event was buffered, so the worker's event-to-score latency includes the linger. The
+    worker then pays its per-message cost once per envelope (BENCHMARKS.md has the measured gain).
+    ``publish_raw`` always sends one message, outside the envelopes.
+
+    Thread safety: kafka-python's producer is thread-safe, and in envelope mode the buffers are guarded by
+    one lock, so several gateway threads may share a publisher. Events of one account published from one
+    thread keep their order; sending a full envelope happens under the lock, so a producer whose own
+    buffer is full (``max_block_ms``) holds up every publishing thread, as it would in single-event mode.
+
     ``kafka_config`` goes to kafka-python's ``KafkaProducer``: for a secured broker, the security options of
     :func:`detector.streaming.topics.kafka_client_config` without its ``bootstrap_servers``. The constructor
     connects; when no broker answers within ``bootstrap_timeout_ms`` (kafka-python 3, 30 s by default) it raises
@@ -196,14 +215,26 @@ class EventPublisher:
         linger_ms: int = 20,
         batch_size: int = 256 * 1024,
         validate: bool = True,
+        envelope_max_events: int = 0,
+        envelope_max_bytes: int = envelope.MAX_BYTES,
+        envelope_linger_ms: int = 50,
         **kafka_config: Any,
     ) -> None:
         from kafka import KafkaProducer
 
         from detector.streaming.topics import explain_connect_errors  # kafka-python only; imports no Faust
 
+        if not 0 <= envelope_max_events <= envelope.MAX_EVENTS:
+            raise ValueError(f"envelope_max_events must be 0 (off) to {envelope.MAX_EVENTS}, not {envelope_max_events}")
+        if envelope_max_events and not 4096 <= envelope_max_bytes <= envelope.MAX_BYTES:
+            raise ValueError(f"envelope_max_bytes must be 4096 to {envelope.MAX_BYTES}, not {envelope_max_bytes}")
+        if envelope_linger_ms < 0:
+            raise ValueError(f"envelope_linger_ms must be >= 0, not {envelope_linger_ms}")
         self.topic = topic
         self._validate = validate
+        self.envelope_max_events = envelope_max_events
+        self.envelope_max_bytes = envelope_max_bytes
+        self.envelope_linger_ms = envelope_linger_ms
         with explain_connect_errors(f"{bootstrap} over {kafka_config.get('security_protocol', 'PLAINTEXT')}"):
             self._producer = KafkaProducer(
                 bootstrap_servers=bootstrap,
@@ -211,31 +242,80 @@ class EventPublisher:
                 linger_ms=linger_ms,
                 batch_size=batch_size,
                 compression_type=kafka_config.pop("compression_type", None),
-                key_serializer=str.encode,
+                key_serializer=_serialize_key,
                 value_serializer=_serialize,
                 retries=kafka_config.pop("retries", 5),
                 **kafka_config,
             )
+        self._cond = threading.Condition()  # guards the envelope buffers; wakes the linger thread
+        self._buffers: dict[int, _Buffer] = {}
+        self._closed = False
+        self._linger: threading.Thread | None = None
+        if envelope_max_events:
+            self._linger = threading.Thread(target=self._send_when_due, name="detector-envelope-linger", daemon=True)
+            self._linger.start()
 
     def publish(self, event: dict[str, Any]) -> Any:
-        """Send one event; returns kafka-python's future. Raises InvalidEvent for a bad event.
+        """Send one event; returns a kafka-python future. Raises InvalidEvent for a bad event.
 
         The event is encoded here, not in kafka-python's serializer, so a value JSON cannot carry (a lone
-        surrogate in a string) raises InvalidEvent naming it even with ``validate=False``.
+        surrogate in a string) raises InvalidEvent naming it even with ``validate=False``. In envelope mode
+        the event is checked before it is buffered, and the future is its envelope's: it resolves to the
+        envelope's record metadata when the broker has acknowledged the envelope (every event in it).
         """
         if self._validate:
             validate_event(event)
-        return self._producer.send(self.topic, key=event["account_id"], value=_wire(event))
+        wire = _wire(event)
+        if not self.envelope_max_events:
+            return self._producer.send(self.topic, key=event["account_id"], value=wire)
+        if envelope.size(1, len(wire)) > self.envelope_max_bytes:
+            raise InvalidEvent("too_large", f"event of {len(wire)} bytes does not fit an envelope of "
+                                            f"{self.envelope_max_bytes} bytes")
+        partition = self.partition_for(event["account_id"])
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("publish on a closed EventPublisher")
+            buf = self._buffers.get(partition)
+            grown = None if buf is None else envelope.size(len(buf.wires) + 1, buf.event_bytes + len(wire))
+            if grown is not None and grown > self.envelope_max_bytes:
+                self._send_locked(partition)
+                buf = None
+            if buf is None:
+                buf = self._buffers[partition] = _Buffer(time.time(), time.monotonic() + self.envelope_linger_ms / 1000)
+                self._cond.notify()  # the linger thread may be waiting for a later deadline, or for none
+            buf.wires.append(wire)
+            buf.event_bytes += len(wire)
+            future = buf.future
+            if len(buf.wires) >= self.envelope_max_events:
+                self._send_locked(partition)
+        return future
+
+    def partition_for(self, account_id: str) -> int:
+        """The partition of ``account_id``'s events: what kafka-python chooses for the key ``account_id``.
+
+        Reads the topic's partition count from the producer's metadata (waits for it up to ``max_block_ms``
+        the first time, like a send)."""
+        partitions = self._producer.partitions_for(self.topic)
+        return envelope.account_partition(account_id, len(partitions))
 
     def publish_raw(self, key: str | None, value: bytes) -> Any:
-        """Send bytes as they are, unvalidated (tests and fault injection use this)."""
+        """Send bytes as they are, unvalidated, as one message (tests and fault injection use this)."""
         return self._producer.send(self.topic, key=key, value=value)
 
     def flush(self, timeout: float | None = 30) -> None:
+        """Send every envelope being filled, then wait until kafka-python has sent everything."""
+        with self._cond:
+            for partition in list(self._buffers):
+                self._send_locked(partition)
         self._producer.flush(timeout)
 
     def close(self) -> None:
-        self._producer.flush(30)
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._linger is not None:
+            self._linger.join(timeout=5)
+        self.flush(30)
         self._producer.close(30)
 
     def __enter__(self) -> EventPublisher:
@@ -243,6 +323,56 @@ class EventPublisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _send_locked(self, partition: int) -> None:
+        """Send the envelope of ``partition`` (the caller holds the lock). A send kafka-python refuses at once
+        (its buffer full past ``max_block_ms``, say) fails the envelope's future and is logged, like a
+        send that fails later."""
+        buf = self._buffers.pop(partition)
+        try:
+            sent = self._producer.send(self.topic, value=envelope.encode(buf.wires), partition=partition,
+                                       timestamp_ms=int(buf.started * 1000))
+        except Exception as exc:  # noqa: BLE001 - reported through the future, as kafka-python reports failures
+            log.warning("could not send an envelope of %d events to %s[%d]: %s", len(buf.wires), self.topic,
+                        partition, exc)
+            buf.future.failure(exc)
+            return
+        sent.add_callback(buf.future.success).add_errback(buf.future.failure)
+
+    def _send_when_due(self) -> None:
+        """The linger thread: sends each envelope ``envelope_linger_ms`` after its first event."""
+        with self._cond:
+            while not self._closed:
+                if not self._buffers:
+                    self._cond.wait()
+                    continue
+                now = time.monotonic()
+                due = min(buf.due for buf in self._buffers.values())
+                if due > now:
+                    self._cond.wait(due - now)
+                    continue
+                for partition, buf in list(self._buffers.items()):
+                    if buf.due <= now:
+                        self._send_locked(partition)
+
+
+class _Buffer:
+    """The envelope being filled for one partition."""
+
+    __slots__ = ("started", "due", "wires", "event_bytes", "future")
+
+    def __init__(self, started: float, due: float) -> None:
+        from kafka.future import Future
+
+        self.started = started  # wall clock (the message timestamp)
+        self.due = due  # monotonic: when the linger thread sends it
+        self.wires: list[bytes] = []
+        self.event_bytes = 0
+        self.future = Future()
+
+
+def _serialize_key(key: str | None) -> bytes | None:
+    return None if key is None else key.encode()  # envelopes have no key
 
 
 def _serialize(value: dict[str, Any] | bytes) -> bytes:

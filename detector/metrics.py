@@ -27,8 +27,12 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.events = Counter("detector_events_total", "Events read from api-calls, by validation result",
+        self.events = Counter("detector_events_total", "Events read from api-calls (single or in envelopes), by "
+                              "validation result",
                               ["result"], registry=r)
+        self.envelopes = Counter("detector_envelopes_total", "Envelopes read from api-calls (each event in one is "
+                                 "counted in detector_events_total too), by result: valid, or refused whole",
+                                 ["result"], registry=r)
         self.events_scored = Counter("detector_events_scored_total", "Valid events run through the detector",
                                      registry=r)
         self.dead_letters = Counter("detector_dead_letters_total", "Inputs sent to the dead-letter topic, by reason",
@@ -76,6 +80,7 @@ class Metrics:
         # Pre-create the closed label sets so dashboards show zeros instead of "no data".
         for result in ("valid", "invalid"):
             self.events.labels(result=result)
+            self.envelopes.labels(result=result)
         for reason in (*REASONS, "internal"):
             self.dead_letters.labels(reason=reason)
         for action in ACTIONS:

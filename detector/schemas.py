@@ -32,12 +32,14 @@ import orjson
 #: repository's top-level ``schemas/`` there at build time; git holds one copy, at the top level).
 PACKAGED_SCHEMAS = "schema_files"
 EVENT_SCHEMA = "api_call_event.v1.json"
+ENVELOPE_SCHEMA = "api_call_envelope.v1.json"
 SCORE_SCHEMA = "risk_score.v1.json"
 DEAD_LETTER_SCHEMA = "dead_letter.v1.json"
 LABEL_SCHEMA = "analyst_label.v1.json"
 
 #: Reasons an input is rejected; also the values of the ``reason`` metric label (a closed set).
-REASONS = ("not_json", "not_object", "schema", "too_large", "duplicate_field")
+#: ``wrong_partition`` is given only to an event of an envelope (:mod:`detector.envelope`).
+REASONS = ("not_json", "not_object", "schema", "too_large", "duplicate_field", "wrong_partition")
 
 
 class InvalidEvent(ValueError):
@@ -59,8 +61,8 @@ def schema_dir() -> Traversable:
     The packaged copy is looked for first: an installed ``detector`` never reads a stray ``schemas/``
     that happens to sit next to it in site-packages.
 
-    >>> sorted(p.name for p in schema_dir().iterdir() if p.name.endswith(".json"))[:2]
-    ['analyst_label.v1.json', 'api_call_event.v1.json']
+    >>> sorted(p.name for p in schema_dir().iterdir() if p.name.endswith(".json"))[:3]
+    ['analyst_label.v1.json', 'api_call_envelope.v1.json', 'api_call_event.v1.json']
     """
     packaged = resources.files("detector") / PACKAGED_SCHEMAS
     if packaged.is_dir():

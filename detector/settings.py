@@ -85,7 +85,8 @@ class WorkerSettings:
     data_dir: str = ".detector-data"
     web_port: int = 6066
     metrics_port: int = 9464
-    batch_size: int = 2000
+    batch_size: int = 2000  # messages per batch at most (a single event is one message)
+    batch_max_bytes: int = 2 * 1024 * 1024  # a batch also ends once its messages hold this many bytes (envelopes)
     batch_within_s: float = 0.2
     max_event_bytes: int = 64 * 1024
     invalid_ratio_limit: float = 0.05  # alert (and log) when more than this share of a window is invalid

@@ -3,7 +3,7 @@
 This is the only module that imports Faust. :func:`create_app` builds an app from settings (no module-level
 app, nothing happens at import); :func:`run_worker` runs it until SIGTERM or SIGINT::
 
-    api-calls       ──▶ agent route_events  (batches: noack_take) ──▶ Router.on_event ──▶ risk-scores
+    api-calls       ──▶ agent route_events  (batches: noack_take) ──▶ Router.on_message ─▶ risk-scores
     analyst-labels  ──▶ agent apply_labels  (one by one)          ──▶ Router.on_label ──▶ or api-calls.dlq
 
 All decisions live in the :class:`~detector.detection.Detector` and the router; the agents decode nothing
@@ -52,6 +52,7 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.auth import CredentialsT
 from mode import CrashingSupervisor
+from mode.utils.queues import ThrowableQueue
 
 from detector.detection import Detector
 from detector.metrics import Metrics
@@ -71,6 +72,85 @@ GAUGE_INTERVAL_S = 10.0
 ACCOUNT_TABLE = "account-state"
 #: Bytes fetched per partition and request (Faust's default is 1 MiB: about 1,000 events).
 CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
+#: In the stream buffers, a message weighs one slot per this many bytes (at least one): a single event is
+#: about one slot, a full envelope about a thousand (:class:`_WeightedQueue`).
+SLOT_BYTES = 1024
+
+
+class _WeightedQueue(ThrowableQueue):  # type: ignore[type-arg]
+    """Faust's stream buffer, in which a message of many bytes (an envelope) weighs as many messages.
+
+    Faust bounds each buffer in messages (``stream_buffer_maxsize``) and stops fetching a partition when its
+    buffer is about full. A single event is about a KiB; an envelope up to 1 MB: counted in messages, a
+    backlog of envelopes would fill a buffer with gigabytes. Here a message weighs ``ceil(bytes /``
+    :data:`SLOT_BYTES` ``)`` slots, so a buffer holds about ``stream_buffer_maxsize`` KiB whatever the mix
+    (single events weigh one slot each, as before). It overrides asyncio.Queue's subclass hooks (``_put``,
+    ``_get``) and ``qsize``, which both asyncio (``full``) and mode's flow control (pressure) read.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._weight = 0
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def weigh(item: Any) -> int:
+        value = getattr(getattr(item, "message", None), "value", None)
+        return max(1, -(-len(value) // SLOT_BYTES)) if isinstance(value, bytes | bytearray) else 1
+
+    def _put(self, item: Any) -> None:
+        self._weight += self.weigh(item)
+        super()._put(item)  # type: ignore[misc]
+
+    def _get(self) -> Any:
+        item = super()._get()  # type: ignore[misc]
+        self._weight -= self.weigh(item)
+        return item
+
+    def qsize(self) -> int:
+        return self._weight
+
+    def clear(self) -> None:
+        super().clear()
+        self._weight = 0
+
+
+class _TakeBound(int):
+    """The ``max_`` of ``Stream.noack_take``: ``batch_size`` messages, or fewer once they hold ``max_bytes``.
+
+    A batch is the unit of acknowledgement (its scores and changelog writes are awaited before it is acked,
+    and a rebalance waits for the batch in hand), so it should hold about as many events whether they come
+    one per message or 4,096 per envelope. Faust ends a take when ``len(buffer) >= max_``, a count of
+    messages. Python asks the right operand's reflected method first when its type subclasses the left's, so
+    that comparison calls :meth:`__le__` here, which also says "full" once the messages taken weigh
+    ``max_bytes``. :meth:`count`, a stream processor placed before Faust's take buffer, weighs each message
+    just before the take adds it; a take's first message (``taken == 1``) starts the count again.
+
+    >>> bound = _TakeBound(3, max_bytes=100)
+    >>> [bound.count(b"x" * 40) and 1 >= bound, bound.count(b"x" * 40) and 2 >= bound,
+    ...  bound.count(b"x" * 40) and 3 >= bound, bound.count(b"x") and 1 >= bound]
+    [False, False, True, False]
+    """
+
+    max_bytes: int
+    _bytes: int
+    _last: int
+
+    def __new__(cls, messages: int, max_bytes: int) -> _TakeBound:
+        bound = super().__new__(cls, messages)
+        bound.max_bytes, bound._bytes, bound._last = max_bytes, 0, 0
+        return bound
+
+    def count(self, value: Any) -> Any:
+        self._last = len(value) if isinstance(value, bytes | bytearray) else 0
+        self._bytes += self._last
+        return value
+
+    def __le__(self, taken: object) -> bool:  # ``taken >= self``
+        if not isinstance(taken, int):
+            return NotImplemented
+        if taken <= 1:
+            self._bytes = self._last
+        return taken >= int(self) or self._bytes >= self.max_bytes
 
 
 class _FetchWaitThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -99,6 +179,9 @@ class _FetchWaitTransport(faust_aiokafka.Transport):
 class _App(faust.App):
     def _new_transport(self) -> Any:
         return _FetchWaitTransport(self.conf.broker_consumer, self)
+
+    def FlowControlQueue(self, maxsize: int | None = None, *, clear_on_resume: bool = False) -> ThrowableQueue:  # type: ignore[type-arg]  # noqa: N802 - Faust's name
+        return _WeightedQueue(maxsize=maxsize, flow_control=self.flow_control, clear_on_resume=clear_on_resume)
 
 
 class WorkerError(RuntimeError):
@@ -247,7 +330,10 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
     async def route_events(stream: faust.StreamT[bytes]) -> None:
         # noack_take yields *events* (partition and offset included) and leaves acking to us: take() and
         # take_events() ack the whole batch in a ``finally``, even when publishing it failed.
-        batches = cast(faust.Stream[bytes], stream).noack_take(w.batch_size, within=w.batch_within_s)
+        # A batch ends at batch_size messages or once its messages weigh batch_max_bytes (envelopes).
+        bound = _TakeBound(w.batch_size, w.batch_max_bytes)
+        stream.add_processor(bound.count)  # before noack_take adds its own: runs first
+        batches = cast(faust.Stream[bytes], stream).noack_take(bound, within=w.batch_within_s)
         async for batch in batches:
             started = time.perf_counter()
             outs = []
@@ -256,9 +342,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             # accounts) runs between batches, never between a batch's effects and their changelog writes.
             for event in batch:
                 m = event.message  # type: ignore[attr-defined]
-                out = router.on_event(m.value, m.key, Source(m.topic, m.partition, m.offset, m.timestamp))
-                if out is not None:
-                    outs.append(out)
+                outs += router.on_message(m.value, m.key, Source(m.topic, m.partition, m.offset, m.timestamp))
                 last_offsets[m.tp] = m.offset
             outs += take_changes()
             deliveries = [await send(out) for out in outs]

@@ -1,12 +1,13 @@
-"""Routing: one consumed message in, at most one message out. Plain Python; no Faust, no Kafka.
+"""Routing: one consumed message in, the messages to publish out. Plain Python; no Faust, no Kafka.
 
 The worker's agents (:mod:`detector.streaming.app`) only move bytes between Kafka and a :class:`Router`;
 every decision is made here or in the :class:`~detector.detection.Detector`::
 
-    api-calls ──▶ decode_event ──valid──▶ Detector.process ──record──▶ risk-scores   (key = account_id)
-                      │ invalid                 │ raised, or returned an invalid record
-                      ▼                         ▼
-                 api-calls.dlq (reason)    api-calls.dlq ("internal")
+    api-calls ──▶ decode_message ─┬─ event ──────────────────▶ Detector.process ──record──▶ risk-scores
+                      │           └─ envelope ─▶ each event ──▲       │ raised, or an invalid record
+                      │ invalid                  │ invalid, or        ▼          (key = account_id)
+                      ▼                          ▼ wrong partition  api-calls.dlq ("internal")
+                 api-calls.dlq (reason)   api-calls.dlq (reason, envelope_index)
 
     analyst-labels ──▶ decode_label ──valid──▶ Detector.apply_label ──record──▶ risk-scores
                            │ invalid / raised
@@ -18,10 +19,13 @@ reason from a closed set (``schemas/dead_letter.v1.json``), and :attr:`Router.st
 original bytes travel to the dead-letter queue base64-encoded and truncated to
 :data:`MAX_PAYLOAD_B64` characters; events carry fingerprints, never prompt text.
 
+A message is a single event or an envelope of events (:mod:`detector.envelope`): each event of an envelope is
+checked, dead-lettered or processed on its own, and counted like a single event.
+
 >>> from detector.detection import Detector
 >>> from detector.settings import Settings
 >>> router = Router(Detector(), Settings(), clock=lambda: 1775000000.0)
->>> out = router.on_event(b'{"ts": 1', key=b"acct_1", source=Source("api-calls", 0, 7))
+>>> [out] = router.on_message(b'{"ts": 1', key=b"acct_1", source=Source("api-calls", 0, 7))
 >>> out.topic, out.key, orjson.loads(out.value)["reason"], orjson.loads(out.value)["source_offset"]
 ('api-calls.dlq', b'acct_1', 'not_json', 7)
 >>> router.stats["events_invalid"], router.stats["dead_letters"], router.invalid_by_reason
@@ -31,6 +35,7 @@ original bytes travel to the dead-letter queue base64-encoded and truncated to
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -39,8 +44,9 @@ from typing import Any, Protocol
 
 import orjson
 
+from detector.envelope import Envelope, InvalidEnvelope, account_partition, decode_message, position
 from detector.metrics import Metrics
-from detector.schemas import LABEL_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode, decode_event, validate
+from detector.schemas import LABEL_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode, validate
 from detector.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -99,14 +105,16 @@ def decode_label(raw: bytes, max_bytes: int = 64 * 1024) -> dict[str, Any]:
     return decode(LABEL_SCHEMA, raw, max_bytes)
 
 
-def dead_letter(reason: str, detail: str, raw: bytes, source: Source, received_at: int) -> dict[str, Any]:
+def dead_letter(reason: str, detail: str, raw: bytes, source: Source, received_at: int,
+                envelope_index: int | None = None) -> dict[str, Any]:
     """The dead-letter record (``schemas/dead_letter.v1.json``) for ``raw``; the payload is truncated.
+    ``envelope_index``: the place of the rejected event in its envelope (``raw`` is then that event alone).
 
     >>> rec = dead_letter("too_large", "70000 bytes", b"x" * 70_000, Source("api-calls", 2, 9), 1775000000000)
-    >>> len(rec["payload_b64"]), rec["payload_bytes"], rec["source_partition"]
-    (6144, 70000, 2)
+    >>> len(rec["payload_b64"]), rec["payload_bytes"], rec["source_partition"], "envelope_index" in rec
+    (6144, 70000, 2, False)
     """
-    return {
+    rec = {
         "schema_version": 1,
         "reason": reason,
         "detail": detail[:_MAX_DETAIL],
@@ -117,6 +125,9 @@ def dead_letter(reason: str, detail: str, raw: bytes, source: Source, received_a
         "payload_b64": base64.b64encode(raw[:_MAX_PAYLOAD_RAW]).decode("ascii"),
         "payload_bytes": len(raw),
     }
+    if envelope_index is not None:
+        rec["envelope_index"] = envelope_index
+    return rec
 
 
 class Router:
@@ -143,9 +154,17 @@ class Router:
     ...                 status=200, input_tokens=1, output_tokens=1, latency_ms=1, prompt_text="hi",
     ...                 response={"stop_reason": "end_turn"}, fingerprint_key=b"k")
     >>> router = Router(Broken(), Settings())
-    >>> dl = orjson.loads(router.on_event(orjson.dumps(ev), b"a1", Source("api-calls", 0, 8)).value)
+    >>> dl = orjson.loads(router.on_message(orjson.dumps(ev), b"a1", Source("api-calls", 0, 8))[0].value)
     >>> dl["reason"], dl["detail"], router.stats["events_internal"]
     ('internal', "KeyError: 'billing'", 1)
+
+    Positions. The detector skips a redelivered event by its position (``(partition, seq)``, see
+    :func:`detector.envelope.position`): ``offset * 4096 + i`` for event ``i`` of an envelope, ``offset * 4096``
+    for a single event. ``settings.topics.partitions`` must be the partition count of ``api-calls`` (it
+    already must, for the account-state changelog): an envelope's event whose account belongs to another
+    partition is dead-lettered as ``wrong_partition``, never counted by a worker that may not hold its
+    account. Single events are not checked: each account's single events are on one partition whatever the
+    producer's partitioner, which is all the worker needs of them.
     """
 
     def __init__(self, detector: DetectorLike, settings: Settings, *,
@@ -154,12 +173,16 @@ class Router:
         self.dead_letters_topic = settings.topics.dead_letters
         self.risk_scores_topic = settings.topics.risk_scores
         self.max_bytes = settings.worker.max_event_bytes
+        self.partitions = settings.topics.partitions
         self.invalid_ratio_limit = settings.worker.invalid_ratio_limit
         self.clock = clock
         self.stats = {
-            "events": 0,  # read from api-calls
+            "messages": 0,  # read from api-calls: single events and envelopes
+            "envelopes": 0,  # of them envelopes, well-formed or not
+            "envelopes_invalid": 0,  # envelopes refused whole (each counted as one invalid event too)
+            "events": 0,  # single events, events in envelopes, and envelopes refused whole
             "events_processed": 0,  # valid and handled by the detector
-            "events_invalid": 0,  # rejected by decode_event
+            "events_invalid": 0,  # rejected by decode_message, or on the wrong partition
             "events_internal": 0,  # valid, but the detector raised (dead-lettered as "internal")
             "labels": 0,
             "labels_applied": 0,
@@ -176,38 +199,81 @@ class Router:
         self._detector_seen: dict[str, int] = {}
         m = self.metrics = metrics if metrics is not None else Metrics()
         self._m_valid, self._m_invalid = m.events.labels(result="valid"), m.events.labels(result="invalid")
+        self._m_envelopes = {ok: m.envelopes.labels(result="valid" if ok else "invalid") for ok in (True, False)}
 
     # ----------------------------------------------------------------------------------------------
-    def on_event(self, raw: bytes | None, key: bytes | None, source: Source) -> Output | None:
-        """Route one message of ``api-calls``: a risk score, a dead letter, or nothing."""
+    def on_message(self, raw: bytes | None, key: bytes | None, source: Source) -> list[Output]:
+        """Route one message of ``api-calls``, a single event or an envelope: its risk scores and dead letters.
+
+        Counts each event of an envelope as one event (an envelope refused whole as one invalid event)."""
         raw = raw or b""  # a null value (tombstone) is not JSON, and is dead-lettered as such
-        self.stats["events"] += 1
+        self.stats["messages"] += 1
         try:
-            event = decode_event(raw, self.max_bytes)
+            message = decode_message(raw, self.max_bytes)
         except InvalidEvent as exc:
-            self.stats["events_invalid"] += 1
-            self._m_invalid.inc()
-            self._window(bad=True)
-            return self._dead(exc.reason, exc.detail, raw, key, source)
+            if isinstance(exc, InvalidEnvelope):
+                self._count_envelope(ok=False)
+            return [self._invalid(exc.reason, exc.detail, raw, key, source)]
+        if isinstance(message, Envelope):
+            self._count_envelope(ok=True)
+            return self._on_envelope(message, raw, key, source)
+        pos = None if source.partition is None or source.offset is None else position(source.partition, source.offset)
+        out = self._process(message, pos, lambda: raw, key, source)
+        return [] if out is None else [out]
+
+    def _on_envelope(self, envelope: Envelope, raw: bytes, key: bytes | None, source: Source) -> list[Output]:
+        outs = []
+        partition, offset = source.partition, source.offset
+        for i, item in enumerate(envelope.events):
+            error = envelope.invalid.get(i)
+            if error is None and partition is not None:
+                home = account_partition(item["account_id"], self.partitions)
+                if home != partition:
+                    error = InvalidEvent("wrong_partition", f"account {item['account_id']} belongs to partition "
+                                         f"{home} of {self.partitions} (murmur2 of account_id); the envelope is on "
+                                         f"{partition}")
+            if error is not None:
+                outs.append(self._invalid(error.reason, error.detail, _item_bytes(item, raw), key, source, i))
+                continue
+            pos = None if partition is None or offset is None else position(partition, offset, i)
+            out = self._process(item, pos, functools.partial(_item_bytes, item, raw), key, source, i)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def _process(self, event: dict[str, Any], pos: tuple[int, int] | None, payload: Callable[[], bytes],
+                 key: bytes | None, source: Source, index: int | None = None) -> Output | None:
+        """Hand a valid event to the detector; its record, or a dead letter if the detector raised."""
+        self.stats["events"] += 1
         self._m_valid.inc()
         try:
-            position = None
-            if source.partition is not None and source.offset is not None:
-                position = (source.partition, source.offset)
-            record = self.detector.process(event, position=position)
+            record = self.detector.process(event, position=pos)
             if record is not None:
                 validate(SCORE_SCHEMA, record)
         except Exception as exc:  # noqa: BLE001 - one event must not stop the stream; see the log
             self.stats["events_internal"] += 1
             self._window(bad=True)
-            log.exception("detector failed on event %s of account %s at %s[%s]@%s; dead-lettered as %r",
+            log.exception("detector failed on event %s of account %s at %s[%s]@%s%s; dead-lettered as %r",
                           event.get("event_id"), event.get("account_id"), source.topic, source.partition,
-                          source.offset, INTERNAL)
-            return self._dead(INTERNAL, _describe(exc), raw, key, source)
+                          source.offset, "" if index is None else f" #{index}", INTERNAL)
+            return self._dead(INTERNAL, _describe(exc), payload(), key, source, index)
         self.stats["events_processed"] += 1
         self.metrics.events_scored.inc()
         self._window(bad=False)
         return self._score(record, source.published_at)
+
+    def _invalid(self, reason: str, detail: str, raw: bytes, key: bytes | None, source: Source,
+                 index: int | None = None) -> Output:
+        self.stats["events"] += 1
+        self.stats["events_invalid"] += 1
+        self._m_invalid.inc()
+        self._window(bad=True)
+        return self._dead(reason, detail, raw, key, source, index)
+
+    def _count_envelope(self, *, ok: bool) -> None:
+        self.stats["envelopes"] += 1
+        self.stats["envelopes_invalid"] += not ok
+        self._m_envelopes[ok].inc()
 
     def on_label(self, raw: bytes | None, key: bytes | None, source: Source) -> Output | None:
         """Route one message of ``analyst-labels``: the account's new score, a dead letter, or nothing."""
@@ -222,7 +288,7 @@ class Router:
             record = self.detector.apply_label(label)
             if record is not None:
                 validate(SCORE_SCHEMA, record)
-        except Exception as exc:  # noqa: BLE001 - as in on_event
+        except Exception as exc:  # noqa: BLE001 - as in _process
             self.stats["labels_invalid"] += 1
             log.exception("detector failed on a label for account %s at %s[%s]@%s; dead-lettered as %r",
                           label.get("account_id"), source.topic, source.partition, source.offset, INTERNAL)
@@ -286,11 +352,12 @@ class Router:
         m.latency.observe(max(0.0, self.clock() - start))
         return Output(self.risk_scores_topic, record["account_id"].encode(), orjson.dumps(record))
 
-    def _dead(self, reason: str, detail: str, raw: bytes, key: bytes | None, source: Source) -> Output:
+    def _dead(self, reason: str, detail: str, raw: bytes, key: bytes | None, source: Source,
+              index: int | None = None) -> Output:
         self.stats["dead_letters"] += 1
         self.invalid_by_reason[reason] = self.invalid_by_reason.get(reason, 0) + 1
         self.metrics.dead_letters.labels(reason=reason).inc()
-        rec = dead_letter(reason, detail, raw, source, int(self.clock() * 1000))
+        rec = dead_letter(reason, detail, raw, source, int(self.clock() * 1000), index)
         return Output(self.dead_letters_topic, key, orjson.dumps(rec))
 
     def _window(self, *, bad: bool) -> None:
@@ -309,3 +376,12 @@ class Router:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:_MAX_DETAIL]
+
+
+def _item_bytes(item: Any, envelope: bytes) -> bytes:
+    """An envelope's item as compact JSON for its dead letter; the envelope itself if orjson cannot write it
+    back (nested deeper than orjson writes, which is deeper than any event)."""
+    try:
+        return orjson.dumps(item)
+    except TypeError:
+        return envelope

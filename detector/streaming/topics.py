@@ -222,6 +222,10 @@ def _check(admin: Any, settings: Settings) -> None:
     if "compact" not in policy:
         log.warning("topic %s has cleanup.policy=%s, not compact: old scores are deleted by time, not "
                     "superseded by account", t.risk_scores, policy)
+    if partitions.get(t.api_calls, t.partitions) != t.partitions:
+        log.warning("topic %s has %s partitions but DETECTOR_TOPICS__PARTITIONS is %d: the account-state changelog "
+                    "is not co-partitioned with it, and envelope events are checked against the wrong count "
+                    "(dead-lettered as wrong_partition)", t.api_calls, partitions.get(t.api_calls), t.partitions)
     if partitions.get(t.api_calls) != partitions.get(t.analyst_labels):
         log.warning("topics %s (%s partitions) and %s (%s partitions) are not co-partitioned: a label may be "
                     "applied by a worker that does not hold the account", t.api_calls,
@@ -236,3 +240,26 @@ def committed(admin: Any, group: str, topic: str) -> int:
     except Exception:  # noqa: BLE001 - the group does not exist until the worker joins
         return 0
     return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
+
+
+def read_to_end(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any]:
+    """Every record of ``topic`` (all partitions, each in offset order) up to the end offsets it has when
+    called, or what arrived within ``timeout_s``. No consumer group; kafka-python's ``ConsumerRecord``s."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in tps) and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()

@@ -285,5 +285,5 @@ def test_prometheus_metrics_count_the_same(run: Run) -> None:
 def test_worker_stops_cleanly_on_sigterm(run: Run) -> None:
     assert run.returncode == 0, run.log[-3000:]
     assert "Signal received: 15" in run.log
-    assert "worker stopped: events=" in run.log
+    assert "worker stopped: messages=" in run.log
     assert "Traceback" not in run.log

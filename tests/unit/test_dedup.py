@@ -84,8 +84,8 @@ def test_a_duplicate_of_an_event_that_changed_the_decision_returns_nothing() -> 
 def test_the_router_does_not_dead_letter_a_duplicate() -> None:
     router = Router(detector(), Settings(), clock=lambda: 1_775_000_000.0)
     raw = orjson.dumps(event("acct_dup"))
-    assert router.on_event(raw, b"acct_dup", Source("api-calls", 0, 1)) is None
-    assert router.on_event(raw, b"acct_dup", Source("api-calls", 0, 1)) is None  # redelivered
+    assert router.on_message(raw, b"acct_dup", Source("api-calls", 0, 1)) == []
+    assert router.on_message(raw, b"acct_dup", Source("api-calls", 0, 1)) == []  # redelivered
     assert router.stats["dead_letters"] == 0 and router.stats["events_processed"] == 2
     assert router.detector.stats["duplicates"] == 1  # type: ignore[attr-defined]
 
@@ -137,9 +137,9 @@ def test_duplicates_and_restored_accounts_reach_the_metrics() -> None:
     router = Router(det, Settings())
     ev = event("acct_m1", ts=1_775_000_000_000, event_id="evt_metric_0001")
     raw = orjson.dumps(ev)
-    router.on_event(raw, b"acct_m1", Source("api-calls", 0, 5))
-    router.on_event(raw, b"acct_m1", Source("api-calls", 0, 5))  # redelivered
-    router.on_event(raw, b"acct_m1", Source("api-calls", 0, 6))  # sent twice by the gateway
+    router.on_message(raw, b"acct_m1", Source("api-calls", 0, 5))
+    router.on_message(raw, b"acct_m1", Source("api-calls", 0, 5))  # redelivered
+    router.on_message(raw, b"acct_m1", Source("api-calls", 0, 6))  # sent twice by the gateway
     other = detector()
     other.restore((aid, blob) for aid, _, blob in det.drain_changes())
     router.refresh_gauges()

@@ -6,7 +6,7 @@ Properties, for every input:
   in :data:`detector.schemas.REASONS`;
 * an accepted event is handled by ``Detector.process`` without raising, and the record it returns (if
   any) is a valid risk score;
-* ``Router.on_event`` never raises; every invalid input becomes a dead letter that validates against
+* ``Router.on_message`` never raises; every invalid input becomes a dead letter that validates against
   ``schemas/dead_letter.v1.json`` and carries the decode reason, the byte count and the (truncated)
   bytes; no valid input is ever dead-lettered;
 * ``make_event`` returns a valid event that keeps the value it was given, or raises :class:`InvalidEvent`
@@ -145,7 +145,9 @@ def route(raw: bytes, detector: Callable[[], Detector] = small_detector, key: by
         EVENT_OK(event)
         reason = None
         ROUTER.detector = Recording(detector())
-    out = ROUTER.on_event(raw, key, source)  # must never raise
+    outs = ROUTER.on_message(raw, key, source)  # must never raise
+    assert len(outs) <= 1, outs  # a single event (no input here is an envelope) has at most one output
+    out = outs[0] if outs else None
     if reason is None:
         error = ROUTER.detector.error  # type: ignore[attr-defined]
         if error is not None:
