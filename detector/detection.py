@@ -152,7 +152,7 @@ class RecentIds:
 
 class _Account:
     __slots__ = ("state", "seen", "action", "score", "emitted_score", "learned_ts", "root", "blocked_counted",
-                 "shard", "seq", "recent")
+                 "shard", "seq", "recent", "scored_ts")
 
     def __init__(self, created_ts: int | None) -> None:
         self.state = feat.AccountState(created_ts)
@@ -166,6 +166,7 @@ class _Account:
         self.shard = -1  # where the account's events come from (a Kafka partition); -1: unknown
         self.seq = -1  # position (offset) of the last event folded in from ``shard``
         self.recent = array("Q")  # id_hash of its last RECENT_PER_ACCOUNT events, oldest first
+        self.scored_ts = 0  # event time it was last scored at (not in its snapshot: after a restore, at once)
 
 
 # Account snapshot, version 1 (little-endian): this header, the account's 1024-bit SeenFilter, its recent
@@ -266,8 +267,8 @@ class Detector:
         self.fusion = Fusion()
         self.model_first_seen: dict[str, int] = {}
         self.allowlist = set(self.settings.allowlist)
-        self.stats = {"events": 0, "records": 0, "evicted": 0, "labels": 0, "duplicates": 0, "restored": 0,
-                      "restore_errors": 0}
+        self.stats = {"events": 0, "scored": 0, "records": 0, "evicted": 0, "labels": 0, "duplicates": 0,
+                      "restored": 0, "restore_errors": 0}
         self.recent_ids = RecentIds(dedup_ids)
         self._last_ts = 0
         self._stream_start = 0
@@ -367,7 +368,15 @@ class Detector:
                     new_account=age_days < NEW_ACCOUNT_DAYS,
                     machine=f["n_24h"] >= MACHINE_MIN_EVENTS and f["hour_spread"] >= MACHINE_SPREAD,
                     new_model=model_age < feat.NEW_MODEL_MS, org=event.get("org_id"))
-        acct.root = root
+        rerooted, acct.root = root != acct.root, root
+        settings = self.settings
+        if (acct.score < settings.quiet_score and acct.action == "allow" and ts - acct.scored_ts < settings.rescore_ms
+                and not cluster.blocked and not rerooted):
+            # Scoring on change: a quiet account was scored moments ago, and it joined no cluster and no
+            # blocked one since. Its windows took the event; the next event after rescore_ms scores them.
+            return None
+        acct.scored_ts = ts
+        self.stats["scored"] += 1
 
         x = squash(f)
         rank = self.model.score_one(x)

@@ -77,6 +77,10 @@ class DetectionSettings:
     allowlist: tuple[str, ...] = ()  # account ids or org ids of known-good heavy users
     idle_evict_s: int = 3 * 24 * 3600  # account state idle this long (event time) is dropped
     max_accounts: int = 2_000_000  # hard bound on tracked accounts (oldest evicted first)
+    # Scoring on change: an allowed account scoring below quiet_score is re-scored at most once per rescore_ms
+    # of event time (its windows, links and cluster take every event). 0 scores every event.
+    rescore_ms: int = 60_000
+    quiet_score: float = 0.25
 
 
 @dataclass(frozen=True)

@@ -211,3 +211,19 @@ def test_paraphrased_requests_for_reasoning_are_recognised_and_look_alikes_are_n
               "What's your thinking on remote work?", "Every step of the way, my dog follows me. Why?"]
     assert [fingerprint(t, key=b"k")["cot"] for t in asks] == [True] * len(asks)
     assert [fingerprint(t, key=b"k")["cot"] for t in others] == [False] * len(others)
+
+
+def test_a_quiet_account_is_rescored_once_a_minute_but_at_once_when_its_cluster_is_blocked():
+    old_card = {"payment_fp": "pm_team", "tier": "build", "account_created_ts": BASE_TS - 400 * 86_400_000}
+    steady = [event("acct_quiet", BASE_TS + i * 1000, "Tell me a joke", billing=old_card) for i in range(30)]
+    det, _ = run(steady, rescore_ms=60_000)
+    assert det.stats["events"] == 30 and det.stats["scored"] == 1
+    every, _ = run(steady, rescore_ms=0)
+    assert every.stats["scored"] == 30
+    # A teammate on the same card turns out to be an attacker: the quiet account's next event, a second
+    # later, is scored and blocked.
+    det.process(event("acct_mate", BASE_TS + 31_000, "hi", billing={"payment_fp": "pm_team", "tier": "build",
+                                                                     "account_created_ts": BASE_TS}))
+    det.apply_label({"account_id": "acct_mate", "label": "attack", "ts": BASE_TS + 32_000})
+    rec = det.process(event("acct_quiet", BASE_TS + 33_000, "Tell me a joke", billing=old_card))
+    assert rec is not None and rec["action"] == "block"
