@@ -47,7 +47,7 @@ from typing import Any
 
 import orjson
 
-from detector.schemas import ENVELOPE_SCHEMA, EVENT_SCHEMA, InvalidEvent, check_unique_keys, validate
+from detector.schemas import ENVELOPE_SCHEMA, InvalidEvent, check_unique_keys, validate, validate_event
 
 KIND = "envelope"
 #: Most events in one envelope; also the stride of dedup positions (:func:`position`).
@@ -120,9 +120,9 @@ def decode_message(raw: bytes, max_event_bytes: int = 64 * 1024) -> dict[str, An
     otherwise each item is checked on its own, like a single event, and reported in place. Anything
     else is a single event, with exactly the reasons of :func:`detector.schemas.decode_event`.
 
-    Cost: one parse (about 1 ms per MB), the schema check of each event (about 40 µs) and, for bytes
-    that orjson does not write back exactly as they came (another producer's white space or key order),
-    a second parse by the standard library to look for repeated keys.
+    Cost: one parse (about 1 ms per MB), the schema check of each event (about 6 µs for the SDK's events,
+    40 µs for others) and, for bytes that orjson does not write back exactly as they came (another
+    producer's white space or key order), a second parse by the standard library to look for repeated keys.
     """
     too_large = len(raw) > max_event_bytes
     if len(raw) > max(MAX_BYTES, max_event_bytes):
@@ -137,7 +137,7 @@ def decode_message(raw: bytes, max_event_bytes: int = 64 * 1024) -> dict[str, An
         return _open(raw, obj)
     if too_large:
         raise InvalidEvent("too_large", f"{len(raw)} bytes > limit of {max_event_bytes}")
-    event = validate(EVENT_SCHEMA, obj)
+    event = validate_event(obj)
     check_unique_keys(raw, event)
     return event
 
@@ -156,7 +156,7 @@ def _open(raw: bytes, obj: dict[str, Any]) -> Envelope:
     invalid: dict[int, InvalidEvent] = {}
     for i, item in enumerate(obj["events"]):
         try:
-            validate(EVENT_SCHEMA, item)
+            validate_event(item)
         except InvalidEvent as exc:
             invalid[i] = exc
             continue
