@@ -101,16 +101,39 @@ class ContentIndex:
         sent this exact prompt (both including this one), whether this account used one of the bands
         before, the band shared by the most accounts (0 without bands), and whether this account sent
         this exact prompt before.
+
+        The hot loop of the detector (9 keys per event): :meth:`SeenFilter.add` and
+        :meth:`_estimate_and_add` written out inline, with the same arithmetic (``% width`` as a mask, the
+        width being a power of two).
         """
         self._rotate(ts)
         template_accounts, top_band = 0, 0
         self_repeat = False
+        bits = seen.bits
+        half = SeenFilter.SIZE // 2
+        w, wmask, depth = self.width, self.width - 1, self.depth
+        new, old = self._new, self._old
         for band in bands:
-            was_seen = seen.add(band)
+            h1 = (band * _M1) & _MASK  # the Bloom filter's hash is the sketch's first hash
+            m = (1 << (h1 & 1023)) | (1 << ((h1 >> 10) & 1023))
+            was_seen = bits & m == m
+            if not was_seen:
+                if bits.bit_count() > half:
+                    bits = 0
+                bits |= m
             self_repeat = self_repeat or was_seen
-            count = self._estimate_and_add(band, not was_seen)
+            h2 = ((band ^ (band >> 29)) * _M2) & _MASK | 1
+            count = 1 << 32
+            for r in range(depth):
+                c = r * w + ((h1 + r * h2) & wmask)
+                if not was_seen:
+                    new[c] += 1
+                v = new[c] + old[c]
+                if v < count:
+                    count = v
             if count > template_accounts:
                 template_accounts, top_band = count, band
+        seen.bits = bits
         exact_key = exact ^ 0x5EED
         self_exact = seen.add(exact_key)
         exact_accounts = self._estimate_and_add(exact_key, not self_exact)
