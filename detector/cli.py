@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("events", type=Path, help="events, one JSON object per line")
     r.add_argument("--out", type=Path, help="write risk-score records here (JSONL)")
     r.add_argument("--sort", action="store_true", help="sort by event time first (input out of order)")
-    r.add_argument("--model", default="population", help="anomaly model: population, hst or loda")
+    r.add_argument("--model", default=None,
+                   help="anomaly model: population, hst or loda (default: DETECTOR_DETECTION__ANOMALY_MODEL)")
     r.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("simulate", help="simulated traffic with distillation campaigns, to a file or Kafka")

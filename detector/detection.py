@@ -236,10 +236,10 @@ def load_account(blob: bytes) -> tuple[_Account, bool]:
 class Detector:
     """Stateful detector over a stream of valid events (see the module docstring).
 
-    ``anomaly_model`` is one of :data:`detector.models.MODEL_NAMES`. Memory: about 1 KiB per tracked
-    account plus a fixed 64 MiB content sketch, plus at most 16 MB of recent event ids
-    (:class:`RecentIds`, ``dedup_ids``); accounts idle for ``idle_evict_s`` of event time, and the least
-    recently active beyond ``max_accounts``, are evicted.
+    ``anomaly_model`` is one of :data:`detector.models.MODEL_NAMES` (default: the settings'). Memory: about
+    2.5 KB per tracked account (BENCHMARKS.md) plus a fixed 64 MiB content sketch, plus at most 16 MB of
+    recent event ids (:class:`RecentIds`, ``dedup_ids``); accounts idle for ``idle_evict_s`` of event time,
+    and the least recently active beyond ``max_accounts``, are evicted.
 
     An event whose ``event_id`` was seen lately (Kafka's at-least-once redelivery) changes nothing:
     ``process`` returns None and counts it in ``stats["duplicates"]``.
@@ -253,11 +253,11 @@ class Detector:
     (None, None, 1, 1)
     """
 
-    def __init__(self, settings: DetectionSettings | None = None, *, anomaly_model: str = "population",
+    def __init__(self, settings: DetectionSettings | None = None, *, anomaly_model: str | None = None,
                  seed: int = 42, content: ContentIndex | None = None, dedup_ids: int = DEDUP_IDS,
                  track_changes: bool = False) -> None:
         self.settings = settings or DetectionSettings()
-        self.anomaly_model = anomaly_model
+        self.anomaly_model = anomaly_model = anomaly_model or self.settings.anomaly_model
         self.accounts: OrderedDict[str, _Account] = OrderedDict()
         self.clusters: dict[str, ClusterState] = {}
         self.linker = Linker()

@@ -81,6 +81,8 @@ class DetectionSettings:
     # of event time (its windows, links and cluster take every event). 0 scores every event.
     rescore_ms: int = 60_000
     quiet_score: float = 0.25
+    # The anomaly model (population, hst or loda): the one `detector evaluate` chose (EVALUATION.md).
+    anomaly_model: str = "hst"
 
 
 @dataclass(frozen=True)
@@ -209,4 +211,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     d = settings.detection
     if not 0 < d.watch_at < d.throttle_at < d.block_at <= 1:
         raise SettingsError("need 0 < DETECTION__WATCH_AT < THROTTLE_AT < BLOCK_AT <= 1")
+    if d.anomaly_model not in ("population", "hst", "loda"):
+        raise SettingsError(f"DETECTION__ANOMALY_MODEL must be population, hst or loda, not {d.anomaly_model!r}")
     return settings

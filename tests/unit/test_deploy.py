@@ -458,3 +458,9 @@ def test_chart_files() -> None:
     values = chart_values()
     assert values["serviceMonitor"]["enabled"] is False and "existingSecret" in values["secrets"]
     assert (DEPLOY / "helm" / "install-helm.sh").stat().st_mode & 0o111, "install-helm.sh must be executable"
+
+
+def test_an_unknown_anomaly_model_is_one_clear_error() -> None:
+    assert load_settings({"DETECTOR_DETECTION__ANOMALY_MODEL": "loda"}).detection.anomaly_model == "loda"
+    with pytest.raises(SettingsError, match="DETECTION__ANOMALY_MODEL must be population, hst or loda, not 'iforest'"):
+        load_settings({"DETECTOR_DETECTION__ANOMALY_MODEL": "iforest"})
