@@ -29,7 +29,7 @@ import hashlib
 import math
 import zlib
 from array import array
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 from detector.features import H_DAY, HOUR_MS
 
@@ -340,14 +340,9 @@ class Linker:
     def link_weight_to(self, account: str, accept: Callable[[str], bool], kinds: Collection[str]) -> float:
         """Summed key weight (strongest key per kind) from ``account`` into clusters ``accept`` picks,
         whether or not it reached the linking threshold: "weakly linked to a blocked cluster"."""
-        me = self.root(account)
         best: dict[str, float] = {}
-        for key in self._keys.get(account, ()):
-            if key[0] not in kinds:
-                continue
-            r = self.root(self._key_rep[key])
-            if r != me and accept(r):
-                best[key[0]] = max(best.get(key[0], 0.0), key_weight(key[0], self._key_degree[key]))
+        for key in self._keys_toward(account, accept, kinds):
+            best[key[0]] = max(best.get(key[0], 0.0), key_weight(key[0], self._key_degree[key]))
         return sum(best.values())
 
     def keys_into(self, account: str, accept: Callable[[str], bool], kind: str) -> int:
@@ -363,13 +358,17 @@ class Linker:
         >>> [lk.keys_into(a, lambda r: r == campaign, "tmpl") for a in ("r", "s", "c2")]
         [2, 1, 0]
         """
+        return sum(1 for _ in self._keys_toward(account, accept, (kind,)))
+
+    def _keys_toward(self, account: str, accept: Callable[[str], bool], kinds: Collection[str]
+                     ) -> Iterator[tuple[str, object]]:
+        """``account``'s keys of ``kinds`` that point into another cluster ``accept`` picks."""
         me = self.root(account)
-        n = 0
         for key in self._keys.get(account, ()):
-            if key[0] == kind:
+            if key[0] in kinds:
                 r = self.root(self._key_rep[key])
-                n += r != me and accept(r)
-        return n
+                if r != me and accept(r):
+                    yield key
 
     def members(self) -> int:
         """Live accounts (tombstones of forgotten ones not counted)."""

@@ -47,7 +47,7 @@ from typing import Any
 
 import orjson
 
-from detector.schemas import ENVELOPE_SCHEMA, InvalidEvent, check_unique_keys, validate, validate_event
+from detector.schemas import ENVELOPE_SCHEMA, InvalidEvent, check_unique_keys, repeated_key, validate, validate_event
 
 KIND = "envelope"
 #: Most events in one envelope; also the stride of dedup positions (:func:`position`).
@@ -200,12 +200,7 @@ class _Object(dict[str, Any]):
     def of(cls, pairs: list[tuple[str, Any]]) -> _Object:
         obj = cls(pairs)
         if len(obj) != len(pairs):
-            seen: set[str] = set()
-            for key, _ in pairs:
-                if key in seen:
-                    obj.repeated = key
-                    break
-                seen.add(key)
+            obj.repeated = repeated_key(pairs)
         return obj
 
 

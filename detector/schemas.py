@@ -161,11 +161,22 @@ def check_unique_keys(raw: bytes, parsed: Any) -> None:
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> None:
     """``object_pairs_hook`` for :func:`json.loads`: raises on a repeated key; builds nothing."""
     if len({key for key, _ in pairs}) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise InvalidEvent("duplicate_field", f"key {key!r} appears more than once in one object")
-            seen.add(key)
+        raise InvalidEvent("duplicate_field", f"key {repeated_key(pairs)!r} appears more than once in one object")
+
+
+def repeated_key(pairs: list[tuple[str, Any]]) -> str | None:
+    """The first key that an object's ``pairs`` (as :func:`json.loads` hands them to ``object_pairs_hook``)
+    name a second time, or None.
+
+    >>> repeated_key([("a", 1), ("b", 2), ("a", 3)]), repeated_key([("a", 1)])
+    ('a', None)
+    """
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 # ---- the fast path of decode_event ----------------------------------------------------------------------
