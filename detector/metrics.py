@@ -69,6 +69,13 @@ class Metrics:
                                  "baseline fits; drift moves it)", registry=r)
         self.duplicates = Counter("detector_events_duplicate_total", "Valid events skipped as already applied "
                                   "(redelivered after a crash or rebalance, or sent twice by the gateway)", registry=r)
+        self.offset_holes = Counter("detector_offset_holes_total",
+                                    "Offsets that never reached the worker's agent and were read back from the broker "
+                                    "(refilled), or turned out to hold no record (empty: e.g. a transaction marker)",
+                                    ["result"], registry=r)
+        self.redeliveries = Counter("detector_messages_redelivered_total",
+                                    "Messages the consumer delivered twice to the agent (skipped the second time)",
+                                    registry=r)
         self.restored = Counter("detector_accounts_restored_total",
                                 "Accounts restored from the account-state changelog (at start and on rebalance)",
                                 registry=r)
@@ -81,6 +88,8 @@ class Metrics:
         for result in ("valid", "invalid"):
             self.events.labels(result=result)
             self.envelopes.labels(result=result)
+        for result in ("refilled", "empty"):
+            self.offset_holes.labels(result=result)
         for reason in (*REASONS, "internal"):
             self.dead_letters.labels(reason=reason)
         for action in ACTIONS:

@@ -10,7 +10,9 @@ All decisions live in the :class:`~detector.detection.Detector` and the router; 
 and decide nothing. Delivery is at least once: the input messages of a batch are acknowledged (so their
 offsets may be committed) only after every record and dead letter they produced is on the broker. A
 publish that still fails after the producer's retries crashes the worker (``CrashingSupervisor``), so
-the batch is read again after a restart instead of being skipped.
+the batch is read again after a restart instead of being skipped. Each partition's messages reach the
+router in offset order with none skipped: :class:`Intake` reads back from the broker any offsets Faust
+lost between its fetch and the agent (:mod:`detector.streaming.offsets`).
 
 Ordering and replay. With ``api-calls`` on ONE partition the agent hands events to the detector in offset
 order, which is the order ``detector replay`` reads the same events from a file; both run the same
@@ -57,8 +59,9 @@ from mode.utils.queues import ThrowableQueue
 from detector.detection import Detector
 from detector.metrics import Metrics
 from detector.settings import KafkaSettings, Settings
+from detector.streaming.offsets import OffsetGuard
 from detector.streaming.routing import DetectorLike, Output, Router, Source
-from detector.streaming.topics import ensure_topics, kafka_client_config
+from detector.streaming.topics import ensure_topics, kafka_client_config, read_range
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
 #: In the stream buffers, a message weighs one slot per this many bytes (at least one): a single event is
 #: about one slot, a full envelope about a thousand (:class:`_WeightedQueue`).
 SLOT_BYTES = 1024
+#: How long reading back the offsets of a hole may take before the worker gives up (and stops, unacked).
+REFILL_TIMEOUT_S = 30.0
 
 
 class _WeightedQueue(ThrowableQueue):  # type: ignore[type-arg]
@@ -182,6 +187,51 @@ class _App(faust.App):
 
     def FlowControlQueue(self, maxsize: int | None = None, *, clear_on_resume: bool = False) -> ThrowableQueue:  # type: ignore[type-arg]  # noqa: N802 - Faust's name
         return _WeightedQueue(maxsize=maxsize, flow_control=self.flow_control, clear_on_resume=clear_on_resume)
+
+
+class Intake:
+    """A batch of ``api-calls`` messages to the outputs to publish, each partition in offset order, none lost.
+
+    Each message is checked by an :class:`~detector.streaming.offsets.OffsetGuard` before the router gets it:
+    one delivered twice is skipped, and the offsets of a hole (messages Faust fetched but lost before the agent
+    got them) are read back from the broker (:func:`~detector.streaming.topics.read_range`) and routed first.
+    ``messages``: Faust ``Message`` objects, or anything with their ``tp``, ``topic``, ``partition``,
+    ``offset``, ``key``, ``value``, ``timestamp`` (seconds) and ``generation_id``.
+    """
+
+    def __init__(self, router: Router, kafka_config: dict[str, Any]) -> None:
+        self.router, self.kafka_config = router, kafka_config
+        self.guard = OffsetGuard()
+        self.metrics = router.metrics
+
+    async def route(self, messages: list[Any]) -> tuple[list[Output], dict[Any, int]]:
+        """The outputs of ``messages`` and the last offset routed per partition. Awaits only to refill a hole."""
+        outs: list[Output] = []
+        last_offsets: dict[Any, int] = {}
+        for m in messages:
+            missing = self.guard.admit(m.tp, m.offset, m.generation_id or 0)
+            if missing is None:  # delivered twice in this generation
+                self.metrics.redeliveries.inc()
+                continue
+            if missing:
+                outs += await self.refill(m.tp, missing)
+            outs += self.router.on_message(m.value, m.key, Source(m.topic, m.partition, m.offset, m.timestamp))
+            last_offsets[m.tp] = m.offset
+        return outs, last_offsets
+
+    async def refill(self, tp: Any, missing: range) -> list[Output]:
+        """Read ``missing`` offsets of ``tp`` from the broker and route them. Raises if the broker cannot be read
+        within :data:`REFILL_TIMEOUT_S`: the worker then stops before acking the batch, and its replacement
+        reads from the last commit, which is before the hole (nothing after it was acked)."""
+        records = await asyncio.to_thread(read_range, self.kafka_config, tp.topic, tp.partition, missing,
+                                          REFILL_TIMEOUT_S)
+        self.metrics.offset_holes.labels(result="refilled" if records else "empty").inc()
+        log.warning("%s[%d]: offsets %d..%d never reached the agent; read %d record(s) back from the broker",
+                    tp.topic, tp.partition, missing.start, missing.stop - 1, len(records))
+        outs: list[Output] = []
+        for r in records:
+            outs += self.router.on_message(r.value, r.key, Source(r.topic, r.partition, r.offset, r.timestamp / 1000))
+        return outs
 
 
 class WorkerError(RuntimeError):
@@ -326,6 +376,8 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
 
     app.on_partitions_revoked.connect(drop_revoked)
 
+    intake = Intake(router, kafka_client_config(settings.kafka))
+
     @app.agent(events_topic, supervisor_strategy=CrashingSupervisor)
     async def route_events(stream: faust.StreamT[bytes]) -> None:
         # noack_take yields *events* (partition and offset included) and leaves acking to us: take() and
@@ -336,14 +388,9 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         batches = cast(faust.Stream[bytes], stream).noack_take(bound, within=w.batch_within_s)
         async for batch in batches:
             started = time.perf_counter()
-            outs = []
-            last_offsets: dict[Any, int] = {}
-            # No await from the first event to take_changes(): a rebalance (which drops and restores
-            # accounts) runs between batches, never between a batch's effects and their changelog writes.
-            for event in batch:
-                m = event.message  # type: ignore[attr-defined]
-                outs += router.on_message(m.value, m.key, Source(m.topic, m.partition, m.offset, m.timestamp))
-                last_offsets[m.tp] = m.offset
+            # A rebalance (which drops and restores accounts) waits for the batch in hand to be acked, so it
+            # never runs between a batch's effects and their changelog writes, even across a refill's await.
+            outs, last_offsets = await intake.route([event.message for event in batch])  # type: ignore[attr-defined]
             outs += take_changes()
             deliveries = [await send(out) for out in outs]
             await asyncio.gather(*deliveries)

@@ -263,3 +263,34 @@ def read_to_end(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any
         return records
     finally:
         consumer.close()
+
+
+def read_range(config: dict[str, Any], topic: str, partition: int, offsets: range,
+               timeout_s: float = 30.0) -> list[Any]:
+    """The records of ``topic``'s ``partition`` whose offsets are in ``offsets`` (a ``range`` with step 1), in
+    order; offsets without a record (a transaction marker, a compacted or expired record) are simply absent.
+    ``config``: kafka-python client options (:func:`kafka_client_config`). No consumer group, nothing
+    committed. Raises :class:`TimeoutError` if the partition could not be read that far within ``timeout_s``.
+    """
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    if not offsets:
+        return []
+    tp = TopicPartition(topic, partition)
+    consumer = KafkaConsumer(**config, enable_auto_commit=False, auto_offset_reset="earliest")
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, offsets.start)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while consumer.position(tp) < offsets.stop:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}[{partition}]: could not read offsets {offsets.start}..{offsets.stop - 1} "
+                                   f"within {timeout_s:.0f} s")
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(r for r in batch if r.offset in offsets)
+        return records
+    finally:
+        consumer.close()

@@ -1,0 +1,64 @@
+"""Offset continuity: the worker hands each partition's messages to the detector in offset order, none skipped.
+
+Plain Python; no Faust, no Kafka. Kafka's delivery is at least once only if the consumer processes every
+offset it commits past. Faust can lose a fetched message between the fetch and the agent (its fetch loop
+drops a record it has already moved its read offset past, and a stream buffer cleared or a put cancelled
+when flow control resumes drops it too), and its commit then passes over the hole: it treats offsets it
+did not see as missing from the log (as a transaction marker is), and it accepts an unacked offset just
+at the committed position. ``detector chaos --envelope`` lost one event of 14,517 that way (the commit
+stalled at the missing offset, then jumped it). The worker's agent therefore checks each message against
+an :class:`OffsetGuard` before it is processed::
+
+    partition 2:  1400  1401  ----  1403  1404      the agent saw 1401, then 1403
+                                ▲
+                                └─ OffsetGuard.admit(1403) → range(1402, 1403): read offset 1402 from the
+                                   broker and process it first, then 1403 (topics.read_range)
+
+A redelivered offset (at or before the last one handed over) is skipped: the detector would skip it by
+its position anyway (:meth:`detector.detection.Detector.process`). Refilling is idempotent for the same
+reason, so a hole that was not one (a transaction marker has an offset but no record) costs a read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+
+class OffsetGuard:
+    """The next offset expected per partition, within one consumer-group generation.
+
+    :meth:`admit` is called for every message before it is processed, in the order the agent gets them.
+    A partition's first message in a generation (after a rebalance Faust seeks to the committed offset)
+    starts its count; a message from an older generation (still in a buffer when the rebalance came) is
+    admitted without being counted. Memory: one integer per partition.
+
+    >>> guard = OffsetGuard()
+    >>> guard.admit("p0", 10, generation=1), guard.admit("p0", 11, generation=1)
+    (range(10, 10), range(11, 11))
+    >>> guard.admit("p0", 14, generation=1)  # 12 and 13 never reached the agent
+    range(12, 14)
+    >>> guard.admit("p0", 14, generation=1) is None  # delivered twice: skip
+    True
+    >>> guard.admit("p0", 3, generation=2)  # a rebalance: the count starts again
+    range(3, 3)
+    >>> guard.admit("p0", 40, generation=1), guard.admit("p0", 4, generation=2)  # older: admitted, not counted
+    (range(40, 40), range(4, 4))
+    """
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self._next: dict[Hashable, int] = {}
+
+    def admit(self, partition: Hashable, offset: int, generation: int) -> range | None:
+        """The offsets missing before ``offset`` (read and process them first; empty if none), or None if
+        ``offset`` was already admitted in this generation (skip the message)."""
+        if generation > self.generation:
+            self.generation = generation
+            self._next.clear()
+        elif generation < self.generation:
+            return range(offset, offset)
+        expected = self._next.get(partition, offset)
+        if offset < expected:
+            return None
+        self._next[partition] = offset + 1
+        return range(expected, offset)
