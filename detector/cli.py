@@ -135,7 +135,25 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from detector.evaluation import run_evaluation
 
     return run_evaluation(settings, scenarios=args.scenario, models=args.models, scale=args.scale,
-                          out_dir=args.out_dir, seed=args.seed, compare_all=args.compare_all)
+                          out_dir=args.out_dir, seed=args.seed, compare_all=args.compare_all,
+                          workers=tuple(args.workers))
+
+
+def _worker_counts(text: str) -> tuple[int, ...]:
+    """``--workers``: a comma-separated list of worker counts above 1 ("0" for none).
+
+    >>> _worker_counts("2,4"), _worker_counts("0")
+    ((2, 4), ())
+    """
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if counts == (0,):
+        return ()
+    if any(n < 2 or n > 64 for n in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: each worker count must be between 2 and 64 (or 0 for none)")
+    return counts
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -192,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out-dir", type=Path, default=Path("."), help="where EVALUATION.md and plots go")
     e.add_argument("--compare-all", action="store_true",
                    help="run every model on every scenario (default: compare on the first, then the chosen one)")
+    e.add_argument("--workers", type=_worker_counts, default=(2, 4), metavar="N,M",
+                   help="also run the first scenario with the accounts split over N (and M...) workers, as that many "
+                        "workers would hold them; 0 to skip (default: 2,4)")
     e.set_defaults(func=cmd_evaluate)
 
     try:

@@ -106,20 +106,28 @@ def metrics(outcome: Outcome, labels: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_scenario(scenario: str, models: list[str], settings: Settings, *, scale: float = 1.0,
-                      seed: int = 7) -> tuple[Any, list[Outcome]]:
-    """Generate ``scenario`` once and run one detector per model over it."""
+                      seed: int = 7, workers: int = 1) -> tuple[Any, list[Outcome]]:
+    """Generate ``scenario`` once and run one detector per model over it.
+
+    ``workers`` > 1: the accounts are split over that many detectors per model by their partition
+    (:func:`detector.envelope.account_partition` over ``workers`` partitions), as that many workers would
+    hold them; each sees only its own accounts, so clusters spanning workers are not linked."""
     from detector import simulate
+    from detector.envelope import account_partition
 
     sim = simulate.build(scenario, seed=seed, scale=scale, fingerprint_key=settings.fingerprint_key.reveal().encode())
     labels = sim.labels
-    detectors = [Detector(settings.detection, anomaly_model=m) for m in models]
+    shards = [[Detector(settings.detection, anomaly_model=m) for _ in range(workers)] for m in models]
     outcomes = [Outcome(model=m) for m in models]
-    prog = Progress(f"evaluate {scenario}", total=sim.count_hint())
+    prog = Progress(f"evaluate {scenario}" + (f" over {workers} workers" if workers > 1 else ""),
+                    total=sim.count_hint())
     n = 0
     for ev in sim.events():
         lab = labels.get(ev["account_id"])
         campaign = lab.campaign if lab is not None and lab.attack else None
-        for det, out in zip(detectors, outcomes, strict=True):
+        shard = account_partition(ev["account_id"], workers) if workers > 1 else 0
+        for dets, out in zip(shards, outcomes, strict=True):
+            det = dets[shard]
             t = time.perf_counter()
             acct = det.accounts.get(ev["account_id"])
             before = acct.action if acct is not None else "allow"
@@ -225,11 +233,12 @@ def _fmt_hours(h: float | None) -> str:
 
 
 def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: str, scale: float,
-                   out_dir: Path, seed: int = 7, compare_all: bool = False) -> int:
+                   out_dir: Path, seed: int = 7, compare_all: bool = False, workers: tuple[int, ...] = ()) -> int:
     """Run the suite, print a table per scenario, write ``EVALUATION.md`` and plots under ``docs/eval``.
 
     The candidate models are compared on the first scenario; the chosen one alone runs the rest (each
-    model costs a full pass), unless ``compare_all``.
+    model costs a full pass), unless ``compare_all``. ``workers``: worker counts for which the chosen model
+    also runs the first scenario with the accounts split over that many detectors (one pass each).
     """
     from detector import simulate
 
@@ -282,10 +291,38 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
         except ImportError:
             lines += ["", "(plots skipped: matplotlib is not installed; `pip install -e '.[plots]'`)"]
         lines.append("")
+    if workers and summary:
+        lines += _scale_out(names[0], summary[0][1], workers, settings, scale, seed)
     lines[8:8] = _summary_table(summary)
     (out_dir / "EVALUATION.md").write_text("\n".join(lines) + "\n")
     print(f"evaluate: wrote {out_dir / 'EVALUATION.md'} and plots in {plot_dir}", file=sys.stderr)
     return 0
+
+
+def _scale_out(scenario: str, one: dict[str, Any], workers: tuple[int, ...], settings: Settings, scale: float,
+               seed: int) -> list[str]:
+    """The section on detection with the accounts split over several workers (each links only its own)."""
+    model = one["model"]
+    lines = [f"## {scenario}, accounts split over several workers", "",
+             "Each worker holds the accounts of its partitions and links only those into clusters (there is no "
+             "cross-worker clustering yet): a campaign's accounts are split over the workers, and each worker "
+             f"sees a fraction of every cluster. Same traffic, model {model}, accounts split by the murmur2 "
+             f"partition of their id (`detector evaluate --workers N`).", "",
+             "| workers | recall | FPR | FP / ordinary | first-detect share | served share "
+             "| per campaign: served share |",
+             "|---|---|---|---|---|---|---|"]
+    for n in (1, *workers):
+        if n == 1:
+            r = one
+        else:
+            sim, [outcome] = evaluate_scenario(scenario, [model], settings, scale=scale, seed=seed, workers=n)
+            r = metrics(outcome, sim.labels)
+            print(f"{scenario:<14} {model:<10} {n} workers recall={r['recall']:.3f} fpr={r['fpr']:.4%} "
+                  f"first_detect={r['first_detect_share']:.3%} served={r['served_share']:.2%}")
+        per = ", ".join(f"{name} {c['served_share']:.1%}" for name, c in r["campaigns"].items())
+        lines.append(f"| {n} | {r['recall']:.3f} | {r['fpr']:.4%} | {r['fp']} / {r['ordinary_accounts']} | "
+                     f"{r['first_detect_share']:.3%} | {r['served_share']:.2%} | {per} |")
+    return lines + [""]
 
 
 def _n_events(outcome: Outcome) -> int:

@@ -279,7 +279,9 @@ def read_range(config: dict[str, Any], topic: str, partition: int, offsets: rang
     if not offsets:
         return []
     tp = TopicPartition(topic, partition)
-    consumer = KafkaConsumer(**config, enable_auto_commit=False, auto_offset_reset="earliest")
+    # kafka-python waits up to 305 s for a request by default; it must exceed the session timeout (10 s).
+    consumer = KafkaConsumer(**config, enable_auto_commit=False, auto_offset_reset="earliest",
+                             request_timeout_ms=max(11_000, int(timeout_s * 1000)))
     try:
         consumer.assign([tp])
         consumer.seek(tp, offsets.start)
