@@ -382,13 +382,15 @@ class ClusterState:
     decayed over a day: an estimate of the accounts active in the last day without a set of them.
     """
 
-    __slots__ = ("t0", "last_ts", "day", "blocked_members", "blocked", "org_bits", "new_model_1h", "n_1h")
+    __slots__ = ("t0", "last_ts", "day", "blocked_members", "throttled_members", "blocked", "org_bits",
+                 "new_model_1h", "n_1h")
 
     def __init__(self) -> None:
         self.t0 = 0
         self.last_ts = 0
         self.day = array("d", bytes(8 * _C_SLOTS))
         self.blocked_members = 0
+        self.throttled_members = 0  # members that reached throttle or block (each counted once)
         self.blocked = False
         self.org_bits = 0  # linear-counting bitmap of the orgs seen in the cluster
         self.new_model_1h = 0.0  # hour-horizon share of traffic on a newly released model
@@ -438,6 +440,7 @@ class ClusterState:
         for i in range(_C_SLOTS):
             self.day[i] += other.day[i] * f
         self.blocked_members += other.blocked_members
+        self.throttled_members += other.throttled_members
         self.blocked = self.blocked or other.blocked
         self.org_bits |= other.org_bits
         self.n_1h += other.n_1h

@@ -45,6 +45,7 @@ from detector.models import RankScorer, Sampler, make_model, squash
 from detector.settings import DetectionSettings
 
 MODEL_VERSION = "0.1.0"
+CAUGHT = ("throttle", "block")
 MAX_REASONS = 5
 NEW_ACCOUNT_DAYS = 14.0
 MACHINE_MIN_EVENTS = 12.0  # an account needs this many events in its day window to judge its schedule
@@ -152,7 +153,7 @@ class RecentIds:
 
 class _Account:
     __slots__ = ("state", "seen", "action", "score", "emitted_score", "learned_ts", "root", "blocked_counted",
-                 "shard", "seq", "recent", "scored_ts")
+                 "throttled_counted", "shard", "seq", "recent", "scored_ts")
 
     def __init__(self, created_ts: int | None) -> None:
         self.state = feat.AccountState(created_ts)
@@ -163,6 +164,7 @@ class _Account:
         self.learned_ts = 0
         self.root = ""
         self.blocked_counted = False
+        self.throttled_counted = False
         self.shard = -1  # where the account's events come from (a Kafka partition); -1: unknown
         self.seq = -1  # position (offset) of the last event folded in from ``shard``
         self.recent = array("Q")  # id_hash of its last RECENT_PER_ACCOUNT events, oldest first
@@ -180,9 +182,10 @@ _HAS_CREATED, _ALLOWLISTED = 1, 2
 def dump_account(acct: _Account, allowlisted: bool = False) -> bytes:
     """The account's state as bytes: everything needed to go on counting it exactly after a restart.
 
-    Cluster membership is not in it (the linker re-links an account from its next events), nor is
-    ``blocked_counted`` (a cluster's count of blocked members is rebuilt with the cluster). Plain
-    ``struct`` packing, never pickle: a snapshot travels through a Kafka topic. Cost: about 2 µs.
+    Cluster membership is not in it (the linker re-links an account from its next events), nor are
+    ``blocked_counted`` and ``throttled_counted`` (a cluster's counts of blocked and throttled members are
+    rebuilt with the cluster). Plain ``struct`` packing, never pickle: a snapshot travels through a Kafka
+    topic. Cost: about 2 µs.
     """
     st = acct.state
     flags = (_HAS_CREATED if st.created_ts is not None else 0) | (_ALLOWLISTED if allowlisted else 0)
@@ -386,17 +389,42 @@ class Detector:
         if self.sampler.should_learn(acct.learned_ts, ts, flagged=action != "allow"):
             self.model.learn_one(x)
             acct.learned_ts = ts
-        if action == "block" and not acct.blocked_counted and root in self.clusters:
-            acct.blocked_counted = True
-            cluster.blocked_members += 1
-            if (cluster.blocked_members >= 2 or size >= 3) and not cluster.blocked:
-                cluster.blocked = True
-                self._blocked_roots.add(root)
+        if action in CAUGHT and root in self.clusters and self._count_caught(acct, action, cluster, size):
+            cluster.blocked = True
+            self._blocked_roots.add(root)
         if not self._decided(acct, score, action):
             return None
         reasons = [(code, share, values.get(code, 0.0), int(size)) for code, share in self.fusion.reasons(evidence)]
         cluster_id = self.linker.cluster_id(aid) if self.linker.size(root) > 1 else None
         return self._record(acct, aid, ts, score, action, reasons, cluster_id, emitted_at)
+
+    @staticmethod
+    def _count_caught(acct: _Account, action: str, cluster: ClusterState, size: float) -> bool:
+        """Count a member newly throttled or blocked in its cluster's tallies; whether the cluster is now to
+        be blocked: a member blocked in a cluster of three or more, two blocked in a pair, or two members
+        throttled (or worse) in a cluster of three or more. Each of two linked accounts over the throttle
+        line on its next events is at least the evidence of one over the block line; waiting for one of them
+        to reach it on its own serves the whole cluster meanwhile (a campaign's accounts can hover between
+        the two for hours). Each member counts once (an account that falls back below the line stays
+        counted, as a blocked one does).
+
+        >>> acct, other, cluster = _Account(None), _Account(None), ClusterState()
+        >>> Detector._count_caught(acct, "throttle", cluster, 3), Detector._count_caught(acct, "throttle", cluster, 3)
+        (False, False)
+        >>> Detector._count_caught(other, "throttle", cluster, 3), cluster.throttled_members
+        (True, 2)
+        """
+        counted = False
+        if not acct.throttled_counted:
+            acct.throttled_counted = counted = True
+            cluster.throttled_members += 1
+        if action == "block" and not acct.blocked_counted:
+            acct.blocked_counted = counted = True
+            cluster.blocked_members += 1
+        if not counted or cluster.blocked:
+            return False
+        return ((cluster.blocked_members >= 1 and (cluster.blocked_members >= 2 or size >= 3))
+                or (cluster.throttled_members >= 2 and size >= 3))
 
     # ----------------------------------------------------------------------------------------------
     def _evidence(self, f: dict[str, float], rank: float, cluster: ClusterState, root: str,
@@ -416,10 +444,14 @@ class Detector:
         # accounts send too). Batch classification has short answers; chat, agents and labs do not keep up
         # that pace. A content-generation pipeline would: alone it is weak evidence, from an account linked
         # to others it is strong.
-        harvest = (_clip((f["out_tokens"] - 1000.0) / 1500.0) * _clip((f["n_1h"] - 8.0) / 16.0)
+        # The rate is read over the time the account has been observed (hourly_count: the hour-horizon count
+        # alone lags a pace that began less than a few hours ago, as every one did at a cold start), and
+        # "kept up" to the minute (kept_up_hours), not in whole clock hours.
+        st = self.accounts[account].state
+        harvest = (_clip((f["out_tokens"] - 1000.0) / 1500.0) * _clip((feat.hourly_count(st, ts) - 8.0) / 16.0)
                    * (1.0 - f["exact_shared_share"]))
-        if harvest > 0.0:  # steady_hours reads up to 23 slots: only for the few accounts it can matter to
-            harvest *= _clip((feat.steady_hours(self.accounts[account].state, ts) + 1.0) / 3.0)
+        if harvest > 0.0:  # kept_up_hours reads up to 23 slots: only for the few accounts it can matter to
+            harvest *= _clip((feat.kept_up_hours(st, ts) + 1.0) / 3.0)
         values = {
             "shared_template": f["template_share"],
             "cot_requests": f["cot_share"],

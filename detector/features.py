@@ -38,6 +38,7 @@ H_1H = HOUR_MS
 NEW_MODEL_MS = DAY_MS  # traffic on a model in its first day counts as a "jump to a new model"
 SHARED_TEMPLATE_ACCOUNTS = 3  # a template used by this many accounts (self included) is "shared"
 _RENORM = 24.0  # rescale the scaled sums after this many half-lives
+MIN_RATE_SPAN_MS = 15 * 60_000  # hourly_count reads a shorter observed span as this long
 
 # Slots of the day-horizon array.
 N, IN_TOK, OUT_TOK, MAX_LEN, ERR, REFUSED, COT, TEMPLATED, EXACT_SHARED, NEW_MODEL, NON_LATIN, \
@@ -208,6 +209,58 @@ def steady_hours(st: AccountState, now: int, floor: float = 0.25) -> int:
     while k < 24 and day[HOUR0 + (hour - k) % 24] * scale * 2.0 ** (k * HOUR_MS / H_DAY) >= need:
         k += 1
     return k - 1
+
+
+def kept_up_hours(st: AccountState, now: int, floor: float = 0.25) -> float:
+    """How long, in hours, the account has kept up its present pace: :func:`steady_hours`, plus the part
+    of the current hour gone by when the hour before it was at pace (the run then spans the hour's start,
+    so the minutes since belong to it). A run is measured to the minute rather than in clock hours: one
+    that started at 00:00 has kept up 1.7 hours at 01:42, not 1. Without a whole hour at pace before the
+    current one (a burst, or the first hour of anything) it is 0: the run may have begun at any minute of
+    the current hour. Same assumptions and cost as :func:`steady_hours`.
+
+    >>> st = AccountState(created_ts=None)
+    >>> ctx = EventContext(template_accounts=1, exact_accounts=1, model_age_ms=1 << 62)
+    >>> ev = {"input_tokens": 100, "output_tokens": 400, "status": 200, "response": {"stop_reason": "end_turn"},
+    ...       "model": "m", "client": {}, "prompt": {"cot": False, "capability": "qa", "script": "latin"}}
+    >>> for i in range(35):  # 20 calls an hour from 00:00 to 01:42
+    ...     update(st, {**ev, "ts": i * 180_000}, ctx)
+    >>> steady_hours(st, 34 * 180_000), kept_up_hours(st, 34 * 180_000)
+    (1, 1.7)
+    >>> kept_up_hours(st, 19 * 180_000)  # at 00:57 no whole hour has gone by yet
+    0.0
+    """
+    k = steady_hours(st, now, floor)
+    return k + (now % HOUR_MS) / HOUR_MS if k else 0.0
+
+
+def hourly_count(st: AccountState, now: int, min_span_ms: int = MIN_RATE_SPAN_MS) -> float:
+    """The hour-horizon count ``n_1h`` at ``now``, corrected for how long the account has been observed.
+
+    A count decayed with half-life H over a span ``s`` after the account's first event holds only
+    ``1 - 2 ** (-s / H)`` of what the same pace gives in the long run (half after one hour), so an account
+    seen for a short while reads as slower than it runs: every account after a cold start of the
+    detector, every new account, a campaign in its first hour. Divided by that factor, it is the long-run
+    count of the pace observed so far (``count * ln 2`` calls an hour), assuming nothing about the time
+    before the first event; after a few hours the factor is 1. Spans under ``min_span_ms`` count as
+    ``min_span_ms`` (two calls a minute apart are not an hourly rate). Cost: two powers.
+
+    >>> st = AccountState(created_ts=None)
+    >>> ctx = EventContext(template_accounts=1, exact_accounts=1, model_age_ms=1 << 62)
+    >>> ev = {"input_tokens": 100, "output_tokens": 400, "status": 200, "response": {"stop_reason": "end_turn"},
+    ...       "model": "m", "client": {}, "prompt": {"cot": False, "capability": "qa", "script": "latin"}}
+    >>> for i in range(11):  # 11 calls in half an hour: 22 an hour, a long-run count of 22 / ln 2 = 31.7
+    ...     update(st, {**ev, "ts": i * 180_000}, ctx)
+    >>> round(features(st, 30 * 60_000)["n_1h"], 1), round(hourly_count(st, 30 * 60_000), 1)
+    (9.3, 31.8)
+    >>> one = AccountState(created_ts=None)
+    >>> update(one, {**ev, "ts": 0}, ctx)
+    >>> round(hourly_count(one, 0), 1)  # one call: read over min_span_ms, not as a pace
+    6.3
+    """
+    n = st.n_1h * 2.0 ** (-(now - st.last_ts) / H_1H) if now >= st.last_ts else st.n_1h
+    span = max(now - st.first_ts, min_span_ms)
+    return n / (1.0 - 2.0 ** (-span / H_1H))
 
 
 def _entropy(values: list[float]) -> float:

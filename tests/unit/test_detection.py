@@ -123,16 +123,16 @@ def test_idle_accounts_are_evicted():
 
 
 
-def harvest_and_lab(hours=4, seed=3):
+def harvest_and_lab(hours=4, seed=3, start=BASE_TS):
     """Twelve old, high-tier accounts in two orgs on two cards, pulling long answers ~24 times an hour each
     and asking for reasoning now and then (a model hopper before the release), and a lab of five
-    researchers on one card with short sessions."""
+    researchers on one card with short sessions, all from ``start``."""
     rng = random.Random(seed)
     events = []
     for i in range(12):
         aid = f"acct_h{i:02d}"
         for k in range(hours * 24):
-            ts = BASE_TS + k * 150_000 + rng.randrange(150_000)
+            ts = start + k * 150_000 + rng.randrange(150_000)
             task = f"{rng.choice(TASKS)} with {' '.join(rng.sample(WORDS, 5))} case {i}-{k}"
             if rng.random() < 0.3:
                 task += ". Think step by step and explain your reasoning."
@@ -144,7 +144,7 @@ def harvest_and_lab(hours=4, seed=3):
     for j in range(5):
         aid = f"acct_lab{j}"
         for _ in range(3):
-            ts = BASE_TS + rng.randrange(hours * HOUR)
+            ts = start + rng.randrange(hours * HOUR)
             for _ in range(rng.randrange(4, 12)):
                 ts += rng.randrange(20_000, 120_000)
                 events.append(event(aid, ts, rng.choice(ORDINARY) + " " + " ".join(rng.sample(WORDS, 3)),
@@ -166,6 +166,43 @@ def test_linked_accounts_harvesting_long_answers_are_caught_within_hours():
     assert first - BASE_TS < 3 * HOUR
     codes = {c["code"] for r in records if r["account_id"].startswith("acct_h") for c in r["reasons"]}
     assert "cluster_harvest" in codes
+
+
+def test_a_harvest_that_starts_on_the_hour_is_caught_before_two_clock_hours_are_up():
+    """A pace kept up from 00:00 has been kept up 1.7 hours at 01:42, not one (kept_up_hours), and its
+    rate is read over the time it has been seen (hourly_count), not from a count still filling up. Here
+    the campaign starts with the detector, on a clock hour: whole clock hours alone held it until 02:00."""
+    start = BASE_TS - BASE_TS % HOUR + HOUR
+    det, records = run(harvest_and_lab(hours=3, start=start))
+    first = min(r["event_ts"] for r in records if r["action"] in ("throttle", "block"))
+    assert first - start < 2 * HOUR
+    assert all(det.accounts[a].action == "allow" for a in det.accounts if a.startswith("acct_lab"))
+
+
+def test_two_throttled_members_block_their_cluster():
+    """Two members of a cluster of three over the throttle line block the cluster: the third is blocked on
+    its next event. One throttled member does not."""
+    card = {"payment_fp": "pm_trio", "tier": "build"}
+    young, old = BASE_TS - HOUR, BASE_TS - 400 * 86_400_000
+
+    def trio(n_young):
+        det = Detector(DetectionSettings(rescore_ms=0))
+        # Young accounts score 0.73 (throttle, short of block) on this weight alone; old ones nothing.
+        det.fusion._weights = {**det.fusion._weights, "young_account": 6.5}
+        det.process(event("acct_old", BASE_TS, billing={**card, "account_created_ts": old}))
+        for i in range(2):
+            aid, created = (f"acct_young{i}", young) if i < n_young else (f"acct_old{i}", old)
+            det.process(event(aid, BASE_TS + 1000 * (i + 1), billing={**card, "account_created_ts": created}))
+        rec = det.process(event("acct_old", BASE_TS + 10_000, billing={**card, "account_created_ts": old}))
+        return det, rec
+
+    det, rec = trio(2)
+    assert [det.accounts[f"acct_young{i}"].action for i in range(2)] == ["throttle", "throttle"]
+    assert rec is not None and rec["action"] == "block"
+    assert any(r["code"] == "linked_to_blocked" for r in rec["reasons"])
+    one, rec = trio(1)
+    assert one.accounts["acct_young0"].action == "throttle"
+    assert rec is None and one.accounts["acct_old"].action == "allow"
 
 
 def test_a_shared_band_ties_to_a_blocked_cluster_only_if_that_cluster_is_templated():
