@@ -360,6 +360,42 @@ class Linker:
         """
         return sum(1 for _ in self._keys_toward(account, accept, (kind,)))
 
+    def shared_beyond(self, account: str, kind: str, holder_kind: str | None = None, min_keys: int = 1,
+                      min_degree: int = 1, limit: int = 64) -> bool:
+        """Whether ``min_keys`` or more keys of ``kind`` of ``account``, each held by ``min_degree`` or more
+        live accounts, are held by accounts outside its cluster too (linked or not), ones that hold a key
+        of ``holder_kind`` if given: "its org's templates are another org's too". Looks at up to ``limit``
+        holders per key.
+
+        >>> lk = Linker()
+        >>> for a in ("a1", "a2"):
+        ...     _ = lk.link(a, [("org", "o1"), ("tmpl", 7)])
+        >>> lk.shared_beyond("a1", "tmpl")
+        False
+        >>> _ = lk.link("p1", [("tmpl", 7)])  # a personal account (no org) with the same template
+        >>> lk.shared_beyond("a1", "tmpl"), lk.shared_beyond("a1", "tmpl", holder_kind="org")
+        (True, False)
+        >>> _ = lk.link("b1", [("org", "o2"), ("tmpl", 7)])
+        >>> lk.shared_beyond("a1", "tmpl", holder_kind="org"), lk.shared_beyond("b1", "tmpl", holder_kind="org")
+        (True, True)
+        """
+        me = self.root(account)
+
+        def outside(holder: str) -> bool:
+            return self.root(holder) != me and (
+                holder_kind is None or any(k[0] == holder_kind for k in self._keys.get(holder, ())))
+
+        found = 0
+        for key in self._keys.get(account, ()):
+            if key[0] != kind or self._key_degree[key] < min_degree:
+                continue
+            holders = self._key_others.get(key, ())
+            if outside(self._key_rep[key]) or any(outside(h) for h in holders[:limit]):
+                found += 1
+                if found >= min_keys:
+                    return True
+        return False
+
     def _keys_toward(self, account: str, accept: Callable[[str], bool], kinds: Collection[str]
                      ) -> Iterator[tuple[str, object]]:
         """``account``'s keys of ``kinds`` that point into another cluster ``accept`` picks."""
@@ -421,6 +457,7 @@ class ClusterState:
         self.n_1h = self.n_1h * f + 1.0
         self.new_model_1h = self.new_model_1h * f + new_model
         if org is not None:
+            day[_C_ORG] += w
             self.org_bits |= 1 << (zlib.crc32(org.encode()) & 63)
         self.last_ts = max(self.last_ts, ts)
 
@@ -470,9 +507,10 @@ class ClusterState:
             "new_model_share": day[_C_NEW_MODEL] / n,
             "new_model_share_1h": self.new_model_1h / self.n_1h if self.n_1h else 0.0,
             "orgs": float(self.org_bits.bit_count()),
+            "org_share": day[_C_ORG] / n,  # traffic from members of an organisation
         }
 
 
-_C_N, _C_ACTIVE, _C_TEMPLATED, _C_COT, _C_MAX_LEN, _C_NEW, _C_MACHINE, _C_NEW_MODEL = range(8)
-_C_HOUR0 = 8
+_C_N, _C_ACTIVE, _C_TEMPLATED, _C_COT, _C_MAX_LEN, _C_NEW, _C_MACHINE, _C_NEW_MODEL, _C_ORG = range(9)
+_C_HOUR0 = 9
 _C_SLOTS = _C_HOUR0 + 24

@@ -58,10 +58,18 @@ NEAR_KINDS = frozenset({"pay", "ip24", "cohort"})
 # (the template is the campaign's). The bands of a barely templated cluster are boilerplate everyone uses
 # ("Think step by step."), which public-benchmark runs share too.
 NEAR_TEMPLATE_SHARE = 0.25
+# Two organisations share a template (ending the one-org presumption, see _evidence) through bands held by this
+# many accounts or more: a template, not one public-dataset item both happened to send.
+ORG_SHARED_BAND_HOLDERS = 4
 # A payment fingerprint on more personal (organisation-less) accounts than SHARED_CARD_FROM is evidence,
 # full at SHARED_CARD_FROM + SHARED_CARD_SPAN accounts.
 SHARED_CARD_FROM = 3
 SHARED_CARD_SPAN = 27
+# A cluster that is one organisation (every member's traffic under the same org) is one paying customer:
+# its accounts share templates, networks and a card because they are one company's pipeline, not to stay
+# under per-account limits. Its coordination terms count this much (see Detector._evidence).
+ONE_ORG_DISCOUNT = 0.35
+ONE_ORG_SHARE = 0.98
 DEDUP_IDS = 100_000  # event ids remembered for deduplication: between this many and twice as many
 RECENT_PER_ACCOUNT = 8  # event-id hashes kept in each account's snapshot (duplicates across a restart)
 # Integer fields the detector reads. JSON Schema's "integer" admits 1.0 (to JSON, the same number as 1), but a
@@ -437,7 +445,35 @@ class Detector:
         c = cluster.features(ts, self.linker.size(root))
         size = c["size"]
         sf = _clip(math.log(size / 2.0) / math.log(25.0)) if size >= 3 else 0.0  # 3 -> 0.13, 10 -> 0.5, 50 -> 1
+        # One paying organisation (a publisher's content pipeline, an enterprise's batch jobs): its accounts
+        # sharing templates, a schedule and a steady harvest of long answers is its own pipeline. Those terms
+        # count ONE_ORG_DISCOUNT; what still counts in full is what a company's pipeline does not show:
+        # freshly created accounts, a jump to a new model, replays, chain-of-thought asks, a link to a
+        # blocked cluster, the anomaly rank. A campaign that puts its accounts in one org of its own is seen
+        # by those, or once its clusters link across orgs (cluster_multi_org).
         template_share = f["template_share"] * shrink
+        near = toward = 0.0
+        if not cluster.blocked and template_share > 0.2:
+            # Below the linking threshold, but filling the templates of (or sharing keys with) a blocked
+            # cluster: a reseller proxy mixing a campaign's traffic with its customers'.
+            blocked = self._blocked_roots
+            toward = self.linker.link_weight_to(account, lambda r: r in blocked, NEAR_KINDS)
+            # Through templates: two or more recurring bands of the blocked cluster's, on prompts of its own.
+            # One shared band can be boilerplate ("Let's think step by step.") that a benchmark run sends too.
+            shared = self.linker.keys_into(account, lambda r: r in blocked and self._templated(r, ts), "tmpl")
+            if shared >= 2:
+                toward += KEY_KINDS["tmpl"][0] * (1.0 - f["exact_shared_share"])
+            near = _clip(toward / 0.5) * _clip((template_share - 0.2) * 2.5)
+        # The presumption ends where the org's content or keys lead to a blocked cluster (near_blocked), or
+        # where two or more of its recurring templates are another org's accounts' too: the same private
+        # prompts run by two organisations are coordination beyond one company. (One shared band, or a
+        # personal account filling the same template, does not end it: the public datasets a pipeline
+        # processes are other orgs' and campaigns' raw material too.)
+        one_org = (size >= 2 and c["orgs"] == 1.0 and c["org_share"] >= ONE_ORG_SHARE and not near
+                   and not self.linker.shared_beyond(account, "tmpl", holder_kind="org", min_keys=2,
+                                                   min_degree=ORG_SHARED_BAND_HOLDERS))
+        own = ONE_ORG_DISCOUNT if one_org else 1.0
+        csf = sf * own
         # Harvest: long answers (1,000 -> 2,500 output tokens on average) at a high rate (hour-horizon count
         # 8 -> 24, i.e. about 6 -> 17 calls an hour at a steady pace), kept up for two whole hours (a
         # researcher's session is a burst) and on prompts of its own (a benchmark run sends prompts other
@@ -469,6 +505,7 @@ class Detector:
             "cluster_multi_org": c["orgs"],
             "harvest": f["out_tokens"],
             "cluster_harvest": f["out_tokens"],
+            "harvest_new_model": f["new_model_share_1h"],
             "shared_payment": float(card),
         }
         evidence = {
@@ -476,36 +513,31 @@ class Detector:
             "cot_requests": f["cot_share"] * shrink,
             "max_length_outputs": f["max_len_share"] * shrink,
             "capability_focus": f["capability_concentration"] * n / (n + 10.0),
-            "machine_schedule": _clip((f["hour_spread"] - 0.8) / 0.15) * n / (n + MACHINE_MIN_EVENTS),
+            "machine_schedule": own * _clip((f["hour_spread"] - 0.8) / 0.15) * n / (n + MACHINE_MIN_EVENTS),
             "new_model_jump": f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0),
             "new_model_replay": _clip(2.0 * f["new_model_replay_share"] * shrink),
             "young_account": 1.0 if age < 2 else 0.5 if age < NEW_ACCOUNT_DAYS else 0.0,
             "anomaly": _clip((rank - 0.95) / 0.05),
-            "cluster_size": sf,
+            "cluster_size": csf,
             # linked accounts each running around the clock, together a steady 24 h load
-            "cluster_load_balanced": sf * c["machine_share"] * _clip((c["hour_spread"] - 0.85) / 0.1),
+            "cluster_load_balanced": csf * c["machine_share"] * _clip((c["hour_spread"] - 0.85) / 0.1),
             "cluster_multi_org": sf * _clip(c["orgs"] - 1.0),  # one payment or network across orgs
-            "cluster_templates": sf * c["template_share"],
+            "cluster_templates": csf * c["template_share"],
             "cluster_new_accounts": sf * c["new_account_share"],
-            "cluster_cot": sf * c["cot_share"],
+            "cluster_cot": csf * c["cot_share"],
             "cluster_new_model": sf * c["new_model_share_1h"],
             "linked_to_blocked": 1.0 if cluster.blocked else 0.0,
-            "harvest": harvest,
-            "cluster_harvest": sf * harvest,
+            "harvest": own * harvest,
+            "cluster_harvest": csf * harvest,
+            # The harvest follows a model released within the last day, at once (the documented campaigns moved
+            # within 24 h). Not discounted for one org: a company's pipeline is not moved within hours of a
+            # release, a harvester's is, as it wants the new model's answers first.
+            "harvest_new_model": harvest * f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0),
             # A family or a small team on one card: weak; a card paying for dozens of personal accounts: strong.
             "shared_payment": _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN),
         }
-        if not cluster.blocked and template_share > 0.2:
-            # Below the linking threshold, but filling the templates of (or sharing keys with) a blocked
-            # cluster: a reseller proxy mixing a campaign's traffic with its customers'.
-            blocked = self._blocked_roots
-            toward = self.linker.link_weight_to(account, lambda r: r in blocked, NEAR_KINDS)
-            # Through templates: two or more recurring bands of the blocked cluster's, on prompts of its own.
-            # One shared band can be boilerplate ("Let's think step by step.") that a benchmark run sends too.
-            shared = self.linker.keys_into(account, lambda r: r in blocked and self._templated(r, ts), "tmpl")
-            if shared >= 2:
-                toward += KEY_KINDS["tmpl"][0] * (1.0 - f["exact_shared_share"])
-            evidence["near_blocked"] = _clip(toward / 0.5) * _clip((template_share - 0.2) * 2.5)
+        if near:
+            evidence["near_blocked"] = near
             values["near_blocked"] = toward
         return evidence, values, c["size"]
 

@@ -48,6 +48,7 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "cluster_multi_org": 1.0,  # one payment method or network across organisations
     "harvest": 1.0,  # pulls long answers at a high rate, kept up for hours (a content pipeline can too)
     "cluster_harvest": 7.0,  # the same from an account linked to others (scaled by the cluster's size)
+    "harvest_new_model": 3.0,  # the harvest moved to a model released within the last day
     "shared_payment": 2.0,  # one payment method on many accounts outside any organisation
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
     "near_blocked": 5.0,  # shares keys or templates with a blocked cluster, below the linking threshold
@@ -73,6 +74,8 @@ DETAILS: dict[str, str] = {
     "cluster_multi_org": "cluster spans {v:.0f} organisations",
     "harvest": "pulls long answers (~{v:.0f} output tokens each) at a high rate, kept up for hours",
     "cluster_harvest": "one of {n} linked accounts pulling long answers (~{v:.0f} output tokens each) at a high rate",
+    "harvest_new_model": "pulls long answers at a high rate from a model released within the last day "
+                         "({pct} of last-hour traffic)",
     "shared_payment": "payment method shared by {v:.0f} accounts outside any organisation",
     "linked_to_blocked": "linked to a blocked cluster",
     "near_blocked": "shares templates or infrastructure with a blocked cluster",

@@ -21,6 +21,10 @@ ordinary kind          looks like an attack because                 but
                        labs share one card, half with no org
 ``agentic_coding``     teams of 3-19 on one card, half with no      (as above)
   (teams)              org (personal accounts, a company card)
+``content_pipeline``   long answers pulled around the clock at a    one job per org (articles, product pages,
+                       high rate by several accounts of one org on  worked solutions), one capability, no
+                       one card, templated; the edtech job asks     new-model jump, no cards or networks
+                       for step-by-step solutions                   shared beyond the org
 ``early_adopter``      switches to a new model within hours         chat-like volume and content
 ``chat``               (the bulk; mobile CGNAT shares IPs)          diurnal, diverse, low volume
 =====================  ==========================================  =========================================
@@ -251,6 +255,7 @@ class _Config:
     corporate_nat: tuple[int, ...] = (110, 40)  # accounts per NAT'd org
     eval_harness: int = 16
     enterprise: tuple[int, ...] = (3, 2, 2, 1)  # accounts per enterprise org
+    content_pipeline: tuple[int, ...] = (5, 4)  # accounts per content-generation org (publisher, edtech, ...)
     hydra: int = 600
     model_hopper: int = 16
     cot_coercion: int = 24
@@ -589,6 +594,16 @@ _ENTERPRISE_TEMPLATES = (
      "intent only.\n\n{text}"),
 )
 
+# Content-generation jobs (inputs pool, system prompt, template): the look-alikes of a harvest.
+_CONTENT_JOBS = (
+    ("topics", "You write long-form articles for a publishing platform. Use a clear, friendly tone.",
+     "Write a 1,200-word article with a headline, an introduction, three sections with subheadings and a "
+     "conclusion, based on this reader question:\n\n{text}"),
+    ("exercises", "You write worked solutions for a study app used by high-school students.",
+     "Write a complete worked solution to this exercise. Solve it step by step, explaining each step so a "
+     "student can follow it, then state the final answer.\n\nExercise: {text}"),
+)
+
 _RESELLER_SYSTEMS = (
     None, None, "You are a helpful assistant.", "You are a helpful assistant.", "你是一个乐于助人的助手。",
     "You are a customer support bot for an online store. Be polite and concise.",
@@ -757,6 +772,8 @@ _STYLE_COT = _Style(out_median=2800.0, out_sigma=0.6, max_tokens=(4096,), p429=0
                     p_retry=0.9)
 _STYLE_RESELLER = _Style(out_median=1500.0, out_sigma=0.9, max_tokens=(4096, 8192), p429=0.015, p400=0.003,
                          p_refuse=0.01, p_retry=0.8)
+_STYLE_CONTENT = _Style(out_median=1900.0, out_sigma=0.5, max_tokens=(4096, 8192), p429=0.02, p400=0.001,
+                        p_refuse=0.002, p_retry=0.9)
 _HH_REFUSAL = 0.25  # red-team style prompts (HH-RLHF) are refused far more often
 
 
@@ -1261,6 +1278,7 @@ class _Builder:
         }
         enterprise_inputs = [p for p in everything_o if len(p) < 700] + self._get(b, "B_nq_open_dev_3610")
         self.enterprise_inputs = enterprise_inputs or everything_o
+        self.content_inputs = {"topics": [p for p in en if len(p) < 400] or en, "exercises": math_q or en}
 
     # ---- identities ----------------------------------------------------------------------------------
 
@@ -1332,6 +1350,9 @@ class _Builder:
         self._hydra_and_resellers()
         self._model_hopper(self._n(c.model_hopper))
         self._cot(self._n(c.cot_coercion))
+        # Last, so that adding them changed no other actor's random draws.
+        for i, size in enumerate(self._split(c.content_pipeline)):
+            self._content_org(size, _CONTENT_JOBS[i % len(_CONTENT_JOBS)])
 
     def _adoption(self, early: bool) -> _Models:
         rng = self.rng
@@ -1502,6 +1523,31 @@ class _Builder:
                 expected=daily * self._days_from(self.start, 1.0 if nightly else 0.0),
                 daily=daily, window=window, tz=net[2], weekdays_only=not nightly,
                 template=rng.choice(_ENTERPRISE_TEMPLATES), inputs=inputs,
+            ))
+
+    def _content_org(self, n: int, job: tuple[str, str | None, str]) -> None:
+        """A business generating long content around the clock through several accounts of one org on one
+        card (one account per product line or worker pool): the legitimate look-alike of a harvest. One
+        template, filled with a topic or an exercise per call; the edtech job asks for step-by-step
+        solutions, as a distiller harvesting reasoning would."""
+        rng = self.rng
+        inputs_name, system, fmt = job
+        org, pm = f"org_{self._hex(12)}", f"pm_{self._hex()}"
+        net = rng.choice(_CLOUD)
+        subnet = rng.randrange(1024)
+        ua = rng.choice(("anthropic-python/0.49.0", "anthropic-typescript/0.39.0"))
+        clients = tuple(_client(_ipv4(rng, net[0], subnet=subnet), net, ua) for _ in range(rng.randrange(1, 4)))
+        pool = self.content_inputs[inputs_name]
+        for _ in range(n):
+            created = self._old(90, 900)
+            acct = self._account("content_pipeline", None, org=org, payment=pm, tier=rng.choice(("tier-4", "scale")),
+                                 created=created, n_keys=rng.randrange(1, 3))
+            daily = rng.uniform(300, 900) * self.cfg.volume
+            inputs = rng.sample(pool, min(len(pool), 3000))
+            self._add(_BatchActor(
+                acct, self._seed(), self.start, self.end, clients, _STYLE_CONTENT, _Models(base=MODEL_CURRENT),
+                expected=daily * self._days_from(self.start, 1.0), daily=daily, window=(0, 24), tz=net[2],
+                template=(system, fmt), inputs=inputs,
             ))
 
     # ---- campaigns -----------------------------------------------------------------------------------
@@ -1737,7 +1783,7 @@ class _Builder:
             kind = self.labels[a.account.account_id].kind
             expected[kind] = expected.get(kind, 0.0) + a.expected
         ordinary_kinds = ("chat", "early_adopter", "researcher", "agentic_coding", "corporate_nat", "eval_harness",
-                          "enterprise_batch")
+                          "enterprise_batch", "content_pipeline")
         ordinary = ", ".join(f"{k[x]} {x}" for x in ordinary_kinds if x in k)
         flags = [f for f in ("paraphrase", "fast_rotation", "slow_ramp", "many_asns") if getattr(c, f)]
         hydra, hydra_ev = k.get("hydra", 0), expected.get("hydra", 0.0)

@@ -123,10 +123,10 @@ def test_idle_accounts_are_evicted():
 
 
 
-def harvest_and_lab(hours=4, seed=3, start=BASE_TS):
-    """Twelve old, high-tier accounts in two orgs on two cards, pulling long answers ~24 times an hour each
-    and asking for reasoning now and then (a model hopper before the release), and a lab of five
-    researchers on one card with short sessions, all from ``start``."""
+def harvest_and_lab(hours=4, seed=3, start=BASE_TS, orgs=2):
+    """Twelve old, high-tier accounts in two orgs on two cards (``orgs=1``: one org, one card), pulling long
+    answers ~24 times an hour each and asking for reasoning now and then (a model hopper before the
+    release), and a lab of five researchers on one card with short sessions, all from ``start``."""
     rng = random.Random(seed)
     events = []
     for i in range(12):
@@ -136,8 +136,8 @@ def harvest_and_lab(hours=4, seed=3, start=BASE_TS):
             task = f"{rng.choice(TASKS)} with {' '.join(rng.sample(WORDS, 5))} case {i}-{k}"
             if rng.random() < 0.3:
                 task += ". Think step by step and explain your reasoning."
-            events.append(event(aid, ts, task, org_id=f"org_h{i % 2}", output_tokens=rng.randrange(1800, 3200),
-                                billing={"payment_fp": f"pm_h{i % 2}", "tier": "scale",
+            events.append(event(aid, ts, task, org_id=f"org_h{i % orgs}", output_tokens=rng.randrange(1800, 3200),
+                                billing={"payment_fp": f"pm_h{i % orgs}", "tier": "scale",
                                          "account_created_ts": BASE_TS - 40 * 86_400_000},
                                 client={"ip": f"198.18.7.{i}", "asn": 16509, "country": "US",
                                         "user_agent": "anthropic-python/0.49.0", "tls_fp": None}))
@@ -166,6 +166,30 @@ def test_linked_accounts_harvesting_long_answers_are_caught_within_hours():
     assert first - BASE_TS < 3 * HOUR
     codes = {c["code"] for r in records if r["account_id"].startswith("acct_h") for c in r["reasons"]}
     assert "cluster_harvest" in codes
+
+
+def test_one_org_harvesting_long_answers_on_its_own_card_is_its_own_pipeline():
+    """The same traffic from one organisation paying for all twelve accounts: a company's content pipeline
+    (the simulator's content_pipeline look-alikes) is not throttled for coordination within itself. Two
+    orgs running it together are (the test above)."""
+    det, records = run(harvest_and_lab(orgs=1))
+    harvesters = [a for a in det.accounts if a.startswith("acct_h")]
+    assert len(harvesters) == 12 and det.linker.size(det.linker.root(harvesters[0])) == 12
+    assert all(det.accounts[a].action in ("allow", "watch") for a in harvesters)
+
+
+def test_a_one_org_harvest_that_moves_to_a_new_model_at_once_is_caught():
+    """One org's harvest moved to a model released within the hour (first seen after the stream's first
+    hour): harvest_new_model is not discounted for one org, as a company's pipeline is not moved at once."""
+    events = harvest_and_lab(hours=6, orgs=1)
+    release = BASE_TS + 3 * HOUR
+    moved = [{**e, "model": "frontier-next"} if e["account_id"].startswith("acct_h") and e["ts"] >= release else e
+             for e in events]
+    det, records = run(moved)
+    caught = [a for a in det.accounts if a.startswith("acct_h") and det.accounts[a].action in ("throttle", "block")]
+    assert len(caught) == 12
+    assert "harvest_new_model" in {c["code"] for r in records if r["action"] != "allow" for c in r["reasons"]}
+    assert all(det.accounts[a].action == "allow" for a in det.accounts if a.startswith("acct_lab"))
 
 
 def test_a_harvest_that_starts_on_the_hour_is_caught_before_two_clock_hours_are_up():
