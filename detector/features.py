@@ -47,6 +47,8 @@ CAP0 = 16  # 8 capability slots
 HOUR0 = CAP0 + len(CAPABILITIES)  # 24 hour-of-day slots
 N_SLOTS = HOUR0 + 24
 
+_ZERO_DAY = array("d", [0.0]) * N_SLOTS
+
 FEATURE_NAMES = (
     "n_10m", "n_1h", "n_24h", "in_tokens", "out_tokens", "out_in_ratio", "max_len_share", "error_share",
     "refusal_share", "cot_share", "template_share", "exact_shared_share", "self_repeat_share",
@@ -83,7 +85,7 @@ class AccountState:
         self.first_ts = 0
         self.last_ts = 0
         self.t0 = 0
-        self.day = array("d", bytes(8 * N_SLOTS))
+        self.day = array("d", _ZERO_DAY)  # exactly N_SLOTS doubles: array("d", bytes(...)) over-allocates
         self.n_10m = 0.0
         self.n_1h = 0.0
         self.new_model_1h = 0.0
