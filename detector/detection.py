@@ -216,7 +216,7 @@ def dump_account(acct: _Account, allowlisted: bool = False) -> bytes:
                       acct.shard, acct.seq, st.n_10m, st.n_1h, st.new_model_1h, acct.score, acct.emitted_score,
                       st.ip_bits, st.asn_bits, st.ua_bits)
     recent = struct.pack(f"<{len(acct.recent)}Q", *acct.recent)
-    return head + acct.bits.to_bytes(_SEEN_BYTES, "little") + recent + st.day.tobytes()
+    return head + acct.bits.to_bytes(_SEEN_BYTES, "little") + recent + st.day[:feat.N_SLOTS].tobytes()
 
 
 def load_account(blob: bytes) -> tuple[_Account, bool]:
@@ -253,7 +253,7 @@ def load_account(blob: bytes) -> tuple[_Account, bool]:
     at += _SEEN_BYTES
     acct.recent = array("Q", struct.unpack_from(f"<{n_recent}Q", blob, at))
     at += 8 * n_recent
-    st.day[:] = array("d", blob[at:])  # into the exact-size window: frombytes() would over-allocate
+    st.day[:feat.N_SLOTS] = array("d", blob[at:])  # into the exact-size window (frombytes() over-allocates)
     return acct, bool(flags & _ALLOWLISTED)
 
 
@@ -349,9 +349,13 @@ class Detector:
         if position is not None:
             acct.shard, acct.seq = position
         if h is not None:
-            acct.recent.append(h)
-            if len(acct.recent) > RECENT_PER_ACCOUNT:
-                del acct.recent[0]
+            recent = acct.recent
+            if not recent:
+                acct.recent = array("Q", (h,))  # exact size: append() to the empty array would reserve 4 ids
+            else:
+                if len(recent) >= RECENT_PER_ACCOUNT:
+                    del recent[0]  # before the append, so a full array needs no larger one
+                recent.append(h)
         if self._changed is not None:
             self._changed.add(aid)
         if aid in self.allowlist or (event.get("org_id") and event["org_id"] in self.allowlist):
