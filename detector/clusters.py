@@ -253,10 +253,11 @@ class Linker:
         representative; ``key`` itself if none is (never, as a representative holds its key).
 
         Every event builds its link keys afresh (a new tuple, a new IP /24 string), so without this each
-        holder of a key shared by thousands of accounts would keep its own copy of it: about 340 bytes per
-        account over its 7 keys. Equal keys are one key to every dict here, so which object is kept does
-        not change what is linked. Cost: a scan of at most ``MAX_KEYS_PER_ACCOUNT`` keys, once per account
-        and key (on the account's first events), not per event.
+        holder of a key shared by thousands of accounts would keep its own copy of it: 480 bytes per account
+        in the memory benchmark (bench/run.py), whose event has 6 keys. Equal keys are one key to every dict
+        here, so which object is kept does not change what is linked. Cost: a scan of at most
+        ``MAX_KEYS_PER_ACCOUNT`` keys, once per account and key (on the account's first events), not per
+        event.
 
         >>> lk = Linker()
         >>> _ = lk.link("a1", [("ip24", "10.0.0")]); _ = lk.link("a2", [("ip24", ".".join(["10", "0", "0"]))])
