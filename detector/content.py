@@ -21,6 +21,7 @@ two windows.
 from __future__ import annotations
 
 from array import array
+from typing import Protocol
 
 from detector.features import DAY_MS
 
@@ -29,10 +30,35 @@ _M2 = 0xC2B2AE3D27D4EB4F
 _MASK = (1 << 64) - 1
 
 
+class SeenBits(Protocol):
+    """Anything holding a :class:`SeenFilter`'s bits in ``bits``: a filter, or an object that keeps them
+    itself (the detector's per-account object does, to save a 40-byte filter object per account)."""
+
+    bits: int
+
+
+def seen_add(seen: SeenBits, key: int) -> bool:
+    """Add ``key`` to the filter bits of ``seen``; return True if it was (probably) present already.
+
+    >>> f = SeenFilter()
+    >>> seen_add(f, 42), seen_add(f, 42), f.bits.bit_count()
+    (False, True, 2)
+    """
+    h = (key * _M1) & _MASK
+    mask = (1 << (h & 1023)) | (1 << ((h >> 10) & 1023))
+    if seen.bits & mask == mask:
+        return True
+    if seen.bits.bit_count() > SeenFilter.SIZE // 2:
+        seen.bits = 0
+    seen.bits |= mask
+    return False
+
+
 class SeenFilter:
     """A 1024-bit Bloom filter of keys one account has contributed; cleared when half full.
 
-    Clearing (a new generation) bounds both memory and false positives for heavy accounts.
+    Clearing (a new generation) bounds both memory and false positives for heavy accounts. The filter is
+    its ``bits`` (a Python int); :class:`ContentIndex` reads and writes them in any :class:`SeenBits`.
     """
 
     __slots__ = ("bits",)
@@ -42,15 +68,8 @@ class SeenFilter:
         self.bits = 0
 
     def add(self, key: int) -> bool:
-        """Add ``key``; return True if it was (probably) present already."""
-        h = (key * _M1) & _MASK
-        mask = (1 << (h & 1023)) | (1 << ((h >> 10) & 1023))
-        if self.bits & mask == mask:
-            return True
-        if self.bits.bit_count() > self.SIZE // 2:
-            self.bits = 0
-        self.bits |= mask
-        return False
+        """Add ``key``; return True if it was (probably) present already (see :func:`seen_add`)."""
+        return seen_add(self, key)
 
 
 class ContentIndex:
@@ -95,14 +114,14 @@ class ContentIndex:
                 best = v
         return best
 
-    def observe(self, seen: SeenFilter, bands: list[int], exact: int, ts: int) -> tuple[int, int, bool, int, bool]:
+    def observe(self, seen: SeenBits, bands: list[int], exact: int, ts: int) -> tuple[int, int, bool, int, bool]:
         """Count this account under the event's keys; return ``(template_accounts, exact_accounts,
         self_repeat, top_band, self_exact)``: the most accounts sharing any one band, the accounts that
         sent this exact prompt (both including this one), whether this account used one of the bands
         before, the band shared by the most accounts (0 without bands), and whether this account sent
         this exact prompt before.
 
-        The hot loop of the detector (9 keys per event): :meth:`SeenFilter.add` and
+        The hot loop of the detector (9 keys per event): :func:`seen_add` and
         :meth:`_estimate_and_add` written out inline, with the same arithmetic (``% width`` as a mask, the
         width being a power of two).
         """
@@ -135,7 +154,7 @@ class ContentIndex:
                 template_accounts, top_band = count, band
         seen.bits = bits
         exact_key = exact ^ 0x5EED
-        self_exact = seen.add(exact_key)
+        self_exact = seen_add(seen, exact_key)
         exact_accounts = self._estimate_and_add(exact_key, not self_exact)
         return template_accounts, exact_accounts, self_repeat, top_band, self_exact
 

@@ -46,6 +46,12 @@ N, IN_TOK, OUT_TOK, MAX_LEN, ERR, REFUSED, COT, TEMPLATED, EXACT_SHARED, NEW_MOD
 CAP0 = 16  # 8 capability slots
 HOUR0 = CAP0 + len(CAPABILITIES)  # 24 hour-of-day slots
 N_SLOTS = HOUR0 + 24
+# The short-horizon counts follow the day-horizon slots in the same array (AccountState.day): three floats
+# stored in it cost 24 bytes, as Python float objects 96 (three objects of 32 bytes, and their slots).
+N_10M_AT, N_1H_AT, NEW_MODEL_1H_AT = N_SLOTS, N_SLOTS + 1, N_SLOTS + 2
+_STATE_SLOTS = N_SLOTS + 3
+
+_ZERO_STATE = array("d", [0.0]) * _STATE_SLOTS
 
 FEATURE_NAMES = (
     "n_10m", "n_1h", "n_24h", "in_tokens", "out_tokens", "out_in_ratio", "max_len_share", "error_share",
@@ -73,26 +79,58 @@ class EventContext:
 
 
 class AccountState:
-    """Compact per-account window state (about 600 bytes: one float array and a few ints)."""
+    """Compact per-account window state (about 600 bytes: one float array and a few ints).
 
-    __slots__ = ("created_ts", "first_ts", "last_ts", "t0", "day", "n_10m", "n_1h", "new_model_1h", "events",
-                 "ip_bits", "asn_bits", "ua_bits")
+    ``day`` holds the day-horizon sums (``N_SLOTS`` doubles) and after them the 10-minute and 1-hour
+    counts, read and written here as the slots ``N_10M_AT``, ``N_1H_AT`` and ``NEW_MODEL_1H_AT``; elsewhere
+    as the properties ``n_10m``, ``n_1h`` and ``new_model_1h``.
+    """
+
+    __slots__ = ("created_ts", "first_ts", "last_ts", "t0", "day", "events", "ip_bits", "asn_bits", "ua_bits")
 
     def __init__(self, created_ts: int | None) -> None:
         self.created_ts = created_ts
         self.first_ts = 0
         self.last_ts = 0
         self.t0 = 0
-        self.day = array("d", bytes(8 * N_SLOTS))
-        self.n_10m = 0.0
-        self.n_1h = 0.0
-        self.new_model_1h = 0.0
+        self.day = array("d", _ZERO_STATE)  # an exact-size copy: array("d", bytes(...)) over-allocates
         self.events = 0
         self.ip_bits = self.asn_bits = self.ua_bits = 0
 
+    @property
+    def n_10m(self) -> float:
+        """The 10-minute-horizon event count, as of the newest event."""
+        return self.day[N_10M_AT]
+
+    @n_10m.setter
+    def n_10m(self, value: float) -> None:
+        self.day[N_10M_AT] = value
+
+    @property
+    def n_1h(self) -> float:
+        """The 1-hour-horizon event count, as of the newest event."""
+        return self.day[N_1H_AT]
+
+    @n_1h.setter
+    def n_1h(self, value: float) -> None:
+        self.day[N_1H_AT] = value
+
+    @property
+    def new_model_1h(self) -> float:
+        """The 1-hour-horizon count of events on a newly released model, as of the newest event."""
+        return self.day[NEW_MODEL_1H_AT]
+
+    @new_model_1h.setter
+    def new_model_1h(self, value: float) -> None:
+        self.day[NEW_MODEL_1H_AT] = value
+
     def to_list(self) -> list[object]:
-        """A JSON-friendly snapshot (for changelogs and tests)."""
-        return [self.created_ts, self.first_ts, self.last_ts, self.t0, list(self.day), self.n_10m,
+        """A JSON-friendly snapshot (for changelogs and tests).
+
+        >>> AccountState(created_ts=7).to_list()[:4], len(AccountState(created_ts=7).to_list()[4]) == N_SLOTS
+        ([7, 0, 0, 0], True)
+        """
+        return [self.created_ts, self.first_ts, self.last_ts, self.t0, list(self.day[:N_SLOTS]), self.n_10m,
                 self.n_1h, self.new_model_1h, self.events, self.ip_bits, self.asn_bits, self.ua_bits]
 
 
@@ -114,18 +152,18 @@ def update(st: AccountState, ev: dict, shared: EventContext) -> None:
         st.first_ts = st.last_ts = st.t0 = t
     # Short horizons: plain decay to the newest event time (older events are added pre-decayed).
     new_model = 1.0 if shared.model_age_ms < NEW_MODEL_MS else 0.0
+    day = st.day
     if t >= st.last_ts:
         dt = t - st.last_ts
         f_1h = 2.0 ** (-dt / H_1H)
-        st.n_10m = st.n_10m * 2.0 ** (-dt / H_10M) + 1.0
-        st.n_1h = st.n_1h * f_1h + 1.0
-        st.new_model_1h = st.new_model_1h * f_1h + new_model
+        day[N_10M_AT] = day[N_10M_AT] * 2.0 ** (-dt / H_10M) + 1.0
+        day[N_1H_AT] = day[N_1H_AT] * f_1h + 1.0
+        day[NEW_MODEL_1H_AT] = day[NEW_MODEL_1H_AT] * f_1h + new_model
     else:
         w_1h = 2.0 ** ((t - st.last_ts) / H_1H)
-        st.n_10m += 2.0 ** ((t - st.last_ts) / H_10M)
-        st.n_1h += w_1h
-        st.new_model_1h += w_1h * new_model
-    day = st.day
+        day[N_10M_AT] += 2.0 ** ((t - st.last_ts) / H_10M)
+        day[N_1H_AT] += w_1h
+        day[NEW_MODEL_1H_AT] += w_1h * new_model
     x = (t - st.t0) / H_DAY
     if x > _RENORM:
         f = 2.0 ** -x
@@ -198,11 +236,11 @@ def steady_hours(st: AccountState, now: int, floor: float = 0.25) -> int:
     >>> steady_hours(burst, 12 * HOUR_MS + 39 * 60_000)
     0
     """
-    if st.events == 0 or st.n_1h <= 0.0:
-        return 0
     day = st.day
+    if st.events == 0 or day[N_1H_AT] <= 0.0:
+        return 0
     scale = 2.0 ** min(-(now - st.t0) / H_DAY, _RENORM)
-    rate = st.n_1h * 2.0 ** (-max(now - st.last_ts, 0) / H_1H) * math.log(2.0)
+    rate = day[N_1H_AT] * 2.0 ** (-max(now - st.last_ts, 0) / H_1H) * math.log(2.0)
     need = floor * rate
     hour = now // HOUR_MS
     k = 1
@@ -258,7 +296,8 @@ def hourly_count(st: AccountState, now: int, min_span_ms: int = MIN_RATE_SPAN_MS
     >>> round(hourly_count(one, 0), 1)  # one call: read over min_span_ms, not as a pace
     6.3
     """
-    n = st.n_1h * 2.0 ** (-(now - st.last_ts) / H_1H) if now >= st.last_ts else st.n_1h
+    n_1h = st.day[N_1H_AT]
+    n = n_1h * 2.0 ** (-(now - st.last_ts) / H_1H) if now >= st.last_ts else n_1h
     span = max(now - st.first_ts, min_span_ms)
     return n / (1.0 - 2.0 ** (-span / H_1H))
 
@@ -288,9 +327,10 @@ def features(st: AccountState, now: int) -> dict[str, float]:
     caps = list(day[CAP0:HOUR0])
     hours = list(day[HOUR0:N_SLOTS])
     age_ms = now - st.created_ts if st.created_ts is not None else now - st.first_ts
+    n_10m, n_1h = day[N_10M_AT], day[N_1H_AT]
     return {
-        "n_10m": st.n_10m * 2.0 ** (-(now - st.last_ts) / H_10M) if now >= st.last_ts else st.n_10m,
-        "n_1h": st.n_1h * 2.0 ** (-(now - st.last_ts) / H_1H) if now >= st.last_ts else st.n_1h,
+        "n_10m": n_10m * 2.0 ** (-(now - st.last_ts) / H_10M) if now >= st.last_ts else n_10m,
+        "n_1h": n_1h * 2.0 ** (-(now - st.last_ts) / H_1H) if now >= st.last_ts else n_1h,
         "n_24h": day[N] * scale,
         "in_tokens": day[IN_TOK] / n,
         "out_tokens": day[OUT_TOK] / n,
@@ -303,7 +343,7 @@ def features(st: AccountState, now: int) -> dict[str, float]:
         "exact_shared_share": day[EXACT_SHARED] / n,
         "self_repeat_share": day[SELF_REPEAT] / n,
         "new_model_share": day[NEW_MODEL] / n,
-        "new_model_share_1h": st.new_model_1h / st.n_1h if st.n_1h else 0.0,
+        "new_model_share_1h": day[NEW_MODEL_1H_AT] / n_1h if n_1h else 0.0,
         "new_model_replay_share": day[NEW_MODEL_REPLAY] / n,
         "non_latin_share": day[NON_LATIN] / n,
         "capability_concentration": 1.0 - _entropy(caps) / math.log(len(caps)),
