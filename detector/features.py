@@ -78,12 +78,33 @@ class EventContext:
     self_exact: bool = False
 
 
+class _WindowSlot:
+    """A float attribute kept in the account's window array at ``index`` rather than as an object of its own
+    (an account then holds one array, not three more boxed floats).
+
+    >>> st = AccountState(created_ts=None)
+    >>> st.n_1h = 2.5
+    >>> st.n_1h, st.day[N_1H_AT]
+    (2.5, 2.5)
+    """
+
+    def __init__(self, index: int, doc: str) -> None:
+        self.index = index
+        self.__doc__ = doc
+
+    def __get__(self, obj: AccountState, owner: type | None = None) -> float:
+        return obj.day[self.index]
+
+    def __set__(self, obj: AccountState, value: float) -> None:
+        obj.day[self.index] = value
+
+
 class AccountState:
     """Compact per-account window state (about 600 bytes: one float array and a few ints).
 
     ``day`` holds the day-horizon sums (``N_SLOTS`` doubles) and after them the 10-minute and 1-hour
     counts, read and written here as the slots ``N_10M_AT``, ``N_1H_AT`` and ``NEW_MODEL_1H_AT``; elsewhere
-    as the properties ``n_10m``, ``n_1h`` and ``new_model_1h``.
+    as the attributes ``n_10m``, ``n_1h`` and ``new_model_1h`` (:class:`_WindowSlot`).
     """
 
     __slots__ = ("created_ts", "first_ts", "last_ts", "t0", "day", "events", "ip_bits", "asn_bits", "ua_bits")
@@ -97,32 +118,10 @@ class AccountState:
         self.events = 0
         self.ip_bits = self.asn_bits = self.ua_bits = 0
 
-    @property
-    def n_10m(self) -> float:
-        """The 10-minute-horizon event count, as of the newest event."""
-        return self.day[N_10M_AT]
-
-    @n_10m.setter
-    def n_10m(self, value: float) -> None:
-        self.day[N_10M_AT] = value
-
-    @property
-    def n_1h(self) -> float:
-        """The 1-hour-horizon event count, as of the newest event."""
-        return self.day[N_1H_AT]
-
-    @n_1h.setter
-    def n_1h(self, value: float) -> None:
-        self.day[N_1H_AT] = value
-
-    @property
-    def new_model_1h(self) -> float:
-        """The 1-hour-horizon count of events on a newly released model, as of the newest event."""
-        return self.day[NEW_MODEL_1H_AT]
-
-    @new_model_1h.setter
-    def new_model_1h(self, value: float) -> None:
-        self.day[NEW_MODEL_1H_AT] = value
+    n_10m = _WindowSlot(N_10M_AT, "The 10-minute-horizon event count, as of the newest event.")
+    n_1h = _WindowSlot(N_1H_AT, "The 1-hour-horizon event count, as of the newest event.")
+    new_model_1h = _WindowSlot(NEW_MODEL_1H_AT, "The 1-hour-horizon count of events on a newly released model, "
+                               "as of the newest event.")
 
     def to_list(self) -> list[object]:
         """A JSON-friendly snapshot (for changelogs and tests).
