@@ -470,12 +470,6 @@ class Detector:
         c = cluster.features(ts, self.linker.size(root))
         size = c["size"]
         sf = _clip(math.log(size / 2.0) / math.log(25.0)) if size >= 3 else 0.0  # 3 -> 0.13, 10 -> 0.5, 50 -> 1
-        # One paying organisation (a publisher's content pipeline, an enterprise's batch jobs): its accounts
-        # sharing templates, a schedule and a steady harvest of long answers is its own pipeline. Those terms
-        # count ONE_ORG_DISCOUNT; what still counts in full is what a company's pipeline does not show:
-        # freshly created accounts, a jump to a new model, replays, chain-of-thought asks, a link to a
-        # blocked cluster, the anomaly rank. A campaign that puts its accounts in one org of its own is seen
-        # by those, or once its clusters link across orgs (cluster_multi_org).
         template_share = f["template_share"] * shrink
         near = toward = 0.0
         if not cluster.blocked and template_share > 0.2:
@@ -489,6 +483,12 @@ class Detector:
             if shared >= 2:
                 toward += KEY_KINDS["tmpl"][0] * (1.0 - f["exact_shared_share"])
             near = _clip(toward / 0.5) * _clip((template_share - 0.2) * 2.5)
+        # One paying organisation (a publisher's content pipeline, an enterprise's batch jobs): its accounts
+        # sharing templates, a schedule and a steady harvest of long answers is its own pipeline. Those terms
+        # count ONE_ORG_DISCOUNT; what still counts in full is what a company's pipeline does not show:
+        # freshly created accounts, a jump to a new model, replays, chain-of-thought asks, a link to a
+        # blocked cluster, the anomaly rank. A campaign that puts its accounts in one org of its own is seen
+        # by those, or once its clusters link across orgs (cluster_multi_org).
         # The presumption ends where the org's content or keys lead to a blocked cluster (near_blocked), or
         # where two or more of its recurring templates are another org's accounts' too: the same private
         # prompts run by two organisations are coordination beyond one company. (One shared band, or a
@@ -513,6 +513,7 @@ class Detector:
                    * (1.0 - f["exact_shared_share"]))
         if harvest > 0.0:  # kept_up_hours reads up to 23 slots: only for the few accounts it can matter to
             harvest *= _clip((feat.kept_up_hours(st, ts) + 1.0) / 3.0)
+        jump = f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0)  # last-hour share on a new model
         values = {
             "shared_template": f["template_share"],
             "cot_requests": f["cot_share"],
@@ -539,7 +540,7 @@ class Detector:
             "max_length_outputs": f["max_len_share"] * shrink,
             "capability_focus": f["capability_concentration"] * n / (n + 10.0),
             "machine_schedule": own * _clip((f["hour_spread"] - 0.8) / 0.15) * n / (n + MACHINE_MIN_EVENTS),
-            "new_model_jump": f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0),
+            "new_model_jump": jump,
             "new_model_replay": _clip(2.0 * f["new_model_replay_share"] * shrink),
             "young_account": 1.0 if age < 2 else 0.5 if age < NEW_ACCOUNT_DAYS else 0.0,
             "anomaly": _clip((rank - 0.95) / 0.05),
@@ -557,7 +558,7 @@ class Detector:
             # The harvest follows a model released within the last day, at once (the documented campaigns moved
             # within 24 h). Not discounted for one org: a company's pipeline is not moved within hours of a
             # release, a harvester's is, as it wants the new model's answers first.
-            "harvest_new_model": harvest * f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0),
+            "harvest_new_model": harvest * jump,
             # A family or a small team on one card: weak; a card paying for dozens of personal accounts: strong.
             "shared_payment": _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN),
         }

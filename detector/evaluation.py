@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detector.detection import Detector
+from detector.detection import CAUGHT, Detector
 from detector.progress import Progress
 from detector.settings import Settings
 
-CAUGHT = ("throttle", "block")
 DEFAULT_SUITE = ("default", "holdout", "paraphrase", "fast_rotation", "slow_ramp", "many_asns")
 TARGETS = {"recall": 0.95, "fpr": 0.001, "first_detect_share": 0.005, "served_share": 0.02}
 
