@@ -26,7 +26,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     if not args.events.exists():
         raise CliError(f"no such file: {args.events}")
-    det = Detector(settings.detection, anomaly_model=args.model)
+    det = Detector(settings.detection, anomaly_model=args.model, key_secret=settings.fingerprint_key.reveal().encode())
     prog = Progress("replay")
     result = replay_file(args.events, args.out, det, sort_by_time=args.sort, progress=prog.update)
     prog.update(result.events)
@@ -34,7 +34,8 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     invalid = sum(result.invalid.values())
     detail = ", ".join(f"{k}={v}" for k, v in sorted(result.invalid.items()))
     print(f"replay: events={result.events} invalid={invalid}{' (' + detail + ')' if detail else ''} "
-          f"records={det.stats['records']} actions={det.action_counts()} out={args.out or '-'}")
+          f"records={det.stats['records']} key_blocks={len(result.key_blocks)} actions={det.action_counts()} "
+          f"out={args.out or '-'}")
     return 0
 
 

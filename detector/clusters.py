@@ -433,6 +433,32 @@ class Linker:
                 if r != me and accept(r):
                     yield key
 
+    def cluster_keys(self, root: str, kinds: Collection[str], accounts: Iterable[str] | None = None
+                     ) -> Iterator[tuple[Key, float]]:
+        """The keys of ``kinds`` that lead into the cluster of ``root`` (their representative is a member, so an
+        account holding them links toward this cluster), each once, with its weight now: of every live member,
+        or of ``accounts`` (members) only. Cost: O(keys of the accounts looked at).
+
+        >>> lk = Linker()
+        >>> for a in ("a1", "a2"):
+        ...     _ = lk.link(a, [("pay", "pm_1"), ("asn", 64500)])
+        >>> _ = lk.link("x", [("asn", 64500), ("pay", "pm_x")])  # alone: the ASN alone does not link it
+        >>> sorted(lk.cluster_keys(lk.root("a1"), ("pay", "asn")))
+        [(('asn', 64500), 0.15), (('pay', 'pm_1'), 1.0)]
+        >>> list(lk.cluster_keys(lk.root("x"), ("pay", "asn")))  # its ASN's representative is a1
+        [(('pay', 'pm_x'), 1.0)]
+        """
+        seen: set[Key] = set()
+        nodes = accounts if accounts is not None else (self._nodes.get(root) or (root,))
+        for node in nodes:
+            if node in self._dead:
+                continue
+            for key in self._keys.get(node, ()):
+                if key[0] in kinds and key not in seen:
+                    seen.add(key)
+                    if self.root(self._key_rep[key]) == root:
+                        yield key, key_weight(key[0], self._key_degree[key])
+
     def members(self) -> int:
         """Live accounts (tombstones of forgotten ones not counted)."""
         return len(self._parent) - len(self._dead)

@@ -41,6 +41,7 @@ from detector import features as feat
 from detector.clusters import KEY_KINDS, ClusterState, Linker, link_keys
 from detector.content import ContentIndex, SeenBits, SeenFilter
 from detector.fusion import ACTIONS, Fusion, decide, detail
+from detector.keyblocks import KEY_BLOCK_KINDS, REPUBLISH_WEIGHT_CHANGE, key_block_record
 from detector.models import RankScorer, Sampler, make_model, squash
 from detector.settings import DetectionSettings
 
@@ -72,6 +73,8 @@ ONE_ORG_DISCOUNT = 0.35
 ONE_ORG_SHARE = 0.98
 DEDUP_IDS = 100_000  # event ids remembered for deduplication: between this many and twice as many
 RECENT_PER_ACCOUNT = 8  # event-id hashes kept in each account's snapshot (duplicates across a restart)
+MAX_PENDING_KEY_BLOCKS = 100_000  # key-block records held for drain_key_blocks(); beyond, counted and dropped
+DEFAULT_KEY_SECRET = b"distill-detector-demo-key"  # Settings.fingerprint_key's default, as the gateway's
 # Integer fields the detector reads. JSON Schema's "integer" admits 1.0 (to JSON, the same number as 1), but a
 # Python float cannot index an array and hashes to another link key ("1.0" is not "1"): see _integral().
 _INT_FIELDS = ("ts", "status", "input_tokens", "output_tokens")
@@ -287,7 +290,7 @@ class Detector:
 
     def __init__(self, settings: DetectionSettings | None = None, *, anomaly_model: str | None = None,
                  seed: int = 42, content: ContentIndex | None = None, dedup_ids: int = DEDUP_IDS,
-                 track_changes: bool = False) -> None:
+                 track_changes: bool = False, key_secret: bytes = DEFAULT_KEY_SECRET) -> None:
         self.settings = settings or DetectionSettings()
         self.anomaly_model = anomaly_model = anomaly_model or self.settings.anomaly_model
         self.accounts: OrderedDict[str, _Account] = OrderedDict()
@@ -300,7 +303,7 @@ class Detector:
         self.model_first_seen: dict[str, int] = {}
         self.allowlist = set(self.settings.allowlist)
         self.stats = {"events": 0, "scored": 0, "records": 0, "evicted": 0, "labels": 0, "duplicates": 0,
-                      "restored": 0, "restore_errors": 0}
+                      "restored": 0, "restore_errors": 0, "key_blocks": 0, "key_blocks_dropped": 0}
         self.recent_ids = RecentIds(dedup_ids)
         self._last_ts = 0
         self._stream_start = 0
@@ -308,6 +311,12 @@ class Detector:
         # With track_changes, the accounts changed or evicted since the last drain_changes() (for a changelog).
         self._changed: set[str] | None = set() if track_changes else None
         self._evicted: list[tuple[str, int]] = []
+        # Key blocks (detector.keyblocks): records waiting for drain_key_blocks(), and per key published the
+        # weight, event time and cluster id it went out with (so it is re-sent only when one of them moves).
+        self._key_secret = key_secret
+        self._key_blocks: list[dict[str, Any]] = []
+        self._key_sent: dict[tuple[str, object], tuple[float, int, str]] = {}
+        self._key_sweep_at = 4096
 
     # ----------------------------------------------------------------------------------------------
     def process(self, event: dict[str, Any], emitted_at: int | None = None,
@@ -425,6 +434,9 @@ class Detector:
         if action in CAUGHT and root in self.clusters and self._count_caught(acct, action, cluster, size):
             cluster.blocked = True
             self._blocked_roots.add(root)
+            self._publish_keys(root, ts, emitted_at)
+        elif cluster.blocked:
+            self._publish_keys(root, ts, emitted_at, (aid,))  # a member's keys new since the cluster was blocked
         if not self._decided(acct, score, action):
             return None
         reasons = [(code, share, values.get(code, 0.0), int(size)) for code, share in self.fusion.reasons(evidence)]
@@ -615,8 +627,53 @@ class Detector:
                 merged.merge(old)
                 if merged.blocked:
                     self._blocked_roots.add(into)
+                    self._publish_keys(into, self._last_ts, None)  # under the merged cluster's id
             self._blocked_roots.discard(absorbed)
         self.linker.merges.clear()
+
+    def _publish_keys(self, root: str, ts: int, emitted_at: int | None, accounts: Iterable[str] | None = None) -> None:
+        """Queue ``key_block.v1`` records (:mod:`detector.keyblocks`) for the keys leading into the blocked
+        cluster of ``root`` (of ``accounts`` only, if given): each key new, or whose weight or cluster id
+        moved, or sent over half its time to live ago. Cost: O(keys looked at), a dict read per key."""
+        ttl = self.settings.key_block_ttl_s * 1000
+        if ttl <= 0 or not self._key_secret:
+            return
+        cluster_id = self.linker.cluster_id(root)
+        sent = self._key_sent
+        for key, weight in self.linker.cluster_keys(root, KEY_BLOCK_KINDS, accounts):
+            if weight <= 0.0:
+                continue
+            prev = sent.get(key)
+            if (prev is not None and prev[2] == cluster_id and abs(prev[0] - weight) < REPUBLISH_WEIGHT_CHANGE
+                    and ts - prev[1] < ttl // 2):
+                continue
+            sent[key] = (weight, ts, cluster_id)
+            if len(self._key_blocks) >= MAX_PENDING_KEY_BLOCKS:
+                self.stats["key_blocks_dropped"] += 1
+                continue
+            self._key_blocks.append(key_block_record(
+                key, self._key_secret, weight=weight, cluster_id=cluster_id, event_ts=ts, ttl_ms=ttl,
+                emitted_at=emitted_at if emitted_at is not None else int(time.time() * 1000),
+                model_version=f"{MODEL_VERSION}+{self.anomaly_model}"))
+            self.stats["key_blocks"] += 1
+        if len(sent) >= self._key_sweep_at:  # forget keys whose block has expired; amortised O(1)
+            self._key_sent = sent = {k: v for k, v in sent.items() if ts - v[1] < ttl}
+            self._key_sweep_at = max(4096, 2 * len(sent))
+
+    def drain_key_blocks(self) -> list[dict[str, Any]]:
+        """The ``key_block.v1`` records queued since the last call, for the compacted ``blocked-keys`` topic
+        (key = ``key_id``), in the order they were made. Queued when a cluster is blocked (its members' keys,
+        see :mod:`detector.keyblocks`) and as its members show new keys; at most
+        :data:`MAX_PENDING_KEY_BLOCKS` wait (more are counted in ``stats["key_blocks_dropped"]``).
+
+        >>> det = Detector()
+        >>> for a in ("a1", "a2", "a3"):
+        ...     _ = det.apply_label({"account_id": a, "label": "benign", "ts": 1})
+        >>> det.drain_key_blocks()
+        []
+        """
+        out, self._key_blocks = self._key_blocks, []
+        return out
 
     def _evict(self, now: int) -> None:
         """Drop accounts idle for ``idle_evict_s`` and the least recently active beyond ``max_accounts``,
@@ -670,6 +727,7 @@ class Detector:
             if self.linker.size(root) > 1 and not cluster.blocked:
                 cluster.blocked = True
                 self._blocked_roots.add(root)
+                self._publish_keys(root, ts, emitted_at)
             cluster_id = self.linker.cluster_id(aid) if self.linker.size(root) > 1 else None
             return self._emit(acct, aid, ts, 1.0, "block", [("analyst_label", 1.0, 1.0, 0)], cluster_id, emitted_at)
         self.allowlist.add(aid)

@@ -3,8 +3,12 @@
 For every scenario the simulated events are generated once and fed, in event-time order, to one
 :class:`~detector.detection.Detector` per candidate anomaly model. An account counts as *caught* once its
 action reaches ``throttle`` or ``block``; an ordinary account caught is a false positive. "Served" exchanges
-are those processed while the account's action (before the event) was still ``allow`` or ``watch``: the
-gateway had no reason to stop them.
+are those processed while the account's action (before the event) was still ``allow`` or ``watch`` and the
+rate limiter's key blocks (:mod:`detector.keyblocks`) did not refuse the call: the gateway had no reason to
+stop them. The limiter is modelled with the real :class:`~detector.keyblocks.KeyBook`, fed every key-block
+record as soon as the detector makes it (as account decisions take effect from the next event); an account
+a key block refused counts as caught from that call, so a key block that hits an ordinary account is a
+false positive.
 
 Reported per scenario and model: account-level precision, recall and false-positive rate (of ordinary
 accounts); per campaign the time to first detection and the share of its exchanges served before it was
@@ -20,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from detector.detection import CAUGHT, Detector
+from detector.keyblocks import KeyBook, request_key_ids
 from detector.progress import Progress
 from detector.settings import Settings
 
@@ -48,23 +55,53 @@ class Outcome:
     timeline: dict[str, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
     seconds: float = 0.0
 
-    def observe(self, ev: dict[str, Any], det: Detector, before: str, campaign: str | None) -> None:
+    def observe(self, ev: dict[str, Any], det: Detector, before: str, campaign: str | None,
+                refused: bool = False) -> None:
+        """Count one event: ``before`` is the account's action before it, ``refused`` whether a key block
+        refused the call (then it was not served, and the account counts as caught)."""
         aid, ts = ev["account_id"], ev["ts"]
         acct = det.accounts[aid]
         out = self.accounts[aid]
         out.events += 1
         out.max_score = max(out.max_score, acct.score)
-        if before not in CAUGHT:
+        if before not in CAUGHT and not refused:
             out.served += 1
-            if acct.action in CAUGHT and out.caught_ts is None:
-                out.caught_ts = ts
-                if campaign:
-                    self.timeline[campaign].append((ts, 1))
+        if out.caught_ts is None and (refused or acct.action in CAUGHT):
+            out.caught_ts = ts
+            if campaign:
+                self.timeline[campaign].append((ts, 1))
         if campaign:
             self.campaign_first.setdefault(campaign, ts)
             self.campaign_events[campaign] += 1
-            if campaign not in self.campaign_detect and acct.action in CAUGHT:
+            if campaign not in self.campaign_detect and (refused or acct.action in CAUGHT):
                 self.campaign_detect[campaign] = (ts, self.campaign_events[campaign])
+
+
+class Limiter:
+    """The rate limiter as the evaluation models it: an account's own decision, then the key blocks.
+
+    Mirrors :meth:`detector.ratelimit.RateLimiter.decide`: a call is refused by key blocks when the
+    account holds no ``allow`` decision of its own and its keys link to a blocked cluster
+    (:meth:`KeyBook.match`)."""
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+        self.book = KeyBook()
+        self.allowed: set[str] = set()  # accounts whose latest record is "allow"
+
+    def refuses(self, ev: dict[str, Any], before: str) -> bool:
+        if before in CAUGHT or ev["account_id"] in self.allowed:
+            return False
+        return self.book.match(request_key_ids(ev, self.secret), ev["ts"]) is not None
+
+    def take(self, det: Detector, record: dict[str, Any] | None) -> None:
+        if record is not None:
+            if record["action"] == "allow":
+                self.allowed.add(record["account_id"])
+            else:
+                self.allowed.discard(record["account_id"])
+        for kb in det.drain_key_blocks():
+            self.book.apply(kb["key_id"], orjson.dumps(kb))
 
 
 def metrics(outcome: Outcome, labels: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +153,10 @@ def evaluate_scenario(scenario: str, models: list[str], settings: Settings, *, s
 
     sim = simulate.build(scenario, seed=seed, scale=scale, fingerprint_key=settings.fingerprint_key.reveal().encode())
     labels = sim.labels
-    shards = [[Detector(settings.detection, anomaly_model=m) for _ in range(workers)] for m in models]
+    secret = settings.fingerprint_key.reveal().encode()
+    shards = [[Detector(settings.detection, anomaly_model=m, key_secret=secret) for _ in range(workers)]
+              for m in models]
+    limiters = [Limiter(secret) for _ in models]  # one limiter reads every worker's key blocks
     outcomes = [Outcome(model=m) for m in models]
     prog = Progress(f"evaluate {scenario}" + (f" over {workers} workers" if workers > 1 else ""),
                     total=sim.count_hint())
@@ -125,14 +165,16 @@ def evaluate_scenario(scenario: str, models: list[str], settings: Settings, *, s
         lab = labels.get(ev["account_id"])
         campaign = lab.campaign if lab is not None and lab.attack else None
         shard = account_partition(ev["account_id"], workers) if workers > 1 else 0
-        for dets, out in zip(shards, outcomes, strict=True):
+        for dets, out, limiter in zip(shards, outcomes, limiters, strict=True):
             det = dets[shard]
-            t = time.perf_counter()
             acct = det.accounts.get(ev["account_id"])
             before = acct.action if acct is not None else "allow"
-            det.process(ev, emitted_at=ev["ts"])
+            refused = limiter.refuses(ev, before)
+            t = time.perf_counter()
+            record = det.process(ev, emitted_at=ev["ts"])
             out.seconds += time.perf_counter() - t
-            out.observe(ev, det, before, campaign)
+            limiter.take(det, record)
+            out.observe(ev, det, before, campaign, refused)
         n += 1
         if n % 5000 == 0:
             prog.update(n)
@@ -253,7 +295,10 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
              "An account is *caught* when its action reaches throttle or block; a caught ordinary account is a "
              "false positive. FPR is over ordinary accounts. *first-detect share*: share of the campaign's "
              "exchanges served before any of its accounts was caught (worst campaign). *served share*: share "
-             "of all attack exchanges served before their own account was caught.", "",
+             "of all attack exchanges served before their own account was caught. A call the rate limiter refuses "
+             "on a key block (a new account on a blocked cluster's card or network, detector/keyblocks.py) is "
+             "not served, and its account counts as caught from then on (an ordinary one as a false "
+             "positive).", "",
              f"Targets: recall ≥ {TARGETS['recall']}, FPR ≤ {TARGETS['fpr']:.1%}, first-detect share ≤ "
              f"{TARGETS['first_detect_share']:.1%}, served share ≤ {TARGETS['served_share']:.0%}.", ""]
     summary = []

@@ -51,6 +51,8 @@ class Metrics:
                               registry=r)
         self.score_values = Histogram("detector_score_value", "Scores of published risk-score records",
                                       buckets=SCORE_BUCKETS, registry=r)
+        self.key_blocks = Counter("detector_key_blocks_total", "Key-block records published to blocked-keys (keys of "
+                                  "blocked clusters), by key kind", ["kind"], registry=r)
         self.reasons = Counter("detector_reasons_total", "Top reason of published records, by reason code",
                                ["code"], registry=r)
         self.accounts = Gauge("detector_accounts_by_action", "Tracked accounts by current action", ["action"],

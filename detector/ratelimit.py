@@ -67,6 +67,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from detector.keyblocks import KEY_ID, MAX_REQUEST_KEYS, KeyBook
 from detector.schemas import SCORE_SCHEMA, InvalidEvent, decode
 from detector.settings import RateLimitSettings, Settings
 
@@ -431,22 +432,62 @@ class RateLimiter:
     """
 
     def __init__(self, book: DecisionBook, policy: Policy, *, clock: Callable[[], float] = time.monotonic,
-                 max_buckets: int = 1_000_000, metrics: RateLimitMetrics | None = None) -> None:
+                 max_buckets: int = 1_000_000, metrics: RateLimitMetrics | None = None,
+                 keys: KeyBook | None = None, wall_clock: Callable[[], float] = time.time) -> None:
         self.book = book
         self.policy = policy
         self.buckets = Buckets(max_buckets, clock)
         self.metrics = metrics
+        self.keys = keys if keys is not None else KeyBook()
+        self.wall_clock = wall_clock
 
-    def decide(self, account_id: str, *, consume: bool = True) -> dict[str, Any]:
-        """The account's decision and whether this request may pass; ``consume=False`` only peeks."""
+    def decide(self, account_id: str, *, consume: bool = True, keys: Iterable[str] = ()) -> dict[str, Any]:
+        """The account's decision and whether this request may pass; ``consume=False`` only peeks.
+
+        ``keys``: the request's key ids (:func:`detector.keyblocks.request_key_ids`). If they link the account
+        to a blocked cluster (:meth:`KeyBook.match`) and it holds no ``allow`` decision of its own, the request
+        is refused as ``block`` with the reason ``key_block``: a new account the campaign opened on a blocked
+        cluster's card or network is stopped before its first call, not after it.
+
+        >>> from detector.keyblocks import key_block_record, key_id
+        >>> rec = key_block_record(("pay", "pm_1"), b"k", weight=1.0, cluster_id="c_0123456789ab",
+        ...                        event_ts=1_775_000_000_000, ttl_ms=86_400_000, emitted_at=1_775_000_000_000,
+        ...                        model_version="m")
+        >>> limiter = RateLimiter(DecisionBook(), Policy.from_settings(RateLimitSettings()), clock=lambda: 0.0,
+        ...                       wall_clock=lambda: 1_775_000_100.0)
+        >>> limiter.keys.apply(rec["key_id"], orjson.dumps(rec))
+        'applied'
+        >>> answer = limiter.decide("acct_new", keys=[key_id(("pay", "pm_1"), b"k")])
+        >>> answer["action"], answer["allowed"], answer["cluster_id"], answer["reasons"][0]["code"]
+        ('block', False, 'c_0123456789ab', 'key_block')
+        >>> limiter.decide("acct_new", keys=[key_id(("pay", "pm_2"), b"k")])["allowed"]
+        True
+        """
         decision = self.book.get(account_id)
         action = decision.action if decision is not None else "allow"
+        keyed = None
+        if keys and (decision is None or decision.action in ("watch", "throttle")):
+            keyed = self.keys.match(keys, int(self.wall_clock() * 1000))
+            if keyed is not None:
+                action = "block"
+                if self.metrics is not None and consume:
+                    self.metrics.key_refusals.inc()
         limit = self.policy.limit(action)
         wait = None if limit is None else self.buckets.check(account_id, limit, consume=consume)
         allowed = wait is None
         if self.metrics is not None and consume:
             self.metrics.decisions.labels(action=action).inc()
             self.metrics.requests.labels(verdict="allowed" if allowed else "limited").inc()
+        if keyed is not None:
+            cluster, weight = keyed
+            return {
+                "account_id": account_id, "action": action, "allowed": allowed, "retry_after_s": None,
+                "score": decision.score if decision is not None else None,
+                "reasons": [{"code": "key_block", "weight": 1.0,
+                             "detail": f"the request's card, network or device keys (weight {weight:g}) link it "
+                                       f"to blocked cluster {cluster}"}],
+                "cluster_id": cluster,
+            }
         return {
             "account_id": account_id,
             "action": action,
@@ -473,8 +514,12 @@ class RateLimitMetrics:
     """
 
     def __init__(self, book: DecisionBook, *, ready: Callable[[], bool] = lambda: False,
-                 buckets: Callable[[], int] = lambda: 0, registry: CollectorRegistry | None = None) -> None:
+                 buckets: Callable[[], int] = lambda: 0, registry: CollectorRegistry | None = None,
+                 keys: KeyBook | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        self.key_refusals = Counter("detector_ratelimit_key_refusals_total",
+                                    "Requests refused because their keys link to a blocked cluster (key blocks)",
+                                    registry=r)
         self.decisions = Counter("detector_ratelimit_decisions_total",
                                  "Decision requests answered (GET /v1/decision), by the account's action",
                                  ["action"], registry=r)
@@ -488,7 +533,7 @@ class RateLimitMetrics:
             self.decisions.labels(action=action)
         for verdict in ("allowed", "limited"):
             self.requests.labels(verdict=verdict)
-        r.register(_BookCollector(book, buckets))
+        r.register(_BookCollector(book, buckets, keys if keys is not None else KeyBook()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -497,9 +542,10 @@ class RateLimitMetrics:
 class _BookCollector(Collector):
     """What the :class:`DecisionBook` holds, read at scrape time (no double bookkeeping)."""
 
-    def __init__(self, book: DecisionBook, buckets: Callable[[], int]) -> None:
+    def __init__(self, book: DecisionBook, buckets: Callable[[], int], keys: KeyBook) -> None:
         self.book = book
         self.buckets = buckets
+        self.keys = keys
 
     def collect(self) -> Iterable[Any]:
         invalid = CounterMetricFamily("detector_ratelimit_invalid_records", "risk-scores records rejected (never "
@@ -515,7 +561,15 @@ class _BookCollector(Collector):
             accounts.add_metric([action], n)
         buckets = GaugeMetricFamily("detector_ratelimit_buckets", "Token buckets held in memory",
                                     value=self.buckets())
-        yield from (invalid, records, accounts, buckets)
+        key_blocks = GaugeMetricFamily("detector_ratelimit_key_blocks", "Key blocks held (keys of blocked "
+                                       "clusters, expired ones until swept), by key kind", labels=["kind"])
+        for kind, n in self.keys.counts().items():
+            key_blocks.add_metric([kind], n)
+        key_records = CounterMetricFamily("detector_ratelimit_key_block_records", "blocked-keys records read, by "
+                                          "what was done with them", labels=["outcome"])
+        for outcome, n in dict(self.keys.outcomes).items():
+            key_records.add_metric([outcome], n)
+        yield from (invalid, records, accounts, buckets, key_blocks, key_records)
 
     def describe(self) -> Iterable[Any]:
         return []  # collected lazily: the book changes under us
@@ -536,7 +590,7 @@ class ScoreFollower(threading.Thread):
     in this thread, a few microseconds each.
     """
 
-    def __init__(self, book: DecisionBook, topic: str, kafka_config: Mapping[str, Any], *,
+    def __init__(self, book: DecisionBook | KeyBook, topic: str, kafka_config: Mapping[str, Any], *,
                  client_id: str = "distill-detector-ratelimit", poll_timeout_s: float = 0.2,
                  partition_refresh_s: float = 30.0) -> None:
         super().__init__(name=f"score-follower-{topic}", daemon=True)
@@ -547,6 +601,7 @@ class ScoreFollower(threading.Thread):
         self.poll_timeout_s = poll_timeout_s
         self.partition_refresh_s = partition_refresh_s
         self.ready = threading.Event()
+        self.topic_missing = False  # True while the topic does not exist (and the follower waits for it)
         self.caught_up_in_s: float | None = None
         self._stopping = threading.Event()
         self._positions: dict[Any, int] = {}  # TopicPartition -> next offset to read
@@ -608,10 +663,11 @@ class ScoreFollower(threading.Thread):
         while not self._stopping.is_set():
             ids = consumer.partitions_for_topic(self.topic)
             if ids:
+                self.topic_missing = False
                 return [TopicPartition(self.topic, p) for p in sorted(ids)]
             if not waited:
                 log.info("topic %s does not exist yet; waiting for it", self.topic)
-                waited = True
+                waited = self.topic_missing = True
             self._stopping.wait(1.0)
         return []
 
@@ -623,7 +679,7 @@ class ScoreFollower(threading.Thread):
         targets: dict[Any, int] = {}
         if not self.ready.is_set():
             targets = consumer.end_offsets(tps, timeout_ms=10_000)
-            log.info("rebuilding decisions from %s: %d partitions, %d records at most", self.topic, len(tps),
+            log.info("rebuilding from %s: %d partitions, %d records at most", self.topic, len(tps),
                      sum(targets.values()))
         pending = set(targets)
         refreshed = time.monotonic()
@@ -647,7 +703,7 @@ class ScoreFollower(threading.Thread):
                 if not pending:
                     self.caught_up_in_s = time.monotonic() - started
                     self.ready.set()
-                    log.info("caught up with %s in %.2f s: %d accounts with a decision %s", self.topic,
+                    log.info("caught up with %s in %.2f s: %d held %s", self.topic,
                              self.caught_up_in_s, len(self.book), self.book.counts())
             if time.monotonic() - refreshed > self.partition_refresh_s:
                 refreshed = time.monotonic()
@@ -677,7 +733,7 @@ class ScoreFollower(threading.Thread):
         self._logged_invalid += 1
         n = self._logged_invalid
         if n <= 20 or n % 1000 == 0:
-            log.warning("rejected risk-scores record %s[%d]@%d (%s; %d rejected so far, by reason %s)", self.topic,
+            log.warning("rejected record %s[%d]@%d (%s; %d rejected so far, by reason %s)", self.topic,
                         partition, offset, outcome, self.book.invalid_total(), self.book.invalid)
 
 
@@ -735,11 +791,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "not ready: still reading risk-scores"})
                 return
             try:
-                account = _account_param(url.query)
+                account, keys = _decision_params(url.query)
             except ValueError as exc:
                 self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
                 return
-            self._json(HTTPStatus.OK, self.server.limiter.decide(account, consume=url.path == "/v1/decision"))
+            self._json(HTTPStatus.OK, self.server.limiter.decide(account, consume=url.path == "/v1/decision",
+                                                                 keys=keys))
         elif url.path == "/healthz":
             ready = self.server.is_ready()
             self._json(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
@@ -769,20 +826,37 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
-def _account_param(query: str) -> str:
-    """The one ``account_id`` of a query string, or ValueError with a one-line message.
+def _decision_params(query: str) -> tuple[str, list[str]]:
+    """The one ``account_id`` and the ``key`` ids (0 to :data:`~detector.keyblocks.MAX_REQUEST_KEYS`, see
+    :func:`detector.keyblocks.request_key_ids`) of a query string, or ValueError with a one-line message.
 
-    >>> _account_param("account_id=acct_1&x=1")
-    'acct_1'
-    >>> _account_param("account_id=a&account_id=b")
+    >>> _decision_params("account_id=acct_1&x=1")
+    ('acct_1', [])
+    >>> _decision_params("account_id=acct_1&key=k_0123456789abcdef01234567")
+    ('acct_1', ['k_0123456789abcdef01234567'])
+    >>> _decision_params("account_id=a&account_id=b")
     Traceback (most recent call last):
     ...
     ValueError: give account_id once
+    >>> _decision_params("account_id=a&key=pm_1")
+    Traceback (most recent call last):
+    ...
+    ValueError: key must be a key id: k_ and 24 hex digits (detector.keyblocks.request_key_ids)
     """
     try:
-        params = parse_qs(query, keep_blank_values=True, max_num_fields=20)
+        params = parse_qs(query, keep_blank_values=True, max_num_fields=4 + MAX_REQUEST_KEYS)
     except ValueError:
         raise ValueError("malformed query string") from None
+    keys = params.get("key", [])
+    if len(keys) > MAX_REQUEST_KEYS:
+        raise ValueError(f"at most {MAX_REQUEST_KEYS} key parameters")
+    if not all(KEY_ID.fullmatch(k) for k in keys):
+        raise ValueError("key must be a key id: k_ and 24 hex digits (detector.keyblocks.request_key_ids)")
+    return _account_param(params), keys
+
+
+def _account_param(params: dict[str, list[str]]) -> str:
+    """The one ``account_id`` of parsed query parameters, or ValueError with a one-line message."""
     values = params.get("account_id", [])
     if not values:
         raise ValueError("missing query parameter account_id")
@@ -853,11 +927,15 @@ class RateLimiterService:
         rl = settings.ratelimit
         self.settings = settings
         self.book = DecisionBook.from_settings(rl, wall_clock=wall_clock)
+        self.keys = KeyBook()
         self.follower = ScoreFollower(self.book, settings.topics.risk_scores, kafka_client_config(settings.kafka),
                                       client_id=rl.client_id)
-        self.limiter = RateLimiter(self.book, Policy.from_settings(rl), clock=clock, max_buckets=rl.max_buckets)
-        self.metrics = RateLimitMetrics(self.book, ready=self.follower.ready.is_set,
-                                        buckets=lambda: len(self.limiter.buckets))
+        self.key_follower = ScoreFollower(self.keys, settings.topics.blocked_keys,
+                                          kafka_client_config(settings.kafka), client_id=rl.client_id)
+        self.limiter = RateLimiter(self.book, Policy.from_settings(rl), clock=clock, max_buckets=rl.max_buckets,
+                                   keys=self.keys, wall_clock=wall_clock)
+        self.metrics = RateLimitMetrics(self.book, ready=self._both_ready, buckets=lambda: len(self.limiter.buckets),
+                                        keys=self.keys)
         self.limiter.metrics = self.metrics
         self.server: RateLimitServer | None = None
         self._metrics_httpd: Any = None
@@ -867,22 +945,34 @@ class RateLimiterService:
         from prometheus_client import start_http_server
 
         rl = self.settings.ratelimit
-        self.server = RateLimitServer(self.limiter, rl.host, rl.port, ready=self.follower.ready.is_set,
+        self.server = RateLimitServer(self.limiter, rl.host, rl.port, ready=self._both_ready,
                                       metrics=self.metrics).start()
         if rl.metrics_port:
             self._metrics_httpd, _ = start_http_server(rl.metrics_port, addr=rl.host, registry=self.metrics.registry)
         self.follower.start()
-        log.info("rate limiter serving on %s, following %s at %s", self.url, self.settings.topics.risk_scores,
-                 self.settings.kafka.bootstrap)
+        self.key_follower.start()
+        log.info("rate limiter serving on %s, following %s and %s at %s", self.url, self.settings.topics.risk_scores,
+                 self.settings.topics.blocked_keys, self.settings.kafka.bootstrap)
         return self
 
     def wait_ready(self, timeout_s: float) -> bool:
-        """Wait until the topic has been read to the end it had at start; False on timeout."""
-        return self.follower.ready.wait(timeout_s)
+        """Wait until risk-scores, and blocked-keys if it exists, have been read to the ends they had at start;
+        False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while not self._both_ready():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _both_ready(self) -> bool:
+        # Key blocks add to the decisions; a deployment that has not created blocked-keys yet still serves them
+        # (the key follower keeps waiting for the topic, and rebuilds it once it exists).
+        return self.follower.ready.is_set() and (self.key_follower.ready.is_set() or self.key_follower.topic_missing)
 
     @property
     def ready(self) -> bool:
-        return self.follower.ready.is_set()
+        return self._both_ready()
 
     @property
     def url(self) -> str:
@@ -893,6 +983,7 @@ class RateLimiterService:
     def stop(self) -> None:
         """Stop the follower and the servers (bounded: about a second). Idempotent."""
         self.follower.stop()
+        self.key_follower.stop()
         if self.server is not None:
             self.server.stop()
             self.server = None

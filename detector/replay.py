@@ -25,6 +25,7 @@ from detector.schemas import InvalidEvent, decode_event
 class ReplayResult:
     events: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
+    key_blocks: list[dict[str, Any]] = field(default_factory=list)  # for blocked-keys (detector.keyblocks)
     invalid: Counter[str] = field(default_factory=Counter)
 
 
@@ -53,6 +54,7 @@ def replay(
     for ev in events:
         rec = detector.process(ev, emitted_at=emitted_at if emitted_at is not None else ev["ts"])
         result.events += 1
+        result.key_blocks += detector.drain_key_blocks()
         if rec is not None:
             if on_record is None:
                 result.records.append(rec)

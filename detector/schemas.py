@@ -37,6 +37,7 @@ ENVELOPE_SCHEMA = "api_call_envelope.v1.json"
 SCORE_SCHEMA = "risk_score.v1.json"
 DEAD_LETTER_SCHEMA = "dead_letter.v1.json"
 LABEL_SCHEMA = "analyst_label.v1.json"
+KEY_BLOCK_SCHEMA = "key_block.v1.json"
 
 #: Reasons an input is rejected; also the values of the ``reason`` metric label (a closed set).
 #: ``wrong_partition`` is given only to an event of an envelope (:mod:`detector.envelope`).

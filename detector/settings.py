@@ -62,6 +62,7 @@ class TopicSettings:
     dead_letters: str = "api-calls.dlq"
     risk_scores: str = "risk-scores"
     analyst_labels: str = "analyst-labels"
+    blocked_keys: str = "blocked-keys"  # compacted; key blocks for the rate limiter (detector.keyblocks)
     partitions: int = 4
 
 
@@ -84,6 +85,10 @@ class DetectionSettings:
     # The anomaly model (population, hst or loda): the one `detector evaluate` chose (EVALUATION.md; on 2026-12-04
     # population: served 2.19% against hst 1.97%, within the 0.5-point tie, then first detection 1.78% vs 1.79%).
     anomaly_model: str = "population"
+    # Key blocks (detector.keyblocks): a blocked cluster's cards, networks and devices are published to
+    # blocked-keys, valid this long from when they are published, so the gateway refuses new accounts on them
+    # before their first call. 0 publishes none.
+    key_block_ttl_s: int = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)

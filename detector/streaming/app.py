@@ -280,7 +280,8 @@ def create_app(settings: Settings, detector: DetectorLike | None = None) -> faus
 
 
 def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App, Router]:
-    det = detector if detector is not None else Detector(settings.detection, track_changes=True)
+    det = detector if detector is not None else Detector(settings.detection, track_changes=True,
+                                                         key_secret=settings.fingerprint_key.reveal().encode())
     router = Router(det, settings)
     # Account state survives restarts only with the real detector (a test double has no snapshots).
     durable = det if isinstance(det, Detector) else None
@@ -316,6 +317,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
     destinations = {
         t.risk_scores: app.topic(t.risk_scores, partitions=t.partitions, compacting=True, **raw),
         t.dead_letters: app.topic(t.dead_letters, **raw),
+        t.blocked_keys: app.topic(t.blocked_keys, partitions=t.partitions, compacting=True, **raw),
     }
 
     # Account state, keyed by account id, co-partitioned with api-calls: its changelog is what a restarted
@@ -391,6 +393,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             # A rebalance (which drops and restores accounts) waits for the batch in hand to be acked, so it
             # never runs between a batch's effects and their changelog writes, even across a refill's await.
             outs, last_offsets = await intake.route([event.message for event in batch])  # type: ignore[attr-defined]
+            outs += router.take_key_blocks()
             outs += take_changes()
             deliveries = [await send(out) for out in outs]
             await asyncio.gather(*deliveries)
@@ -404,7 +407,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         async for event in stream.events():  # acked when the next one is taken, after its delivery
             m = event.message
             out = router.on_label(m.value, m.key, Source(m.topic, m.partition, m.offset))
-            outs = ([out] if out is not None else []) + take_changes()
+            outs = ([out] if out is not None else []) + router.take_key_blocks() + take_changes()
             await asyncio.gather(*[await send(o) for o in outs])
 
     @app.page(STATS_PATH)

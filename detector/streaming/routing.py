@@ -46,7 +46,7 @@ import orjson
 
 from detector.envelope import Envelope, InvalidEnvelope, account_partition, decode_message, position
 from detector.metrics import Metrics
-from detector.schemas import LABEL_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode, validate
+from detector.schemas import KEY_BLOCK_SCHEMA, LABEL_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode, validate
 from detector.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ class Router:
         self.detector = detector
         self.dead_letters_topic = settings.topics.dead_letters
         self.risk_scores_topic = settings.topics.risk_scores
+        self.blocked_keys_topic = settings.topics.blocked_keys
         self.max_bytes = settings.worker.max_event_bytes
         self.partitions = settings.topics.partitions
         self.invalid_ratio_limit = settings.worker.invalid_ratio_limit
@@ -188,6 +189,7 @@ class Router:
             "labels_applied": 0,
             "labels_invalid": 0,  # invalid, or the detector raised on it
             "records": 0,  # published to risk-scores
+            "key_blocks": 0,  # published to blocked-keys
             "dead_letters": 0,
             "invalid_ratio_alerts": 0,
         }
@@ -331,6 +333,20 @@ class Router:
             if counts.get(key, 0) > self._detector_seen.get(key, 0):
                 counter.inc(counts[key] - self._detector_seen.get(key, 0))
                 self._detector_seen[key] = counts[key]
+
+    def take_key_blocks(self) -> list[Output]:
+        """The key-block records the detector made since the last call (``blocked-keys``, key = ``key_id``),
+        each checked against ``schemas/key_block.v1.json``; none from a detector that makes none."""
+        drain = getattr(self.detector, "drain_key_blocks", None)
+        if drain is None:
+            return []
+        outs = []
+        for rec in drain():
+            validate(KEY_BLOCK_SCHEMA, rec)
+            self.stats["key_blocks"] += 1
+            self.metrics.key_blocks.labels(kind=rec["kind"]).inc()
+            outs.append(Output(self.blocked_keys_topic, rec["key_id"].encode(), orjson.dumps(rec)))
+        return outs
 
     def summary(self) -> str:
         """One line of counters for the log."""

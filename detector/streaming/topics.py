@@ -9,6 +9,7 @@ it starts::
     api-calls        settings.topics.partitions  delete       account_id
     analyst-labels   same as api-calls           delete       account_id  (co-partitioned with api-calls)
     risk-scores      same as api-calls           compact      account_id
+    blocked-keys     same as api-calls           compact      key_id (detector.keyblocks)
     api-calls.dlq    same as api-calls           delete       the original key
 
 Existing topics are left as they are; a mismatch that matters (``risk-scores`` not compacted,
@@ -163,6 +164,7 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, Any]]:
         t.analyst_labels: plain,
         t.dead_letters: plain,
         t.risk_scores: {**plain, "configs": {"cleanup.policy": "compact"}},
+        t.blocked_keys: {**plain, "configs": {"cleanup.policy": "compact"}},
     }
 
 

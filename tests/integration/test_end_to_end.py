@@ -28,6 +28,12 @@ The events are published in three steps, so that each decision is seen on its ow
    the labels (the smoke scenario's enterprise batch account, ~660 calls a day from cloud ASNs: the hardest
    look-alike) is allowed and never had a record other than ``allow``.
 
+Key blocks (``detector/keyblocks.py``): the worker also publishes the keys of the clusters it blocked to
+``<run>.blocked-keys``, exactly the records the in-process detector made (``emitted_at`` aside), and the
+limiter follows that topic too. An account id it has never seen, asking with the key ids of the blocked hydra
+account's last call (``request_key_ids``), is refused as ``block`` with the reason ``key_block`` before it has
+made a single call; the ordinary account's own keys do not refuse it.
+
 Each delay is measured from the record's ``emitted_at`` (wall clock of the worker, read back from the
 risk-scores topic) to the moment the HTTP answer first reflects it (polled every 20 ms), and must be < 5 s.
 """
@@ -44,7 +50,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +61,7 @@ import pytest
 from detector import broker, simulate
 from detector.detection import Detector
 from detector.gateway import EventPublisher
+from detector.keyblocks import request_key_ids
 from detector.ratelimit import RateLimiterService
 from detector.settings import Settings, load_settings
 from detector.streaming.app import STATS_PATH
@@ -93,6 +100,10 @@ class Run:
     block_answer: dict[str, Any] = field(default_factory=dict)
     final_answer: dict[str, Any] = field(default_factory=dict)  # the account, after the whole scenario
     ordinary_answer: dict[str, Any] = field(default_factory=dict)
+    predicted_keys: list[dict[str, Any]] = field(default_factory=list)  # key blocks of the in-process detector
+    key_records: list[dict[str, Any]] = field(default_factory=list)  # read back from blocked-keys
+    newcomer_answer: dict[str, Any] = field(default_factory=dict)  # a new id with the blocked account's keys
+    ordinary_keyed_answer: dict[str, Any] = field(default_factory=dict)  # the ordinary account, with its keys
     records: list[dict[str, Any]] = field(default_factory=list)  # every record of the topic, in order
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -104,8 +115,9 @@ class Api:
         host, port = url.removeprefix("http://").split(":")
         self.conn = http.client.HTTPConnection(host, int(port), timeout=5)
 
-    def decision(self, account_id: str, *, peek: bool = False) -> dict[str, Any]:
-        self.conn.request("GET", f"/v1/decision{'/peek' if peek else ''}?account_id={account_id}")
+    def decision(self, account_id: str, *, peek: bool = False, keys: Sequence[str] = ()) -> dict[str, Any]:
+        query = "".join(f"&key={k}" for k in keys)
+        self.conn.request("GET", f"/v1/decision{'/peek' if peek else ''}?account_id={account_id}{query}")
         resp = self.conn.getresponse()
         body = resp.read()
         assert resp.status == 200, body
@@ -117,7 +129,7 @@ class Api:
 
 
 class Scores:
-    """Follows the risk-scores topic from its start (all partitions, no consumer group)."""
+    """Follows a topic of JSON records (risk-scores, blocked-keys) from its start (all partitions, no group)."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         from kafka import KafkaConsumer, TopicPartition
@@ -151,13 +163,16 @@ class Scores:
 
 
 def _predict(sim: simulate.Simulation, events: list[dict[str, Any]],
-             settings: Settings) -> tuple[str, list[str], int, int]:
-    """(account, its actions, index of the event that throttles it, index of the event that then blocks it)."""
-    det = Detector(settings.detection)
+             settings: Settings) -> tuple[str, list[str], int, int, list[dict[str, Any]]]:
+    """(account, its actions, index of the event that throttles it, index of the event that then blocks it, the
+    key-block records of the whole run)."""
+    det = Detector(settings.detection, key_secret=settings.fingerprint_key.reveal().encode())
     actions: dict[str, list[tuple[int, str]]] = {}
+    key_blocks: list[dict[str, Any]] = []
     for i, ev in enumerate(events):
         if (rec := det.process(ev)) is not None:
             actions.setdefault(rec["account_id"], []).append((i, rec["action"]))
+        key_blocks += det.drain_key_blocks()
     jumped = []
     for account, label in sim.labels.items():  # label order: deterministic
         if label.campaign != "hydra" or account not in actions:
@@ -166,7 +181,7 @@ def _predict(sim: simulate.Simulation, events: list[dict[str, Any]],
         throttle = next((i for i, a in seq if a == "throttle"), None)
         block = next((i for i, a in seq if a == "block" and throttle is not None and i > throttle), None)
         if throttle is not None and block is not None:
-            return account, [a for _, a in seq], throttle, block
+            return account, [a for _, a in seq], throttle, block, key_blocks
         jumped.append(account)
     pytest.fail(f"no hydra account is throttled before it is blocked in this scenario ({len(jumped)} hydra "
                 "accounts scored, none throttled first): the throttle step cannot be observed; pick another "
@@ -203,7 +218,8 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     t0 = time.monotonic()
     run_id = f"e2e-{uuid.uuid4().hex[:10]}"
     topics = {"api_calls": f"{run_id}.api-calls", "dead_letters": f"{run_id}.api-calls.dlq",
-              "risk_scores": f"{run_id}.risk-scores", "analyst_labels": f"{run_id}.analyst-labels"}
+              "risk_scores": f"{run_id}.risk-scores", "analyst_labels": f"{run_id}.analyst-labels",
+              "blocked_keys": f"{run_id}.blocked-keys"}
     work = tmp_path_factory.mktemp("e2e")
     web_port = broker.free_port()
     settings_env = {"DETECTOR_KAFKA__BOOTSTRAP": kafka_bootstrap, "DETECTOR_WORKER__APP_ID": run_id,
@@ -223,16 +239,17 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         settings, ratelimit=dataclasses.replace(settings.ratelimit, host="127.0.0.1", port=0, metrics_port=0)))
     api: Api | None = None
     scores: Scores | None = None
+    keys: Scores | None = None
     result: Run | None = None
     try:
         limiter.start()
         # While the worker starts: the scenario, and what the detector will decide for each account.
         sim = simulate.build("smoke", seed=1)
         events = list(sim.events())
-        account, predicted, throttle_at, block_at = _predict(sim, events, settings)
+        account, predicted, throttle_at, block_at, predicted_keys = _predict(sim, events, settings)
         per_account = Counter(ev["account_id"] for ev in events)
         ordinary = max((a for a, lab in sim.labels.items() if not lab.attack), key=lambda a: (per_account[a], a))
-        result = Run(account, ordinary, predicted, settings.ratelimit.throttle_burst)
+        result = Run(account, ordinary, predicted, settings.ratelimit.throttle_burst, predicted_keys=predicted_keys)
         t = result.timings
         t["predicted_s"] = time.monotonic() - t0
 
@@ -275,7 +292,18 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         _wait("the limiter to read every record", lambda: sum(limiter.book.outcomes.values()) >= records, proc, log)
         result.final_answer = api.decision(account)
         result.ordinary_answer = api.decision(ordinary)
+        keys = Scores(kafka_bootstrap, topics["blocked_keys"])
+        _wait("every key block to be read back", lambda: keys.read() >= _stats(web_port)["key_blocks"], proc, log)
+        result.key_records = list(keys.records)
+        _wait("the limiter to read every key block", lambda: limiter.keys.outcomes["applied"] >= len(keys.records),
+              proc, log)
+        secret = settings.fingerprint_key.reveal().encode()
+        last = {ev["account_id"]: ev for ev in events}
+        result.newcomer_answer = api.decision(f"newcomer-{run_id}", keys=request_key_ids(last[account], secret))
+        result.ordinary_keyed_answer = api.decision(ordinary, keys=request_key_ids(last[ordinary], secret))
     finally:
+        if keys is not None:
+            keys.close()
         if api is not None:
             api.close()
         if scores is not None:
@@ -333,3 +361,22 @@ def test_ordinary_account_is_allowed(run: Run) -> None:
     answer = run.ordinary_answer
     assert (answer["action"], answer["allowed"], answer["retry_after_s"]) == ("allow", True, None), answer
     assert not any(rec["action"] != "allow" for rec in run.records if rec["account_id"] == run.ordinary)
+
+
+def test_the_worker_published_the_key_blocks_the_detector_makes(run: Run) -> None:
+    assert run.predicted_keys, "the in-process detector blocked no cluster: nothing to check"
+    wall = ("emitted_at", "expires_at")  # the worker's clock (expires_at = emitted_at + the time to live)
+    strip = [{k: v for k, v in rec.items() if k not in wall} for rec in run.predicted_keys]
+    assert [{k: v for k, v in rec.items() if k not in wall} for rec in run.key_records] == strip
+
+
+def test_a_new_account_on_a_blocked_clusters_keys_is_refused_before_its_first_call(run: Run) -> None:
+    answer = run.newcomer_answer
+    assert (answer["action"], answer["allowed"], answer["retry_after_s"]) == ("block", False, None), answer
+    assert answer["reasons"][0]["code"] == "key_block" and answer["cluster_id"] is not None, answer
+    assert answer["cluster_id"] in {rec["cluster_id"] for rec in run.key_records}
+
+
+def test_the_ordinary_accounts_own_keys_do_not_refuse_it(run: Run) -> None:
+    answer = run.ordinary_keyed_answer
+    assert (answer["action"], answer["allowed"]) == ("allow", True), answer
