@@ -137,6 +137,10 @@ class Linker:
             account = parent[account]
         return account
 
+    def knows(self, account: str) -> bool:
+        """Whether ``account`` is a live member of some cluster (a cluster of one included)."""
+        return account in self._keys
+
     def size(self, root: str) -> int:
         """Live members of the cluster of ``root`` (a root, as :meth:`root` or :meth:`link` return)."""
         return self._size.get(root, 1)

@@ -86,6 +86,9 @@ class ContentIndex:
         self._new = array("I", bytes(4 * depth * width))
         self._old = array("I", bytes(4 * depth * width))
         self._window_start: int | None = None
+        # Which keys the last observe() counted (bit i: band i; bit 8: the exact prompt): what another worker
+        # must add to its copy of the index (detector.signals).
+        self.last_added = 0
 
     def _rotate(self, ts: int) -> None:
         if self._window_start is None:
@@ -128,6 +131,7 @@ class ContentIndex:
         self._rotate(ts)
         template_accounts, top_band = 0, 0
         self_repeat = False
+        added, bit = 0, 1
         bits = seen.bits
         half = SeenFilter.SIZE // 2
         w, wmask, depth = self.width, self.width - 1, self.depth
@@ -140,6 +144,8 @@ class ContentIndex:
                 if bits.bit_count() > half:
                     bits = 0
                 bits |= m
+                added |= bit
+            bit <<= 1
             self_repeat = self_repeat or was_seen
             h2 = ((band ^ (band >> 29)) * _M2) & _MASK | 1
             count = 1 << 32
@@ -156,7 +162,35 @@ class ContentIndex:
         exact_key = exact ^ 0x5EED
         self_exact = seen_add(seen, exact_key)
         exact_accounts = self._estimate_and_add(exact_key, not self_exact)
+        self.last_added = added if self_exact else added | 1 << 8
         return template_accounts, exact_accounts, self_repeat, top_band, self_exact
+
+    def added_keys(self, bands: list[int], exact: int) -> list[int]:
+        """The sketch keys the last :meth:`observe` (of ``bands`` and ``exact``) counted: what :meth:`add`
+        takes on another worker's copy of the index, which holds no filter for this account.
+
+        >>> a, b, seen = ContentIndex(width=1 << 10), ContentIndex(width=1 << 10), SeenFilter()
+        >>> _ = a.observe(seen, [0xABC, 0xDEF], 0xF00, ts=0)
+        >>> b.add(a.added_keys([0xABC, 0xDEF], 0xF00), ts=0)
+        >>> _ = a.observe(seen, [0xABC], 0xF01, ts=1)  # band seen before: only the new exact prompt is added
+        >>> a.added_keys([0xABC], 0xF01) == [0xF01 ^ 0x5EED]
+        True
+        >>> b.add(a.added_keys([0xABC], 0xF01), ts=1)
+        >>> b.observe(SeenFilter(), [0xABC], 0xF00, ts=2)[:2] == a.observe(SeenFilter(), [0xABC], 0xF00, ts=2)[:2]
+        True
+        """
+        mask = self.last_added
+        keys = [band for i, band in enumerate(bands) if mask >> i & 1]
+        if mask >> 8 & 1:
+            keys.append(exact ^ 0x5EED)
+        return keys
+
+    def add(self, keys: list[int], ts: int) -> None:
+        """Count one more account under each of ``keys`` (band values, or an exact prompt's key as
+        :meth:`added_keys` gives it): another worker's account that contributed them for the first time."""
+        self._rotate(ts)
+        for key in keys:
+            self._estimate_and_add(key, True)
 
     @property
     def nbytes(self) -> int:

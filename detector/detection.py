@@ -44,6 +44,19 @@ from detector.fusion import ACTIONS, Fusion, decide, detail
 from detector.keyblocks import KEY_BLOCK_KINDS, REPUBLISH_WEIGHT_CHANGE, key_block_record
 from detector.models import RankScorer, Sampler, make_model, squash
 from detector.settings import DetectionSettings
+from detector.signals import (
+    ARRIVAL,
+    BLOCKED,
+    CLUSTER_BLOCKED,
+    COT,
+    MACHINE,
+    MAX_LEN,
+    NEW_ACCOUNT,
+    NEW_MODEL,
+    TEMPLATED,
+    THROTTLED,
+    Signal,
+)
 
 MODEL_VERSION = "0.1.0"
 CAUGHT = ("throttle", "block")
@@ -107,6 +120,13 @@ def _integral(event: dict[str, Any]) -> dict[str, Any]:
     for p, k in nested:
         out[p] = {**out[p], k: int(out[p][k])}
     return out
+
+
+def _blocks(cluster: ClusterState, size: float) -> bool:
+    """Whether a cluster's tallies of caught members block it: one blocked member in a cluster of three or
+    more, two blocked in a pair, or two members throttled (or worse) in a cluster of three or more."""
+    return ((cluster.blocked_members >= 1 and (cluster.blocked_members >= 2 or size >= 3))
+            or (cluster.throttled_members >= 2 and size >= 3))
 
 
 def id_hash(event_id: str) -> int:
@@ -290,7 +310,8 @@ class Detector:
 
     def __init__(self, settings: DetectionSettings | None = None, *, anomaly_model: str | None = None,
                  seed: int = 42, content: ContentIndex | None = None, dedup_ids: int = DEDUP_IDS,
-                 track_changes: bool = False, key_secret: bytes = DEFAULT_KEY_SECRET) -> None:
+                 track_changes: bool = False, key_secret: bytes = DEFAULT_KEY_SECRET,
+                 share_clusters: bool = False) -> None:
         self.settings = settings or DetectionSettings()
         self.anomaly_model = anomaly_model = anomaly_model or self.settings.anomaly_model
         self.accounts: OrderedDict[str, _Account] = OrderedDict()
@@ -317,6 +338,11 @@ class Detector:
         self._key_blocks: list[dict[str, Any]] = []
         self._key_sent: dict[tuple[str, object], tuple[float, int, str]] = {}
         self._key_sweep_at = 4096
+        # Cluster sharing (detector.signals): with share_clusters, what each event of an own account did to the
+        # cross-account state, for drain_signals(); and the accounts other workers hold that apply_signals()
+        # linked, by the event time they were last seen (evicted as idle as own accounts are).
+        self._signals: list[Signal] | None = [] if share_clusters else None
+        self._foreign: OrderedDict[str, int] = OrderedDict()
 
     # ----------------------------------------------------------------------------------------------
     def process(self, event: dict[str, Any], emitted_at: int | None = None,
@@ -361,6 +387,8 @@ class Detector:
         if acct is None:
             self._evict(ts)
             acct = self.accounts[aid] = _Account(event["billing"].get("account_created_ts"))
+            if self._foreign:
+                self._foreign.pop(aid, None)  # another worker's account until a rebalance brought it here
         else:
             self.accounts.move_to_end(aid)
         if position is not None:
@@ -385,8 +413,9 @@ class Detector:
         # A model counts as newly released only if the stream ran for a while without it: at start-up,
         # every model is "first seen", and none of them is new.
         model_age = ts - first_seen if first_seen - self._stream_start >= MODEL_WARM_UP_MS else 1 << 62
+        bands, exact = [int(b, 16) for b in prompt["bands"]], int(prompt["exact"], 16)
         template_accounts, exact_accounts, self_repeat, top_band, self_exact = self.content.observe(
-            acct, [int(b, 16) for b in prompt["bands"]], int(prompt["exact"], 16), ts)
+            acct, bands, exact, ts)
         ctx = feat.EventContext(template_accounts, exact_accounts, model_age, self_repeat, self_exact)
         st = acct.state
         previous_ts = st.last_ts
@@ -408,11 +437,16 @@ class Detector:
                 self.clusters[root] = cluster
         f = feat.features(st, ts)
         age_days = (ts - st.created_ts) / feat.DAY_MS if st.created_ts is not None else math.inf
-        cluster.add(ts, arrival=arrival, templated=templated, cot=prompt["cot"],
-                    max_len=event["response"].get("stop_reason") == "max_tokens",
-                    new_account=age_days < NEW_ACCOUNT_DAYS,
-                    machine=f["n_24h"] >= MACHINE_MIN_EVENTS and f["hour_spread"] >= MACHINE_SPREAD,
-                    new_model=model_age < feat.NEW_MODEL_MS, org=event.get("org_id"))
+        cot, max_len = prompt["cot"], event["response"].get("stop_reason") == "max_tokens"
+        new_account, new_model = age_days < NEW_ACCOUNT_DAYS, model_age < feat.NEW_MODEL_MS
+        machine = f["n_24h"] >= MACHINE_MIN_EVENTS and f["hour_spread"] >= MACHINE_SPREAD
+        cluster.add(ts, arrival=arrival, templated=templated, cot=cot, max_len=max_len, new_account=new_account,
+                    machine=machine, new_model=new_model, org=event.get("org_id"))
+        if self._signals is not None:
+            flags = (ARRIVAL * arrival | TEMPLATED * templated | COT * cot | MAX_LEN * max_len
+                     | NEW_ACCOUNT * new_account | MACHINE * machine | NEW_MODEL * new_model)
+            self._signals.append(("e", aid, ts, keys, self.content.added_keys(bands, exact), flags,
+                                  event.get("org_id")))
         rerooted, acct.root = root != acct.root, root
         settings = self.settings
         if (acct.score < settings.quiet_score and acct.action == "allow" and ts - acct.scored_ts < settings.rescore_ms
@@ -431,7 +465,14 @@ class Detector:
         if self.sampler.should_learn(acct.learned_ts, ts, flagged=action != "allow"):
             self.model.learn_one(x)
             acct.learned_ts = ts
-        if action in CAUGHT and root in self.clusters and self._count_caught(acct, action, cluster, size):
+        blocks = False
+        if action in CAUGHT and root in self.clusters:
+            counted = (acct.throttled_counted, acct.blocked_counted)
+            blocks = self._count_caught(acct, action, cluster, size)
+            if self._signals is not None and counted != (acct.throttled_counted, acct.blocked_counted):
+                self._signals.append(("c", aid, ts, THROTTLED * (acct.throttled_counted and not counted[0])
+                                      | BLOCKED * (acct.blocked_counted and not counted[1]) | CLUSTER_BLOCKED * blocks))
+        if blocks:
             cluster.blocked = True
             self._blocked_roots.add(root)
             self._publish_keys(root, ts, emitted_at)
@@ -466,10 +507,93 @@ class Detector:
         if action == "block" and not acct.blocked_counted:
             acct.blocked_counted = counted = True
             cluster.blocked_members += 1
-        if not counted or cluster.blocked:
-            return False
-        return ((cluster.blocked_members >= 1 and (cluster.blocked_members >= 2 or size >= 3))
-                or (cluster.throttled_members >= 2 and size >= 3))
+        return counted and not cluster.blocked and _blocks(cluster, size)
+
+    # ----------------------------------------------------------------------------------------------
+    def drain_signals(self) -> list[Signal]:
+        """What the events of this detector's accounts did to the cross-account state since the last call,
+        for the other workers' :meth:`apply_signals` (:mod:`detector.signals`). Needs ``share_clusters=True``
+        (else: empty)."""
+        if not self._signals:
+            return []
+        out, self._signals = self._signals, []
+        return out
+
+    def apply_signals(self, signals: Iterable[Signal]) -> None:
+        """Fold in what another worker's accounts did (:mod:`detector.signals`): link them, count their
+        templates, add their traffic to their clusters' windows and their caught members to the tallies, so
+        this detector's accounts are scored against whole clusters. Signals of an account this detector holds
+        are ignored (its own events count; a signal from its previous owner, before a rebalance, is stale).
+        Creates no record: a member of a cluster blocked this way is blocked on its own next event.
+
+        >>> from detector.signals import ARRIVAL
+        >>> a, b = Detector(share_clusters=True), Detector(share_clusters=True)
+        >>> b.apply_signals([("e", f"x{i}", 1775000000000, [("pay", "pm_9")], [], ARRIVAL, None) for i in range(3)])
+        >>> b.linker.size(b.linker.root("x0")), len(b.clusters)
+        (3, 1)
+        >>> b.apply_signals([("c", "x0", 1775000000001, BLOCKED | CLUSTER_BLOCKED)])
+        >>> b.clusters[b.linker.root("x1")].blocked
+        True
+        """
+        for s in signals:
+            aid, ts = s[1], s[2]
+            if aid in self.accounts:
+                continue
+            if s[0] == "e":
+                self._fold_foreign(aid, ts, s[3], s[4], s[5], s[6])
+            elif self.linker.knows(aid):
+                self._foreign_caught(aid, s[3])
+
+    def _fold_foreign(self, aid: str, ts: int, keys: list[tuple[str, object]], sketch_keys: list[int], flags: int,
+                      org: str | None) -> None:
+        foreign = self._foreign
+        if aid in foreign:
+            foreign.move_to_end(aid)
+        foreign[aid] = ts
+        self._last_ts = max(self._last_ts, ts)
+        self._evict_foreign(ts)
+        self.content.add(sketch_keys, ts)
+        root = self.linker.link(aid, keys)
+        self._apply_merges()
+        cluster = self.clusters.get(root)
+        if cluster is None:
+            if self.linker.size(root) < 2:
+                return  # alone: no windows (as in process)
+            cluster = self.clusters[root] = ClusterState()
+        cluster.add(ts, arrival=bool(flags & ARRIVAL), templated=bool(flags & TEMPLATED), cot=bool(flags & COT),
+                    max_len=bool(flags & MAX_LEN), new_account=bool(flags & NEW_ACCOUNT),
+                    machine=bool(flags & MACHINE), new_model=bool(flags & NEW_MODEL), org=org)
+
+    def _foreign_caught(self, aid: str, level: int) -> None:
+        root = self.linker.root(aid)
+        cluster = self.clusters.get(root)
+        if cluster is None:
+            return
+        cluster.throttled_members += bool(level & THROTTLED)
+        cluster.blocked_members += bool(level & BLOCKED)
+        if not cluster.blocked and (level & CLUSTER_BLOCKED or _blocks(cluster, self.linker.size(root))):
+            cluster.blocked = True
+            self._blocked_roots.add(root)
+
+    def _evict_foreign(self, now: int) -> None:
+        """Forget other workers' accounts idle for ``idle_evict_s`` and the least recently seen beyond
+        ``max_accounts``, as :meth:`_evict` does own accounts (memory stays bounded by the live accounts)."""
+        foreign = self._foreign
+        horizon = now - self.settings.idle_evict_s * 1000
+        gone: list[str] = []
+        while foreign:
+            aid, last = next(iter(foreign.items()))
+            if len(foreign) < self.settings.max_accounts and last >= horizon:
+                break
+            del foreign[aid]
+            if aid not in self.accounts:
+                gone.append(aid)
+        if gone:
+            emptied = self.linker.forget(gone)
+            self._apply_merges()
+            for root in emptied:
+                self.clusters.pop(root, None)
+                self._blocked_roots.discard(root)
 
     # ----------------------------------------------------------------------------------------------
     def _evidence(self, f: dict[str, float], rank: float, cluster: ClusterState, root: str,
@@ -728,6 +852,8 @@ class Detector:
                 cluster.blocked = True
                 self._blocked_roots.add(root)
                 self._publish_keys(root, ts, emitted_at)
+                if self._signals is not None:
+                    self._signals.append(("c", aid, ts, CLUSTER_BLOCKED))
             cluster_id = self.linker.cluster_id(aid) if self.linker.size(root) > 1 else None
             return self._emit(acct, aid, ts, 1.0, "block", [("analyst_label", 1.0, 1.0, 0)], cluster_id, emitted_at)
         self.allowlist.add(aid)
@@ -794,9 +920,11 @@ class Detector:
         gone = set(shards)
         dropped = [aid for aid, acct in self.accounts.items() if acct.shard in gone]
         for aid in dropped:
-            del self.accounts[aid]
+            acct = self.accounts.pop(aid)
             if self._changed is not None:
                 self._changed.discard(aid)
+            if self._signals is not None and self.linker.knows(aid):
+                self._foreign[aid] = acct.state.last_ts  # its new owner's signals keep it linked here
         # The worker-wide id memory may hold ids whose effects left with the dropped accounts: were they
         # restored from an older snapshot, their redelivered events would be skipped and lost. From here
         # on, each account's own positions and ids (which travel with its snapshot) decide.

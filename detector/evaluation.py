@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,9 @@ from detector.progress import Progress
 from detector.settings import Settings
 
 DEFAULT_SUITE = ("default", "holdout", "paraphrase", "fast_rotation", "slow_ramp", "many_asns")
+#: How long another worker's events take to reach a worker's copy of the clusters (detector.signals), in event
+#: time: a batch (up to 0.2 s), its publish, and the next fetch of cluster-signals; 2 s is several times that.
+SIGNAL_LAG_MS = 2000
 TARGETS = {"recall": 0.95, "fpr": 0.001, "first_detect_share": 0.005, "served_share": 0.02}
 
 
@@ -142,20 +145,25 @@ def metrics(outcome: Outcome, labels: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_scenario(scenario: str, models: list[str], settings: Settings, *, scale: float = 1.0,
-                      seed: int = 7, workers: int = 1) -> tuple[Any, list[Outcome]]:
+                      seed: int = 7, workers: int = 1, share: bool = True,
+                      signal_lag_ms: int = SIGNAL_LAG_MS) -> tuple[Any, list[Outcome]]:
     """Generate ``scenario`` once and run one detector per model over it.
 
     ``workers`` > 1: the accounts are split over that many detectors per model by their partition
     (:func:`detector.envelope.account_partition` over ``workers`` partitions), as that many workers would
-    hold them; each sees only its own accounts, so clusters spanning workers are not linked."""
+    hold them. With ``share`` each detector's cluster signals (:mod:`detector.signals`) reach the others
+    ``signal_lag_ms`` of event time after the event that made them, as ``cluster-signals`` carries them
+    between workers; without, each links only its own accounts."""
     from detector import simulate
     from detector.envelope import account_partition
 
     sim = simulate.build(scenario, seed=seed, scale=scale, fingerprint_key=settings.fingerprint_key.reveal().encode())
     labels = sim.labels
     secret = settings.fingerprint_key.reveal().encode()
-    shards = [[Detector(settings.detection, anomaly_model=m, key_secret=secret) for _ in range(workers)]
-              for m in models]
+    sharing = share and workers > 1
+    shards = [[Detector(settings.detection, anomaly_model=m, key_secret=secret, share_clusters=sharing)
+               for _ in range(workers)] for m in models]
+    in_flight: list[deque[tuple[int, int, list[Any]]]] = [deque() for _ in models]  # (due ts, from shard, signals)
     limiters = [Limiter(secret) for _ in models]  # one limiter reads every worker's key blocks
     outcomes = [Outcome(model=m) for m in models]
     prog = Progress(f"evaluate {scenario}" + (f" over {workers} workers" if workers > 1 else ""),
@@ -165,13 +173,22 @@ def evaluate_scenario(scenario: str, models: list[str], settings: Settings, *, s
         lab = labels.get(ev["account_id"])
         campaign = lab.campaign if lab is not None and lab.attack else None
         shard = account_partition(ev["account_id"], workers) if workers > 1 else 0
-        for dets, out, limiter in zip(shards, outcomes, limiters, strict=True):
+        for dets, out, limiter, flight in zip(shards, outcomes, limiters, in_flight, strict=True):
+            while flight and flight[0][0] <= ev["ts"]:
+                _, origin, signals = flight.popleft()
+                for i, other in enumerate(dets):
+                    if i != origin:
+                        other.apply_signals(signals)
             det = dets[shard]
             acct = det.accounts.get(ev["account_id"])
             before = acct.action if acct is not None else "allow"
             refused = limiter.refuses(ev, before)
             t = time.perf_counter()
             record = det.process(ev, emitted_at=ev["ts"])
+            if sharing:
+                signals = det.drain_signals()
+                if signals:
+                    flight.append((ev["ts"] + signal_lag_ms, shard, signals))
             out.seconds += time.perf_counter() - t
             limiter.take(det, record)
             out.observe(ev, det, before, campaign, refused)
@@ -345,26 +362,31 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
 
 def _scale_out(scenario: str, one: dict[str, Any], workers: tuple[int, ...], settings: Settings, scale: float,
                seed: int) -> list[str]:
-    """The section on detection with the accounts split over several workers (each links only its own)."""
+    """The section on detection with the accounts split over several workers, with and without cluster signals."""
     model = one["model"]
     lines = [f"## {scenario}, accounts split over several workers", "",
-             "Each worker holds the accounts of its partitions and links only those into clusters (there is no "
-             "cross-worker clustering yet): a campaign's accounts are split over the workers, and each worker "
-             f"sees a fraction of every cluster. Same traffic, model {model}, accounts split by the murmur2 "
-             f"partition of their id (`detector evaluate --workers N`).", "",
-             "| workers | recall | FPR | FP / ordinary | first-detect share | served share "
+             "Each worker holds the accounts of its partitions (split by the murmur2 partition of their id), so a "
+             "campaign's accounts are spread over all workers. *Shared*: each worker keeps a copy of the clusters "
+             "and folds in the other workers' events from `cluster-signals` (detector/signals.py), here "
+             f"{SIGNAL_LAG_MS / 1000:g} s of event time after each event. *Not shared*: each worker links only its "
+             f"own accounts. Same traffic, model {model} (`detector evaluate --workers N`).", "",
+             "| workers | clusters | recall | FPR | FP / ordinary | first-detect share | served share "
              "| per campaign: served share |",
-             "|---|---|---|---|---|---|---|"]
-    for n in (1, *workers):
+             "|---|---|---|---|---|---|---|---|"]
+    runs = [(1, True)] + [(n, share) for n in workers for share in (True, False)]
+    for n, share in runs:
         if n == 1:
             r = one
         else:
-            sim, [outcome] = evaluate_scenario(scenario, [model], settings, scale=scale, seed=seed, workers=n)
+            sim, [outcome] = evaluate_scenario(scenario, [model], settings, scale=scale, seed=seed, workers=n,
+                                               share=share)
             r = metrics(outcome, sim.labels)
-            print(f"{scenario:<14} {model:<10} {n} workers recall={r['recall']:.3f} fpr={r['fpr']:.4%} "
-                  f"first_detect={r['first_detect_share']:.3%} served={r['served_share']:.2%}")
+            print(f"{scenario:<14} {model:<10} {n} workers {'shared' if share else 'not shared'}: "
+                  f"recall={r['recall']:.3f} fpr={r['fpr']:.4%} first_detect={r['first_detect_share']:.3%} "
+                  f"served={r['served_share']:.2%}")
         per = ", ".join(f"{name} {c['served_share']:.1%}" for name, c in r["campaigns"].items())
-        lines.append(f"| {n} | {r['recall']:.3f} | {r['fpr']:.4%} | {r['fp']} / {r['ordinary_accounts']} | "
+        how = "one worker" if n == 1 else "shared" if share else "not shared"
+        lines.append(f"| {n} | {how} | {r['recall']:.3f} | {r['fpr']:.4%} | {r['fp']} / {r['ordinary_accounts']} | "
                      f"{r['first_detect_share']:.3%} | {r['served_share']:.2%} | {per} |")
     return lines + [""]
 

@@ -85,11 +85,20 @@ class Metrics:
                               registry=r)
         self.rebalances = Counter("detector_rebalances_total", "Consumer group rebalances seen by this worker",
                                   registry=r)
+        self.cluster_signals = Counter("detector_cluster_signals_total",
+                                       "Cluster signals (detector.signals) by result: published by this worker, "
+                                       "applied from another worker, or invalid (in a dead-lettered message)",
+                                       ["result"], registry=r)
+        self.signals_behind = Gauge("detector_cluster_signals_behind_seconds",
+                                    "Age of the newest cluster-signals message applied when it was applied: how far "
+                                    "this worker's copy of the clusters runs behind the other workers", registry=r)
         self.up = Gauge("detector_worker_up", "1 while the worker is running", registry=r)
         # Pre-create the closed label sets so dashboards show zeros instead of "no data".
         for result in ("valid", "invalid"):
             self.events.labels(result=result)
             self.envelopes.labels(result=result)
+        for result in ("published", "applied", "invalid"):
+            self.cluster_signals.labels(result=result)
         for result in ("refilled", "empty"):
             self.offset_holes.labels(result=result)
         for reason in (*REASONS, "internal"):

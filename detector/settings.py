@@ -63,6 +63,7 @@ class TopicSettings:
     risk_scores: str = "risk-scores"
     analyst_labels: str = "analyst-labels"
     blocked_keys: str = "blocked-keys"  # compacted; key blocks for the rate limiter (detector.keyblocks)
+    cluster_signals: str = "cluster-signals"  # between workers: their shares of the clusters (detector.signals)
     partitions: int = 4
 
 
@@ -104,6 +105,9 @@ class WorkerSettings:
     invalid_ratio_limit: float = 0.05  # alert (and log) when more than this share of a window is invalid
     session_timeout_s: float = 10.0  # a worker silent this long is out of the group; its partitions move
     fetch_max_wait_ms: int = 100  # longest a fetch waits for data (Faust hard-codes 1500: a latency floor)
+    # Publish what this worker's events did to the clusters and fold in the other workers' (detector.signals), so
+    # that clusters spanning partitions held by different workers are seen whole. Off: each links only its own.
+    share_clusters: bool = True
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ app, nothing happens at import); :func:`run_worker` runs it until SIGTERM or SIG
 
     api-calls       ──▶ agent route_events  (batches: noack_take) ──▶ Router.on_message ─▶ risk-scores
     analyst-labels  ──▶ agent apply_labels  (one by one)          ──▶ Router.on_label ──▶ or api-calls.dlq
+                                              └─ each batch's cluster signals ─▶ cluster-signals
+    cluster-signals ──▶ task follow_signals (every partition, no group) ─▶ Router.on_signals
 
 All decisions live in the :class:`~detector.detection.Detector` and the router; the agents decode nothing
 and decide nothing. Delivery is at least once: the input messages of a batch are acknowledged (so their
@@ -22,8 +24,10 @@ partitions that guarantee weakens:
 * order holds within a partition (so per account, as events are keyed by account), but the worker
   interleaves partitions in fetch order, which depends on timing; cross-account state (the content
   index, the cluster linker) sees a different interleaving than a file, and scores can differ slightly;
-* with several workers each holds its own in-memory ``Detector`` for its partitions only, so accounts
-  on partitions held by different workers are never linked into one cluster;
+* with several workers each holds its own in-memory ``Detector`` for its partitions' accounts; the clusters
+  are shared (``settings.worker.share_clusters``): each batch's cluster signals (:mod:`detector.signals`) go to
+  ``cluster-signals``, and every worker folds in the other workers' as they arrive, so accounts on partitions
+  held by different workers are linked into one cluster, a fraction of a second later than on one worker;
 * analyst labels are applied when they arrive, wherever the events agent yields (while a batch's
   records are being sent); they are outside the replay guarantee (replay does not read labels);
 * cross-account state (content index, linker, cluster windows, anomaly model, label-trained fusion
@@ -44,9 +48,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 import ssl
 import time
 from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -61,7 +69,7 @@ from detector.metrics import Metrics
 from detector.settings import KafkaSettings, Settings
 from detector.streaming.offsets import OffsetGuard
 from detector.streaming.routing import DetectorLike, Output, Router, Source
-from detector.streaming.topics import ensure_topics, kafka_client_config, read_range
+from detector.streaming.topics import Follower, ensure_topics, kafka_client_config, read_range
 
 log = logging.getLogger(__name__)
 
@@ -280,13 +288,15 @@ def create_app(settings: Settings, detector: DetectorLike | None = None) -> faus
 
 
 def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App, Router]:
+    w, t = settings.worker, settings.topics
     det = detector if detector is not None else Detector(settings.detection, track_changes=True,
-                                                         key_secret=settings.fingerprint_key.reveal().encode())
-    router = Router(det, settings)
+                                                         key_secret=settings.fingerprint_key.reveal().encode(),
+                                                         share_clusters=w.share_clusters)
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    router = Router(det, settings, worker_id=worker_id)
     # Account state survives restarts only with the real detector (a test double has no snapshots).
     durable = det if isinstance(det, Detector) else None
     metrics = router.metrics
-    w, t = settings.worker, settings.topics
     app = _App(
         w.app_id,
         broker=[f"kafka://{host}" for host in kafka_client_config(settings.kafka)["bootstrap_servers"]],
@@ -318,6 +328,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         t.risk_scores: app.topic(t.risk_scores, partitions=t.partitions, compacting=True, **raw),
         t.dead_letters: app.topic(t.dead_letters, **raw),
         t.blocked_keys: app.topic(t.blocked_keys, partitions=t.partitions, compacting=True, **raw),
+        t.cluster_signals: app.topic(t.cluster_signals, partitions=1, **raw),
     }
 
     # Account state, keyed by account id, co-partitioned with api-calls: its changelog is what a restarted
@@ -395,6 +406,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             outs, last_offsets = await intake.route([event.message for event in batch])  # type: ignore[attr-defined]
             outs += router.take_key_blocks()
             outs += take_changes()
+            outs += router.take_signals()
             deliveries = [await send(out) for out in outs]
             await asyncio.gather(*deliveries)
             for event in batch:
@@ -407,8 +419,32 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
         async for event in stream.events():  # acked when the next one is taken, after its delivery
             m = event.message
             out = router.on_label(m.value, m.key, Source(m.topic, m.partition, m.offset))
-            outs = ([out] if out is not None else []) + router.take_key_blocks() + take_changes()
+            outs = (([out] if out is not None else []) + router.take_key_blocks() + take_changes()
+                    + router.take_signals())
             await asyncio.gather(*[await send(o) for o in outs])
+
+    if w.share_clusters and durable is not None:
+        follower = Follower(kafka_client_config(settings.kafka), t.cluster_signals)
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-signals")  # one thread: kafka-python
+
+        @app.task
+        async def follow_signals() -> None:
+            # The other workers' cluster signals, from the end of cluster-signals at start (the clusters, like all
+            # cross-account state, are rebuilt from the stream after a restart). Runs on the agents' event loop,
+            # between their awaits, so the detector is never used by two coroutines at once.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(reader, follower.open)
+            log.info("following %s as worker %s", t.cluster_signals, worker_id)
+            try:
+                while True:
+                    records = await loop.run_in_executor(reader, follower.poll)
+                    outs = [out for r in records if (out := router.on_signals(
+                        r.value, r.key, Source(r.topic, r.partition, r.offset, r.timestamp / 1000))) is not None]
+                    for out in outs:
+                        await send(out)
+            finally:
+                reader.submit(follower.close)
+                reader.shutdown(wait=False)
 
     @app.page(STATS_PATH)
     async def stats(web: Any, request: Any) -> Any:

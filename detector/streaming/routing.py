@@ -14,6 +14,11 @@ every decision is made here or in the :class:`~detector.detection.Detector`::
                            ▼
                       api-calls.dlq
 
+    Detector.drain_signals ──▶ cluster-signals ──▶ (every other worker) decode_batch ──▶ Detector.apply_signals
+                                                          │ invalid / raised
+                                                          ▼
+                                                     api-calls.dlq
+
 Nothing is ever dropped silently: each input is either handed to the detector or dead-lettered with a
 reason from a closed set (``schemas/dead_letter.v1.json``), and :attr:`Router.stats` counts both. The
 original bytes travel to the dead-letter queue base64-encoded and truncated to
@@ -48,6 +53,7 @@ from detector.envelope import Envelope, InvalidEnvelope, account_partition, deco
 from detector.metrics import Metrics
 from detector.schemas import KEY_BLOCK_SCHEMA, LABEL_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode, validate
 from detector.settings import Settings
+from detector.signals import decode_batch, encode_batches
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +174,11 @@ class Router:
     """
 
     def __init__(self, detector: DetectorLike, settings: Settings, *,
-                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
+                 worker_id: str = "worker") -> None:
         self.detector = detector
+        self.worker_id = worker_id  # stamped on this worker's cluster signals, so it skips its own
+        self.signals_topic = settings.topics.cluster_signals
         self.dead_letters_topic = settings.topics.dead_letters
         self.risk_scores_topic = settings.topics.risk_scores
         self.blocked_keys_topic = settings.topics.blocked_keys
@@ -192,6 +201,9 @@ class Router:
             "key_blocks": 0,  # published to blocked-keys
             "dead_letters": 0,
             "invalid_ratio_alerts": 0,
+            "signals_published": 0,  # cluster signals of this worker's events (detector.signals)
+            "signals_applied": 0,  # other workers' cluster signals folded in
+            "signal_batches_invalid": 0,  # cluster-signals messages dead-lettered
         }
         self.invalid_by_reason: dict[str, int] = {}
         self._window_seen = 0
@@ -347,6 +359,59 @@ class Router:
             self.metrics.key_blocks.labels(kind=rec["kind"]).inc()
             outs.append(Output(self.blocked_keys_topic, rec["key_id"].encode(), orjson.dumps(rec)))
         return outs
+
+    def take_signals(self) -> list[Output]:
+        """The ``cluster-signals`` messages for what the detector's events did to the clusters since the last call
+        (:mod:`detector.signals`; key = this worker's id); none from a detector that shares nothing."""
+        drain = getattr(self.detector, "drain_signals", None)
+        signals = drain() if drain is not None else []
+        if not signals:
+            return []
+        self.stats["signals_published"] += len(signals)
+        self.metrics.cluster_signals.labels(result="published").inc(len(signals))
+        key = self.worker_id.encode()
+        return [Output(self.signals_topic, key, raw) for raw in encode_batches(self.worker_id, signals)]
+
+    def on_signals(self, raw: bytes | None, key: bytes | None, source: Source) -> Output | None:
+        """Fold one ``cluster-signals`` message of another worker into the detector; skip this worker's own.
+        A message that does not decode, or that the detector raised on, is dead-lettered (a worker of another
+        version, or a bug): the clusters miss it, nothing else does.
+
+        >>> from detector.detection import Detector
+        >>> from detector.signals import encode_batches
+        >>> router = Router(Detector(share_clusters=True), Settings(), worker_id="w1")
+        >>> signals = [("e", f"x{i}", 1775000000000, [("pay", "pm_9")], [], 0, None) for i in (1, 2)]
+        >>> [raw] = encode_batches("w2", signals)
+        >>> router.on_signals(raw, b"w2", Source("cluster-signals", 0, 0)), router.stats["signals_applied"]
+        (None, 2)
+        >>> orjson.loads(router.on_signals(b"[]", b"w2", Source("cluster-signals", 0, 1)).value)["reason"]
+        'not_object'
+        """
+        raw = raw or b""
+        try:
+            worker, signals = decode_batch(raw)
+        except InvalidEvent as exc:
+            self.stats["signal_batches_invalid"] += 1
+            self.metrics.cluster_signals.labels(result="invalid").inc()
+            return self._dead(exc.reason, f"cluster-signals: {exc.detail}", raw, key, source)
+        if worker == self.worker_id:
+            return None
+        apply = getattr(self.detector, "apply_signals", None)
+        if apply is None:
+            return None
+        try:
+            apply(signals)
+        except Exception as exc:  # noqa: BLE001 - as in _process: one message must not stop the worker
+            self.stats["signal_batches_invalid"] += 1
+            self.metrics.cluster_signals.labels(result="invalid").inc(len(signals))
+            log.exception("detector failed on cluster signals from worker %s at %s[%s]@%s; dead-lettered as %r",
+                          worker, source.topic, source.partition, source.offset, INTERNAL)
+            return self._dead(INTERNAL, _describe(exc), raw, key, source)
+        self.stats["signals_applied"] += len(signals)
+        self.metrics.cluster_signals.labels(result="applied").inc(len(signals))
+        if source.published_at:
+            self.metrics.signals_behind.set(max(0.0, self.clock() - source.published_at))
+        return None
 
     def summary(self) -> str:
         """One line of counters for the log."""

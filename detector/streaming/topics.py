@@ -10,6 +10,7 @@ it starts::
     analyst-labels   same as api-calls           delete       account_id  (co-partitioned with api-calls)
     risk-scores      same as api-calls           compact      account_id
     blocked-keys     same as api-calls           compact      key_id (detector.keyblocks)
+    cluster-signals  1                           delete (1 h) worker instance id (detector.signals)
     api-calls.dlq    same as api-calls           delete       the original key
 
 Existing topics are left as they are; a mismatch that matters (``risk-scores`` not compacted,
@@ -28,6 +29,9 @@ from detector.settings import KafkaSettings, Settings, SettingsError
 log = logging.getLogger(__name__)
 
 _PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+#: How long ``cluster-signals`` keeps messages: a worker reads it from the end when it starts, so only workers
+#: running behind need any of it.
+SIGNALS_RETENTION_MS = 3_600_000
 
 
 def kafka_client_config(kafka: KafkaSettings) -> dict[str, Any]:
@@ -165,6 +169,9 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, Any]]:
         t.dead_letters: plain,
         t.risk_scores: {**plain, "configs": {"cleanup.policy": "compact"}},
         t.blocked_keys: {**plain, "configs": {"cleanup.policy": "compact"}},
+        # Read whole by every worker, from its end when the worker starts: one partition, kept an hour.
+        t.cluster_signals: {"num_partitions": 1, "replication_factor": -1,
+                            "configs": {"retention.ms": str(SIGNALS_RETENTION_MS)}},
     }
 
 
@@ -298,3 +305,48 @@ def read_range(config: dict[str, Any], topic: str, partition: int, offsets: rang
         return records
     finally:
         consumer.close()
+
+
+class Follower:
+    """Reads every partition of ``topic`` from where it ends when :meth:`open` runs, with no consumer group and
+    nothing committed: how each worker follows ``cluster-signals`` (:mod:`detector.signals`). kafka-python is not
+    thread-safe: call its methods from one thread at a time (the worker runs them on one executor thread).
+    """
+
+    def __init__(self, config: dict[str, Any], topic: str, timeout_s: float = 30.0) -> None:
+        self.config, self.topic, self.timeout_s = config, topic, timeout_s
+        self._consumer: Any = None
+
+    def open(self) -> None:
+        """Connect, take every partition, and skip to their ends. Raises :class:`TimeoutError` if the topic's
+        partitions are not known within ``timeout_s``."""
+        import time
+
+        from kafka import KafkaConsumer, TopicPartition
+
+        consumer = KafkaConsumer(**self.config, enable_auto_commit=False, auto_offset_reset="latest",
+                                 request_timeout_ms=max(11_000, int(self.timeout_s * 1000)))
+        deadline = time.monotonic() + self.timeout_s
+        partitions = consumer.partitions_for_topic(self.topic)
+        while not partitions:
+            if time.monotonic() > deadline:
+                consumer.close()
+                raise TimeoutError(f"topic {self.topic}: no partitions known within {self.timeout_s:.0f} s")
+            time.sleep(0.2)
+            partitions = consumer.partitions_for_topic(self.topic)
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_end(*tps)
+        for tp in tps:
+            consumer.position(tp)  # resolve "the end" now, not at the first poll
+        self._consumer = consumer
+
+    def poll(self, timeout_ms: int = 500) -> list[Any]:
+        """The records that arrived since the last call, in offset order per partition (waits up to
+        ``timeout_ms`` for the first)."""
+        return [r for batch in self._consumer.poll(timeout_ms=timeout_ms).values() for r in batch]
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
