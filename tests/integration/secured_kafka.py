@@ -61,6 +61,7 @@ ACLS: tuple[Acl, ...] = (
     Acl("User:detector", "topic", TOPICS.risk_scores, ("Write", "Describe", "DescribeConfigs")),
     Acl("User:detector", "topic", TOPICS.dead_letters, ("Write", "Describe")),
     Acl("User:detector", "topic", TOPICS.blocked_keys, ("Write", "Describe")),
+    Acl("User:detector", "topic", TOPICS.cluster_signals, ("Read", "Write", "Describe")),
     Acl("User:detector", "group", GROUP, ("Read",)),
     Acl("User:detector", "topic", f"{GROUP}-", ("Create", "Read", "Write", "Describe"), pattern="prefixed"),
     Acl("User:gateway", "topic", TOPICS.api_calls, ("Write", "Describe")),

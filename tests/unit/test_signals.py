@@ -1,0 +1,169 @@
+"""Cluster signals between workers (detector/signals.py): a campaign split over two detectors, as over two workers.
+
+The campaign of ``test_detection.campaign_and_ordinary`` (40 accounts on 4 shared cards, templated
+chain-of-thought prompts) is split by account over two detectors. Without signals each sees half of every
+cluster; with them (delivered after every event, or in batches as a worker publishes them) each scores its
+own accounts against the whole cluster, and a new account on one worker is blocked on first sight by a
+cluster another worker blocked.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from detector.detection import Detector
+from detector.envelope import account_partition
+from detector.schemas import InvalidEvent
+from detector.settings import DetectionSettings, Settings
+from detector.signals import ARRIVAL, MAX_PER_MESSAGE, decode_batch, encode_batches
+from detector.streaming.routing import Router, Source
+from tests.factory import BASE_TS, event
+from tests.unit.test_detection import HOUR, campaign_and_ordinary
+
+CAUGHT = ("throttle", "block")
+
+
+def split_run(events, *, share: bool, batch: int = 1, settings: DetectionSettings | None = None):
+    """Run ``events`` over two detectors holding the accounts by partition (2 partitions); with ``share``, each
+    detector's signals reach the other after every ``batch`` events of its own."""
+    dets = [Detector(settings or DetectionSettings(), share_clusters=share) for _ in range(2)]
+    pending: list[list] = [[], []]
+    for n, ev in enumerate(events):
+        shard = account_partition(ev["account_id"], 2)
+        dets[shard].process(ev, emitted_at=ev["ts"])
+        if share:
+            pending[shard] += dets[shard].drain_signals()
+            if n % batch == 0:
+                for i in (0, 1):
+                    dets[1 - i].apply_signals(pending[i])
+                    pending[i] = []
+    return dets
+
+
+def caught(dets, prefix: str) -> set[str]:
+    return {aid for d in dets for aid, a in d.accounts.items() if aid.startswith(prefix) and a.action in CAUGHT}
+
+
+def test_campaign_accounts_are_on_both_detectors():
+    homes = {account_partition(f"acct_x{i:03d}", 2) for i in range(40)}
+    assert homes == {0, 1}
+
+
+@pytest.mark.parametrize("batch", [1, 50])
+def test_with_signals_each_detector_sees_whole_clusters(batch):
+    events = campaign_and_ordinary()
+    shared = split_run(events, share=True, batch=batch)
+    alone = split_run(events, share=False)
+    one = Detector()
+    for ev in events:
+        one.process(ev)
+    for i in (0, 1):
+        x = next(a for a in shared[i].accounts if a.startswith("acct_x"))
+        # Every detector's linker holds the whole campaign, as one detector's does.
+        assert shared[i].linker.size(shared[i].linker.root(x)) == one.linker.size(one.linker.root(x))
+        assert alone[i].linker.size(alone[i].linker.root(x)) < one.linker.size(one.linker.root(x))
+    assert caught(shared, "acct_x") == caught([one], "acct_x")
+    assert caught(shared, "acct_o") == set()
+
+
+def test_a_new_account_is_blocked_on_first_sight_by_a_cluster_the_other_worker_blocked():
+    events = campaign_and_ordinary()
+    last = events[-1]["ts"]
+    # A newcomer on the shared card of acct_x010..019, whose partition differs from where the cluster was blocked.
+    newcomer = next(f"acct_new{i}" for i in range(100) if account_partition(f"acct_new{i}", 2) == 1)
+    ev = event(newcomer, last + 1000, "Tell me a joke",
+               billing={"payment_fp": "pm_shared_1", "tier": "build", "account_created_ts": last},
+               client={"ip": "198.51.100.200", "asn": 64512, "country": "DE", "user_agent": "curl/8",
+                       "tls_fp": "t13d_other"})
+    # Worker 0 holds the cluster's blocked members; worker 1 holds only the newcomer and ordinary accounts.
+    own = [e for e in events if account_partition(e["account_id"], 2) == 0]
+    for share in (True, False):
+        w0, w1 = Detector(share_clusters=share), Detector(share_clusters=share)
+        for e in own:
+            w0.process(e)
+        assert caught([w0], "acct_x")
+        w1.apply_signals(w0.drain_signals())
+        rec = w1.process(ev)
+        if share:
+            assert rec is not None and rec["action"] == "block"
+            assert any(r["code"] == "linked_to_blocked" for r in rec["reasons"])
+        else:
+            assert rec is None or rec["action"] not in CAUGHT
+
+
+def test_signals_of_an_account_the_detector_holds_are_ignored():
+    det = Detector(share_clusters=True)
+    det.process(event("acct_a", BASE_TS))
+    before = det.linker._keys["acct_a"]
+    det.apply_signals([("e", "acct_a", BASE_TS + 1, [("pay", "pm_other")], [], ARRIVAL, None)])
+    assert det.linker._keys["acct_a"] == before
+
+
+def test_other_workers_accounts_are_evicted_like_own_ones():
+    det = Detector(DetectionSettings(max_accounts=50), share_clusters=True)
+    for i in range(500):
+        det.apply_signals([("e", f"far{i}", BASE_TS + i, [("pay", f"pm_{i // 5}")], [], ARRIVAL, None)])
+    assert len(det._foreign) <= 50
+    assert det.linker.members() <= 50
+    idle = Detector(DetectionSettings(idle_evict_s=3600), share_clusters=True)
+    idle.apply_signals([("e", "old", BASE_TS, [("pay", "pm_1")], [], ARRIVAL, None)])
+    idle.apply_signals([("e", "new", BASE_TS + 2 * HOUR, [("pay", "pm_2")], [], ARRIVAL, None)])
+    assert not idle.linker.knows("old") and idle.linker.knows("new")
+
+
+def test_a_detector_without_sharing_makes_no_signals():
+    det = Detector()
+    det.process(event("acct_a", BASE_TS))
+    assert det.drain_signals() == []
+
+
+def test_batches_round_trip_and_split_at_the_message_limit():
+    signals = [("e", f"a{i}", BASE_TS, [("pay", "pm"), ("asn", 64500), ("cohort", (7, None)), ("tmpl", 2**63 + i)],
+                [2**64 - 1], 127, "org_1") for i in range(MAX_PER_MESSAGE + 1)]
+    messages = encode_batches("w1", signals)
+    assert len(messages) == 2
+    back = [s for m in messages for s in decode_batch(m)[1]]
+    assert back == [(s[0], s[1], s[2], list(s[3]), s[4], s[5], s[6]) for s in signals]
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"not json", "not_json"),
+    (b"[]", "not_object"),
+    (orjson.dumps({"schema_version": 1, "worker": "w", "signals": [["x", "a", 1, 1]]}), "schema"),
+    (orjson.dumps({"schema_version": 1, "worker": "w", "signals": [["c", "a", 1, 8]]}), "schema"),
+    (orjson.dumps({"schema_version": 1, "worker": "w", "signals": [["e", "a", 1, [["zz", "v"]], [], 0, None]]}),
+     "schema"),
+    (orjson.dumps({"schema_version": 1, "worker": "w", "signals": [["e", "a", 1, [["cohort", [1]]], [], 0, None]]}),
+     "schema"),
+    (orjson.dumps({"schema_version": 1, "worker": "w", "signals": [["e", "a", 1, [], [-1], 0, None]]}), "schema"),
+])
+def test_bad_batches_are_refused_with_a_reason(raw, reason):
+    with pytest.raises(InvalidEvent) as info:
+        decode_batch(raw)
+    assert info.value.reason == reason
+
+
+def test_router_skips_its_own_batches_and_dead_letters_bad_ones():
+    router = Router(Detector(share_clusters=True), Settings(), worker_id="w1", clock=lambda: 1775000000.0)
+    signals = [("e", f"x{i}", BASE_TS, [("pay", "pm_9")], [], ARRIVAL, None) for i in range(3)]
+    [own] = encode_batches("w1", signals)
+    [other] = encode_batches("w2", signals)
+    src = Source("cluster-signals", 0, 5)
+    assert router.on_signals(own, b"w1", src) is None and router.stats["signals_applied"] == 0
+    assert router.on_signals(other, b"w2", src) is None and router.stats["signals_applied"] == 3
+    dead = router.on_signals(b'{"schema_version": 1}', b"w2", src)
+    assert dead is not None and dead.topic == "api-calls.dlq"
+    letter = orjson.loads(dead.value)
+    assert (letter["reason"], letter["source_topic"], letter["source_offset"]) == ("schema", "cluster-signals", 5)
+    assert router.stats["signal_batches_invalid"] == 1
+
+
+def test_router_publishes_the_detectors_signals_keyed_by_worker():
+    router = Router(Detector(share_clusters=True), Settings(), worker_id="w1")
+    router.on_message(orjson.dumps(event("acct_a", BASE_TS)), b"acct_a", Source("api-calls", 0, 0))
+    [out] = router.take_signals()
+    assert (out.topic, out.key) == ("cluster-signals", b"w1")
+    worker, signals = decode_batch(out.value)
+    assert worker == "w1" and [s[1] for s in signals] == ["acct_a"]
+    assert router.take_signals() == []
