@@ -234,7 +234,8 @@ def start_broker(data_dir: Path, attempts: int = 3) -> Any:
 
 def topic_names(prefix: str, api_calls: str | None = None) -> dict[str, str]:
     return {"api_calls": api_calls or f"{prefix}.api-calls", "dead_letters": f"{prefix}.api-calls.dlq",
-            "risk_scores": f"{prefix}.risk-scores", "analyst_labels": f"{prefix}.analyst-labels"}
+            "risk_scores": f"{prefix}.risk-scores", "analyst_labels": f"{prefix}.analyst-labels",
+              "cluster_signals": f"{prefix}.cluster-signals"}
 
 
 def create_topics(bootstrap: str, topics: dict[str, str]) -> None:

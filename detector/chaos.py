@@ -235,7 +235,8 @@ def _worker_env(bootstrap: str, run_id: str, topics: Any) -> dict[str, str]:
                 DETECTOR_DETECTION__IDLE_EVICT_S=str(TEN_YEARS_S),
                 DETECTOR_TOPICS__API_CALLS=topics.api_calls, DETECTOR_TOPICS__DEAD_LETTERS=topics.dead_letters,
                 DETECTOR_TOPICS__RISK_SCORES=topics.risk_scores,
-                DETECTOR_TOPICS__ANALYST_LABELS=topics.analyst_labels, DETECTOR_TOPICS__PARTITIONS=str(PARTITIONS))
+                DETECTOR_TOPICS__ANALYST_LABELS=topics.analyst_labels,
+                DETECTOR_TOPICS__CLUSTER_SIGNALS=topics.cluster_signals, DETECTOR_TOPICS__PARTITIONS=str(PARTITIONS))
 
 
 def run_chaos(*, duration_s: float = 90.0, rate: float = 500.0, seed: int = 7,
@@ -260,7 +261,7 @@ def run_chaos(*, duration_s: float = 90.0, rate: float = 500.0, seed: int = 7,
         run_id = f"chaos-{int(time.time())}"
         topics = TopicSettings(api_calls=f"{run_id}.api-calls", dead_letters=f"{run_id}.api-calls.dlq",
                                risk_scores=f"{run_id}.risk-scores", analyst_labels=f"{run_id}.analyst-labels",
-                               partitions=PARTITIONS)
+                               cluster_signals=f"{run_id}.cluster-signals", partitions=PARTITIONS)
         ensure_topics(Settings(kafka=KafkaSettings(bootstrap=bootstrap), topics=topics))
         env = _worker_env(bootstrap, run_id, topics)
         n_events = int(duration_s * rate)

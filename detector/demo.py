@@ -54,7 +54,8 @@ def run_demo(settings: Settings, *, duration_s: float | None, scenario: str = "d
         started_broker, bootstrap = data_dir, handle.bootstrap
     run_id = f"demo-{int(time.time())}"
     topics = {"api_calls": f"{run_id}.api-calls", "dead_letters": f"{run_id}.api-calls.dlq",
-              "risk_scores": f"{run_id}.risk-scores", "analyst_labels": f"{run_id}.analyst-labels"}
+              "risk_scores": f"{run_id}.risk-scores", "analyst_labels": f"{run_id}.analyst-labels",
+              "cluster_signals": f"{run_id}.cluster-signals"}
     env = dict(os.environ, DETECTOR_KAFKA__BOOTSTRAP=bootstrap, DETECTOR_WORKER__APP_ID=run_id,
                DETECTOR_WORKER__DATA_DIR=tempfile.mkdtemp(prefix="detector-demo-worker-"),
                DETECTOR_WORKER__WEB_PORT="0", DETECTOR_TOPICS__PARTITIONS="1",

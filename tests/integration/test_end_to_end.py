@@ -219,6 +219,7 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     run_id = f"e2e-{uuid.uuid4().hex[:10]}"
     topics = {"api_calls": f"{run_id}.api-calls", "dead_letters": f"{run_id}.api-calls.dlq",
               "risk_scores": f"{run_id}.risk-scores", "analyst_labels": f"{run_id}.analyst-labels",
+              "cluster_signals": f"{run_id}.cluster-signals",
               "blocked_keys": f"{run_id}.blocked-keys"}
     work = tmp_path_factory.mktemp("e2e")
     web_port = broker.free_port()

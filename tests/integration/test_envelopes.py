@@ -163,7 +163,8 @@ def _hand_made(run: Run, events: list[dict[str, Any]]) -> None:
 def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     run_id = f"env-{uuid.uuid4().hex[:10]}"
     topics = {"api_calls": f"{run_id}.api-calls", "dead_letters": f"{run_id}.api-calls.dlq",
-              "risk_scores": f"{run_id}.risk-scores", "analyst_labels": f"{run_id}.analyst-labels"}
+              "risk_scores": f"{run_id}.risk-scores", "analyst_labels": f"{run_id}.analyst-labels",
+              "cluster_signals": f"{run_id}.cluster-signals"}
     work = tmp_path_factory.mktemp("envelopes")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_") or k == "DETECTOR_KAFKA_HOME"}
     env.update({"DETECTOR_KAFKA__BOOTSTRAP": kafka_bootstrap, "DETECTOR_WORKER__APP_ID": run_id,

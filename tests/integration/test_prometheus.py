@@ -300,7 +300,8 @@ def stack(prometheus_binary: str, kafka_bootstrap: str, tmp_path_factory: pytest
     timings: dict[str, float] = {}
     run_id = f"pt-{uuid.uuid4().hex[:10]}"
     topics = {"api_calls": f"{run_id}.api-calls", "dead_letters": f"{run_id}.api-calls.dlq",
-              "risk_scores": f"{run_id}.risk-scores", "analyst_labels": f"{run_id}.analyst-labels"}
+              "risk_scores": f"{run_id}.risk-scores", "analyst_labels": f"{run_id}.analyst-labels",
+              "cluster_signals": f"{run_id}.cluster-signals"}
     work = tmp_path_factory.mktemp("prometheus")
     web_port, worker_metrics, rl_port, rl_metrics, prom_port = (broker.free_port() for _ in range(5))
     env = _env(kafka_bootstrap, DETECTOR_WORKER__APP_ID=run_id, DETECTOR_WORKER__DATA_DIR=str(work / "data"),

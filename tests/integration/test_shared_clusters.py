@@ -61,8 +61,8 @@ class Workers:
     def __init__(self, bootstrap: str, work: Path) -> None:
         run_id = f"sc-{uuid.uuid4().hex[:10]}"
         self.bootstrap, self.group = bootstrap, run_id
-        self.topics = {name: f"{run_id}.{name.replace('_', '-')}" for name in
-                       ("api_calls", "risk_scores", "dead_letters", "analyst_labels", "blocked_keys", "cluster_signals")}
+        names = ("api_calls", "risk_scores", "dead_letters", "analyst_labels", "blocked_keys", "cluster_signals")
+        self.topics = {name: f"{run_id}.{name.replace('_', '-')}" for name in names}
         base = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_") or k == "DETECTOR_KAFKA_HOME"}
         base.update({"DETECTOR_KAFKA__BOOTSTRAP": bootstrap, "DETECTOR_WORKER__APP_ID": run_id,
                      "DETECTOR_TOPICS__PARTITIONS": "2", "DETECTOR_WORKER__BATCH_WITHIN_S": "0.05",

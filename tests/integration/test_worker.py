@@ -133,7 +133,8 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     t0 = time.monotonic()
     run_id = f"wt-{uuid.uuid4().hex[:10]}"
     topics = {"api_calls": f"{run_id}.api-calls", "dead_letters": f"{run_id}.api-calls.dlq",
-              "risk_scores": f"{run_id}.risk-scores", "analyst_labels": f"{run_id}.analyst-labels"}
+              "risk_scores": f"{run_id}.risk-scores", "analyst_labels": f"{run_id}.analyst-labels",
+              "cluster_signals": f"{run_id}.cluster-signals"}
     work = tmp_path_factory.mktemp("worker")
     web_port, metrics_port = broker.free_port(), broker.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_") or k == "DETECTOR_KAFKA_HOME"}
