@@ -167,3 +167,52 @@ def test_router_publishes_the_detectors_signals_keyed_by_worker():
     worker, signals = decode_batch(out.value)
     assert worker == "w1" and [s[1] for s in signals] == ["acct_a"]
     assert router.take_signals() == []
+
+
+def _leaves(obj, path=()):
+    """Every position in a nested list/dict, with its path."""
+    yield path
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, (*path, i))
+
+
+def _replaced(obj, path, value):
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(obj, dict):
+        return {**obj, head: _replaced(obj[head], rest, value)}
+    return [*obj[:head], _replaced(obj[head], rest, value), *obj[head + 1:]]
+
+
+def test_the_fast_path_accepts_nothing_the_schema_refuses():
+    """Every position of a valid batch replaced by each of a set of awkward values: whatever the hand-written
+    check accepts, the compiled schema accepts too (and the two decodes agree)."""
+    import fastjsonschema
+
+    from detector.schemas import validator
+    from detector.signals import SIGNALS_SCHEMA, _plainly_valid
+
+    valid = orjson.loads(encode_batches("w1", [
+        ("e", "acct_a", BASE_TS, [("pay", "pm"), ("asn", 64500), ("cohort", (7, None)), ("tmpl", 2**63)],
+         [2**64 - 1, 5], 127, "org_1"),
+        ("c", "acct_a", BASE_TS, 7)])[0])
+    awkward = [None, -1, 0, 1, 8, 128, -2**63, 1.5, True, "", "e", "c", "x" * 300, [], [1], ["pay"], {}, "pay"]
+    checked = accepted = 0
+    for path in _leaves(valid):
+        for value in awkward:
+            candidate = _replaced(valid, path, value)
+            fast = _plainly_valid(orjson.loads(orjson.dumps(candidate)))
+            checked += 1
+            if fast is None:
+                continue
+            accepted += 1
+            try:
+                validator(SIGNALS_SCHEMA)(candidate)
+            except fastjsonschema.JsonSchemaException as exc:
+                raise AssertionError(f"fast path accepted what the schema refuses at {path}={value!r}: {exc}") from None
+    assert checked > 500 and 0 < accepted < checked
