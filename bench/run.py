@@ -365,7 +365,8 @@ class Worker:
     log: Path
 
 
-def start_workers(bootstrap: str, app_id: str, topics: dict[str, str], count: int, tmp: Path) -> list[Worker]:
+def start_workers(bootstrap: str, app_id: str, topics: dict[str, str], count: int, tmp: Path,
+                  extra_env: dict[str, str] | None = None) -> list[Worker]:
     """``count`` worker subprocesses of one app (one consumer group); each in its own process group."""
     from detector.broker import free_port
 
@@ -378,7 +379,7 @@ def start_workers(bootstrap: str, app_id: str, topics: dict[str, str], count: in
         env = dict(base, DETECTOR_KAFKA__BOOTSTRAP=bootstrap, DETECTOR_WORKER__APP_ID=app_id,
                    DETECTOR_WORKER__DATA_DIR=str(data_dir), DETECTOR_WORKER__WEB_PORT="0",
                    DETECTOR_WORKER__METRICS_PORT=str(port), DETECTOR_TOPICS__PARTITIONS=str(PARTITIONS),
-                   **{f"DETECTOR_TOPICS__{k.upper()}": v for k, v in topics.items()})
+                   **{f"DETECTOR_TOPICS__{k.upper()}": v for k, v in topics.items()}, **(extra_env or {}))
         log = data_dir / "worker.log"
         with open(log, "wb") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "worker"], env=env, cwd=ROOT,
@@ -419,17 +420,19 @@ def _crossing(samples: list[tuple[float, float]], level: float) -> float | None:
 
 
 def measure_drain(bootstrap: str, topic: str, n: int, count: int, run_id: str, tmp: Path,
-                  timeout_s: float, messages: int | None = None) -> dict[str, Any]:
+                  timeout_s: float, messages: int | None = None, extra_env: dict[str, str] | None = None,
+                  ) -> dict[str, Any]:
     """Start ``count`` workers of a fresh app on the backlog of ``n`` events in ``messages`` messages (default
-    ``n``: one event each); time them until committed offsets reach the end."""
+    ``n``: one event each); time them until committed offsets reach the end. ``extra_env``: settings of the
+    workers (e.g. ``DETECTOR_WORKER__SHARE_CLUSTERS``)."""
     from kafka import KafkaAdminClient
 
     messages = n if messages is None else messages
-    app_id = f"{run_id}-w{count}"
+    app_id = f"{run_id}-w{count}" + ("-alone" if extra_env else "")
     topics = topic_names(app_id, api_calls=topic)
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench-admin")
     began = time.monotonic()
-    workers = start_workers(bootstrap, app_id, topics, count, tmp)
+    workers = start_workers(bootstrap, app_id, topics, count, tmp, extra_env)
     commits: list[tuple[float, float]] = []  # (seconds since spawn, committed offsets)
     counted: list[tuple[float, float]] = []  # (seconds since spawn, events routed by all workers)
     last_say = 0.0
@@ -863,13 +866,18 @@ def notes(r: dict[str, Any]) -> str:
         lines.append(f"envelopes: {env['messages']:,} for {d['events']:,} events ({env['events_per_envelope']:,.0f} "
                      f"events, {env['bytes_per_envelope'] / 1024:,.0f} KiB each)")
     single = d.get("single_message") or {}
-    for w, label in ((d.get("worker_1"), "1 worker, envelopes"), (d.get("worker_2"), "2 workers, envelopes"),
+    for w, label in ((d.get("worker_1"), "1 worker, envelopes"),
+                     (d.get("worker_2"), "2 workers sharing clusters, envelopes"),
+                     (d.get("worker_2_unshared"), "2 workers, clusters not shared, envelopes"),
                      (single.get("worker_1"), "1 worker, one event per message"),
                      (single.get("worker_2"), "2 workers, one event per message")):
         if w:
             lines.append(f"{label}: startup {w['startup_s']:.1f}s (spawn to first event), "
                          f"{w['events_per_s']:,.0f}/s to all committed, "
                          f"{w['steady_events_per_s'] or 0:,.0f}/s steady (10-90% routed)")
+    if d.get("two_worker_speedup_unshared"):
+        lines.append(f"two-worker speedup: {_fmt(r['two_worker_speedup'], 'x')} sharing clusters (the default), "
+                     f"{_fmt(d['two_worker_speedup_unshared'], 'x')} without")
     if single.get("ratio"):
         lines.append(f"one event per message: ratio {single['ratio']:.3f}, two-worker speedup "
                      f"{_fmt(single['two_worker_speedup'], 'x')}")
@@ -912,7 +920,7 @@ def run(plan: Plan, phases: set[str], out: Path, seed: int, cache_dir: Path | No
     details: dict[str, Any] = {"events": len(events), "scenario": plan.scenario, "scale": plan.scale}
     run_id = f"bench-{int(time.time())}"
     tmp = Path(tempfile.mkdtemp(prefix="detector-bench-"))
-    raw = drain1 = drain2 = env1 = env2 = latency = low_latency = None
+    raw = drain1 = drain2 = env1 = env2 = env2_alone = latency = low_latency = None
     latency_single = low_latency_single = replay_r = memory = None
     try:
         if phases & {"throughput", "latency"}:
@@ -937,16 +945,18 @@ def run(plan: Plan, phases: set[str], out: Path, seed: int, cache_dir: Path | No
                 say(f"backlog: the same events in {env_messages:,} envelopes ({n / env_messages:,.0f} events each) "
                     f"on {env_topic} in {took:.1f}s")
 
-                def drain(count: int, enveloped: bool) -> dict[str, Any]:
+                def drain(count: int, enveloped: bool, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
                     if enveloped:
                         return measure_drain(bootstrap, env_topic, n, count, f"{run_id}-env", tmp,
-                                             plan.drain_timeout_s, messages=env_messages)
+                                             plan.drain_timeout_s, messages=env_messages, extra_env=extra_env)
                     return measure_drain(bootstrap, topic, n, count, run_id, tmp, plan.drain_timeout_s)
 
                 if "throughput" in phases:
                     raw = measure_raw(bootstrap, topic, n, plan.raw_repeats)
                     drain1, env1 = drain(1, False), drain(1, True)
                     drain2, env2 = drain(2, False), drain(2, True)
+                    # Two workers that share no clusters (each links only its own accounts): what sharing costs.
+                    env2_alone = drain(2, True, {"DETECTOR_WORKER__SHARE_CLUSTERS": "false"})
                 if "latency" in phases:
                     drain1 = drain1 or drain(1, False)
                     env1 = env1 or drain(1, True)
@@ -1012,7 +1022,8 @@ def run(plan: Plan, phases: set[str], out: Path, seed: int, cache_dir: Path | No
         "machine": machine,
         "plan": asdict(plan),
         "details": {**details, "raw": raw,
-                    "worker_1": env1, "worker_2": env2,
+                    "worker_1": env1, "worker_2": env2, "worker_2_unshared": env2_alone,
+                    "two_worker_speedup_unshared": rates(env1, env2_alone)["two_worker_speedup"],
                     "steady_ratio": enveloped["steady_ratio"],
                     "steady_two_worker_speedup": enveloped["steady_two_worker_speedup"],
                     "single_message": {**single, "worker_1": drain1, "worker_2": drain2,
