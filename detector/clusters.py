@@ -137,6 +137,10 @@ class Linker:
             account = parent[account]
         return account
 
+    def keys_of(self, account: str) -> tuple[Key, ...]:
+        """The link keys ``account`` holds (none for an account not linked)."""
+        return self._keys.get(account, ())
+
     def knows(self, account: str) -> bool:
         """Whether ``account`` is a live member of some cluster (a cluster of one included)."""
         return account in self._keys

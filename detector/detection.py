@@ -84,6 +84,8 @@ SHARED_CARD_SPAN = 27
 # under per-account limits. Its coordination terms count this much (see Detector._evidence).
 ONE_ORG_DISCOUNT = 0.35
 ONE_ORG_SHARE = 0.98
+#: An account's link keys travel in its cluster signals (detector.signals) at least this often (event time).
+KEYS_EVERY_MS = 600_000
 DEDUP_IDS = 100_000  # event ids remembered for deduplication: between this many and twice as many
 RECENT_PER_ACCOUNT = 8  # event-id hashes kept in each account's snapshot (duplicates across a restart)
 MAX_PENDING_KEY_BLOCKS = 100_000  # key-block records held for drain_key_blocks(); beyond, counted and dropped
@@ -426,6 +428,7 @@ class Detector:
         templated = template_accounts >= feat.SHARED_TEMPLATE_ACCOUNTS > exact_accounts
         if templated and self_repeat:
             keys.append(("tmpl", top_band))  # the account keeps using a template other accounts use
+        held = len(self.linker.keys_of(aid))
         root = self.linker.link(aid, keys)
         self._apply_merges()
         cluster = self.clusters.get(root)
@@ -445,8 +448,15 @@ class Detector:
         if self._signals is not None:
             flags = (ARRIVAL * arrival | TEMPLATED * templated | COT * cot | MAX_LEN * max_len
                      | NEW_ACCOUNT * new_account | MACHINE * machine | NEW_MODEL * new_model)
-            self._signals.append(("e", aid, ts, keys, self.content.added_keys(bands, exact), flags,
-                                  event.get("org_id")))
+            # The link keys go along when they changed, on the account's first event here, and once per
+            # KEYS_EVERY_MS of event time (so a worker started later learns them); the other events of a busy
+            # account leave them out (a third of a signal's bytes and of its decoding).
+            send_keys = (not held or len(self.linker.keys_of(aid)) != held
+                         or ts // KEYS_EVERY_MS != previous_ts // KEYS_EVERY_MS)
+            # Tuples all the way down: the garbage collector stops tracking them, so a batch of signals waiting to
+            # be published adds nothing to its passes (lists cost 6 µs an event in collections, measured).
+            self._signals.append(("e", aid, ts, tuple(keys) if send_keys else (),
+                                  tuple(self.content.added_keys(bands, exact)), flags, event.get("org_id")))
         rerooted, acct.root = root != acct.root, root
         settings = self.settings
         if (acct.score < settings.quiet_score and acct.action == "allow" and ts - acct.scored_ts < settings.rescore_ms
