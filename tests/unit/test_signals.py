@@ -216,3 +216,24 @@ def test_the_fast_path_accepts_nothing_the_schema_refuses():
             except fastjsonschema.JsonSchemaException as exc:
                 raise AssertionError(f"fast path accepted what the schema refuses at {path}={value!r}: {exc}") from None
     assert checked > 500 and 0 < accepted < checked
+
+
+def test_link_keys_travel_when_new_and_every_ten_minutes_so_a_late_worker_learns_them():
+    from detector.detection import KEYS_EVERY_MS
+
+    det = Detector(share_clusters=True)
+    card = {"payment_fp": "pm_team", "tier": "build", "account_created_ts": BASE_TS - HOUR}
+    times = [BASE_TS, BASE_TS + 60_000, BASE_TS + 120_000, BASE_TS + KEYS_EVERY_MS + 120_000]
+    for ts in times:
+        det.process(event("acct_a", ts, billing=card))
+    sent = [bool(s[3]) for s in det.drain_signals()]
+    assert sent[0] and not sent[1] and not sent[2] and sent[3]
+    # A worker that starts after acct_a's first event links it at its next periodic send.
+    late = Detector(share_clusters=True)
+    late.apply_signals([("e", "acct_b", BASE_TS, [("pay", "pm_team")], [], ARRIVAL, None)])
+    det.process(event("acct_a", times[-1] + 1000, billing=card))
+    late.apply_signals(det.drain_signals())  # within the period: no keys, not linked yet
+    assert late.linker.root("acct_a") != late.linker.root("acct_b")
+    det.process(event("acct_a", times[-1] + KEYS_EVERY_MS, billing=card))
+    late.apply_signals(det.drain_signals())
+    assert late.linker.root("acct_a") == late.linker.root("acct_b")
