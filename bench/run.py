@@ -733,6 +733,53 @@ def measure_replay(events: Events) -> dict[str, Any]:
     return out
 
 
+def measure_signals(events: Events) -> dict[str, Any]:
+    """What sharing clusters between workers costs, in-process: an own event with and without publishing its
+    cluster signal, and another worker's event (decoding its signal and folding it in), CPU time per event."""
+    from detector.detection import Detector
+    from detector.schemas import decode_event
+    from detector.signals import decode_batch, encode_batches
+
+    evs = [decode_event(v) for v in events.values]
+    own: dict[bool, float] = {}
+    signals: list[Any] = []
+    for share in (False, True):
+        gc.collect()
+        det = Detector(share_clusters=share)
+        cpu = time.process_time()
+        for i, ev in enumerate(evs):
+            det.process(ev)
+            if share and i % 2000 == 1999:  # a worker publishes its signals once per batch
+                signals += det.drain_signals()
+        own[share] = (time.process_time() - cpu) / len(evs)
+        signals += det.drain_signals()
+    cpu = time.process_time()
+    messages = encode_batches("bench", signals)
+    encode = time.process_time() - cpu
+    gc.collect()
+    other = Detector(share_clusters=True)
+    cpu = time.process_time()
+    for raw in messages:
+        other.apply_signals(decode_batch(raw)[1])
+    fold = time.process_time() - cpu
+    n = len(signals)
+    out: dict[str, Any] = {
+        "own_event_us": 1e6 * own[False],
+        "own_event_sharing_us": 1e6 * own[True],
+        "publish_us": 1e6 * encode / n,
+        "foreign_event_us": 1e6 * fold / n,
+        "foreign_share": fold / n / own[False],
+        "bytes_per_signal": sum(map(len, messages)) / n,
+        "method": "Detector.process over the events in memory without and with share_clusters (signals drained every "
+                  "2,000 events, as per batch); then encode_batches, and in a second Detector decode_batch + "
+                  "apply_signals of every signal. CPU seconds of this process per event.",
+    }
+    say(f"signals: an own event {out['own_event_us']:.0f} us ({out['own_event_sharing_us']:.0f} us publishing its "
+        f"signal), another worker's {out['foreign_event_us']:.0f} us ({100 * out['foreign_share']:.0f}%), "
+        f"{out['bytes_per_signal']:.0f} bytes a signal")
+    return out
+
+
 # ==== memory (runs in a fresh subprocess: python -m bench.run --memory-probe ...) ========================
 
 
@@ -896,6 +943,12 @@ def notes(r: dict[str, Any]) -> str:
     if rep:
         lines.append(f"replay: {rep['events_per_cpu_s']:,.0f} events per CPU-second; decode_event alone "
                      f"{rep['decode_only_events_per_s']:,.0f}/s ({100 * rep['decode_share']:.0f}% of replay time)")
+    sig = d.get("signals")
+    if sig:
+        lines.append(f"cluster signals: an own event {sig['own_event_us']:.0f} us of CPU "
+                     f"({sig['own_event_sharing_us']:.0f} us publishing its signal); another worker's event "
+                     f"{sig['foreign_event_us']:.0f} us ({100 * sig['foreign_share']:.0f}% of an own one); "
+                     f"{sig['bytes_per_signal']:.0f} bytes a signal")
     mem = d.get("memory")
     if mem:
         rss = ", ".join(f"{int(k):,}: {v:,.0f} MiB" for k, v in mem["flood_rss_mib"].items())
@@ -921,7 +974,7 @@ def run(plan: Plan, phases: set[str], out: Path, seed: int, cache_dir: Path | No
     run_id = f"bench-{int(time.time())}"
     tmp = Path(tempfile.mkdtemp(prefix="detector-bench-"))
     raw = drain1 = drain2 = env1 = env2 = env2_alone = latency = low_latency = None
-    latency_single = low_latency_single = replay_r = memory = None
+    latency_single = low_latency_single = replay_r = memory = signals_r = None
     try:
         if phases & {"throughput", "latency"}:
             broker.ensure_jars()
@@ -976,6 +1029,7 @@ def run(plan: Plan, phases: set[str], out: Path, seed: int, cache_dir: Path | No
                 broker.stop(tmp / "broker")
         if "replay" in phases:
             replay_r = measure_replay(events)
+            signals_r = measure_signals(events)
         if "memory" in phases:
             memory = measure_memory(events, plan)
     finally:
@@ -1031,7 +1085,7 @@ def run(plan: Plan, phases: set[str], out: Path, seed: int, cache_dir: Path | No
                                        "p99_latency_ms": latency_single["p99_ms"] if latency_single else None},
                     "latency": latency, "latency_low_load": low_latency,
                     "latency_single": latency_single, "latency_low_load_single": low_latency_single,
-                    "replay": replay_r, "memory": memory},
+                    "replay": replay_r, "signals": signals_r, "memory": memory},
     })
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
