@@ -86,6 +86,8 @@ CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
 #: In the stream buffers, a message weighs one slot per this many bytes (at least one): a single event is
 #: about one slot, a full envelope about a thousand (:class:`_WeightedQueue`).
 SLOT_BYTES = 1024
+#: How long the worker waits before trying again to follow cluster-signals (e.g. the topic is missing, or an ACL).
+SIGNALS_RETRY_S = 10.0
 #: How long reading back the offsets of a hole may take before the worker gives up (and stops, unacked).
 REFILL_TIMEOUT_S = 30.0
 
@@ -240,6 +242,10 @@ class Intake:
         for r in records:
             outs += self.router.on_message(r.value, r.key, Source(r.topic, r.partition, r.offset, r.timestamp / 1000))
         return outs
+
+
+def _describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
 class WorkerError(RuntimeError):
@@ -433,15 +439,23 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             # cross-account state, are rebuilt from the stream after a restart). Runs on the agents' event loop,
             # between their awaits, so the detector is never used by two coroutines at once.
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(reader, follower.open)
-            log.info("following %s as worker %s", t.cluster_signals, worker_id)
             try:
                 while True:
-                    records = await loop.run_in_executor(reader, follower.poll)
-                    outs = [out for r in records if (out := router.on_signals(
-                        r.value, r.key, Source(r.topic, r.partition, r.offset, r.timestamp / 1000))) is not None]
-                    for out in outs:
-                        await send(out)
+                    try:
+                        await loop.run_in_executor(reader, follower.open)
+                        log.info("following %s as worker %s", t.cluster_signals, worker_id)
+                        while True:
+                            records = await loop.run_in_executor(reader, follower.poll)
+                            outs = [out for r in records if (out := router.on_signals(
+                                r.value, r.key, Source(r.topic, r.partition, r.offset, r.timestamp / 1000)))
+                                is not None]
+                            for out in outs:
+                                await send(out)
+                    except Exception as exc:  # noqa: BLE001 - the worker goes on with the clusters of its own accounts
+                        log.error("cannot follow %s (%s); retrying in %.0f s: until then this worker's clusters miss "
+                                  "the other workers' events", t.cluster_signals, _describe_error(exc), SIGNALS_RETRY_S)
+                        await loop.run_in_executor(reader, follower.close)
+                        await asyncio.sleep(SIGNALS_RETRY_S)
             finally:
                 reader.submit(follower.close)
                 reader.shutdown(wait=False)
