@@ -40,7 +40,7 @@ from typing import Any
 from detector import features as feat
 from detector.clusters import KEY_KINDS, ClusterState, Linker, link_keys
 from detector.content import ContentIndex, SeenBits, SeenFilter
-from detector.fusion import ACTIONS, Fusion, decide, detail
+from detector.fusion import ACTIONS, PRIOR_WEIGHTS, Fusion, decide, detail
 from detector.keyblocks import KEY_BLOCK_KINDS, REPUBLISH_WEIGHT_CHANGE, key_block_record
 from detector.models import RankScorer, Sampler, make_model, squash
 from detector.settings import DetectionSettings
@@ -551,6 +551,9 @@ class Detector:
                 continue
             if s[0] == "e":
                 self._fold_foreign(aid, ts, s[3], s[4], s[5], s[6])
+            elif s[0] == "l":
+                # Another worker's analyst verdict: learn from the evidence its account showed (known terms only).
+                self.fusion.learn_one({k: float(v) for k, v in s[4].items() if k in PRIOR_WEIGHTS}, bool(s[3]))
             elif self.linker.knows(aid):
                 self._foreign_caught(aid, s[3])
 
@@ -851,6 +854,8 @@ class Detector:
                                             self.linker.root(aid), acct.state.last_ts, aid)
             self.fusion.learn_one(evidence, attack)
             ts = acct.state.last_ts
+            if self._signals is not None:
+                self._signals.append(("l", aid, label["ts"], int(attack), evidence))
         else:
             acct = self.accounts[aid] = _Account(None)
         if self._changed is not None:

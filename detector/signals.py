@@ -17,7 +17,10 @@ worker that holds the account (it alone has the account's windows and content fi
   for the first time (:meth:`detector.content.ContentIndex.added_keys`), and the bits the cluster windows
   take (:data:`ARRIVAL` ...);
 * ``("c", account_id, ts, level)``: the account was newly counted as throttled (:data:`THROTTLED`) or
-  blocked (:data:`BLOCKED`) in its cluster's tallies, or blocked the cluster (:data:`CLUSTER_BLOCKED`).
+  blocked (:data:`BLOCKED`) in its cluster's tallies, or blocked the cluster (:data:`CLUSTER_BLOCKED`);
+* ``("l", account_id, ts, attack, evidence)``: an analyst's verdict on the account (1 attack, 0 benign) and the
+  evidence terms the worker's fusion model learned it from, so every worker's model learns every verdict (the
+  ``analyst-labels`` topic is partitioned like ``api-calls``: each verdict reaches one worker).
 
 Another worker's detector links the account, counts its templates and adds its traffic to its cluster's
 windows, so every worker scores its own accounts against the whole cluster. Nothing per account is kept
@@ -34,6 +37,7 @@ for a day, it never loses or double-counts an event of an account.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -55,6 +59,7 @@ THROTTLED, BLOCKED, CLUSTER_BLOCKED = 1, 2, 4
 Signal = tuple[Any, ...]
 _KINDS = {"pay": str, "org": str, "ip24": str, "asn": int, "tls": str, "ua": str, "tmpl": int}
 _ALL_KINDS = frozenset({*_KINDS, "cohort"})
+_CODE = re.compile(r"[a-z_]{1,40}")
 
 
 def encode_batches(worker: str, signals: Sequence[Signal]) -> list[bytes]:
@@ -106,7 +111,7 @@ def _plainly_valid(batch: Any) -> list[Signal] | None:
         return None
     out: list[Signal] = []
     for s in batch["signals"]:
-        if (type(s) is not list or len(s) not in (4, 7) or type(s[1]) is not str or not 1 <= len(s[1]) <= 256
+        if (type(s) is not list or len(s) not in (4, 5, 7) or type(s[1]) is not str or not 1 <= len(s[1]) <= 256
                 or type(s[2]) is not int or s[2] < 0):
             return None
         if s[0] == "e" and len(s) == 7:
@@ -129,6 +134,13 @@ def _plainly_valid(batch: Any) -> list[Signal] | None:
             out.append(("e", s[1], s[2], held, sketch, flags, org))
         elif s[0] == "c" and len(s) == 4 and type(s[3]) is int and 1 <= s[3] <= 7:
             out.append(("c", s[1], s[2], s[3]))
+        elif s[0] == "l" and len(s) == 5 and type(s[3]) is int and s[3] in (0, 1) and type(s[4]) is dict:
+            evidence = s[4]
+            if len(evidence) > 64 or not all(
+                    type(k) is str and _CODE.fullmatch(k) and type(v) in (int, float) and 0 <= v <= 1
+                    for k, v in evidence.items()):
+                return None
+            out.append(("l", s[1], s[2], s[3], evidence))
         else:
             return None
     return out

@@ -308,18 +308,19 @@ def read_range(config: dict[str, Any], topic: str, partition: int, offsets: rang
 
 
 class Follower:
-    """Reads every partition of ``topic`` from where it ends when :meth:`open` runs, with no consumer group and
-    nothing committed: how each worker follows ``cluster-signals`` (:mod:`detector.signals`). kafka-python is not
-    thread-safe: call its methods from one thread at a time (the worker runs them on one executor thread).
+    """Reads every partition of ``topic`` from ``lookback_s`` seconds before :meth:`open` runs, with no consumer
+    group and nothing committed: how each worker follows ``cluster-signals`` (:mod:`detector.signals`), so the
+    messages published while it was starting or rebalancing are not missed. kafka-python is not thread-safe: call
+    its methods from one thread at a time (the worker runs them on one executor thread).
     """
 
-    def __init__(self, config: dict[str, Any], topic: str, timeout_s: float = 30.0) -> None:
-        self.config, self.topic, self.timeout_s = config, topic, timeout_s
+    def __init__(self, config: dict[str, Any], topic: str, timeout_s: float = 30.0, lookback_s: float = 60.0) -> None:
+        self.config, self.topic, self.timeout_s, self.lookback_s = config, topic, timeout_s, lookback_s
         self._consumer: Any = None
 
     def open(self) -> None:
-        """Connect, take every partition, and skip to their ends. Raises :class:`TimeoutError` if the topic's
-        partitions are not known within ``timeout_s``."""
+        """Connect, take every partition, and go to the first message of the last ``lookback_s`` seconds (the end
+        if none). Raises :class:`TimeoutError` if the topic's partitions are not known within ``timeout_s``."""
         import time
 
         from kafka import KafkaConsumer, TopicPartition
@@ -336,9 +337,13 @@ class Follower:
             partitions = consumer.partitions_for_topic(self.topic)
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
-        consumer.seek_to_end(*tps)
+        since = consumer.offsets_for_times({tp: int((time.time() - self.lookback_s) * 1000) for tp in tps})
         for tp in tps:
-            consumer.position(tp)  # resolve "the end" now, not at the first poll
+            if since.get(tp) is not None:
+                consumer.seek(tp, since[tp].offset)
+            else:
+                consumer.seek_to_end(tp)
+                consumer.position(tp)  # resolve "the end" now, not at the first poll
         self._consumer = consumer
 
     def poll(self, timeout_ms: int = 500) -> list[Any]:
@@ -347,6 +352,16 @@ class Follower:
         return [r for batch in self._consumer.poll(timeout_ms=timeout_ms).values() for r in batch]
 
     def close(self) -> None:
-        if self._consumer is not None:
+        if self._consumer is None:
+            return
+        # kafka-python 3 reads sockets on a network thread of its own, which can race the close and log a traceback
+        # for a socket the close has just released ("Error receiving network data"): harmless, and not an error of
+        # the worker's, so it is kept out of the log while closing.
+        transport = logging.getLogger("kafka.net.transport")
+        level = transport.level
+        transport.setLevel(logging.CRITICAL)
+        try:
             self._consumer.close()
+        finally:
+            transport.setLevel(level)
             self._consumer = None

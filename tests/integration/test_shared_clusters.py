@@ -147,6 +147,8 @@ def outcome(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> I
     try:
         workers.wait("both web servers", lambda: all(workers.stats()))
         workers.wait("a stable group of two", workers.group_stable)
+        workers.wait("both following cluster-signals",
+                     lambda: all("following " in log.read_text(errors="replace") for log in workers.logs))
         hydra = [event(a, BASE_TS + (i * len(HYDRA) + j) * MINUTE, f"Task {i}: sort list {j}", billing=CARD,
                        client={"ip": f"203.0.113.{j}", "asn": 64999, "country": "SG", "user_agent": "httpx/0.27",
                                "tls_fp": "t13d_bot"})
@@ -162,15 +164,16 @@ def outcome(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> I
                  "ts": BASE_TS + 3 * len(HYDRA) * MINUTE}
         with EventPublisher(kafka_bootstrap, workers.topics["analyst_labels"], validate=False) as pub:
             pub.publish_raw(HYDRA[0], orjson.dumps(label))  # keyed by account: partition 0, worker A
-        workers.wait("the label's signal on the other worker",
-                     lambda: max(s.get("signals_applied", 0) for s in workers.stats()) >= n + 1)
+        workers.wait("the label's signals on the other worker (the verdict, the cluster blocked)",
+                     lambda: max(s.get("signals_applied", 0) for s in workers.stats()) >= n + 2)
         fresh = event(NEWCOMER, BASE_TS + 4 * len(HYDRA) * MINUTE, "Hello, what can you do?", billing=CARD,
                       client={"ip": "198.51.100.77", "asn": 64512, "country": "DE", "user_agent": "curl/8.5",
                               "tls_fp": "t13d_other"})
         with EventPublisher(kafka_bootstrap, workers.topics["api_calls"]) as pub:
             pub.publish(fresh)
-        workers.wait("the newcomer's event",
-                     lambda: sum(s.get("events_processed", 0) for s in workers.stats()) == n + 1)
+        workers.wait("the newcomer's event, and its signals on the other worker",
+                     lambda: sum(s.get("events_processed", 0) for s in workers.stats()) == n + 1
+                     and min(s.get("signals_applied", 0) for s in workers.stats()) >= 2)
         result["stats"] = workers.stats()
     finally:
         result["stopped"] = workers.stop()
@@ -182,8 +185,8 @@ def test_the_cluster_and_the_newcomer_were_on_different_workers(outcome: dict[st
     processed = sorted(s["events_processed"] for s in outcome["stats"])
     assert processed == [1, 2 * len(HYDRA)]
     # Each worker applied the other's signals: A the newcomer's event and its being caught (blocked on first sight),
-    # B the cluster's events and the label's block.
-    assert sorted(s["signals_applied"] for s in outcome["stats"]) == [2, 2 * len(HYDRA) + 1]
+    # B the cluster's events, the analyst's verdict (its fusion model learned it too) and the cluster blocked.
+    assert sorted(s["signals_applied"] for s in outcome["stats"]) == [2, 2 * len(HYDRA) + 2]
 
 
 def test_a_newcomer_on_a_blocked_clusters_card_is_blocked_on_first_sight_by_the_other_worker(

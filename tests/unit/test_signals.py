@@ -200,7 +200,8 @@ def test_the_fast_path_accepts_nothing_the_schema_refuses():
     valid = orjson.loads(encode_batches("w1", [
         ("e", "acct_a", BASE_TS, [("pay", "pm"), ("asn", 64500), ("cohort", (7, None)), ("tmpl", 2**63)],
          [2**64 - 1, 5], 127, "org_1"),
-        ("c", "acct_a", BASE_TS, 7)])[0])
+        ("c", "acct_a", BASE_TS, 7),
+        ("l", "acct_a", BASE_TS, 1, {"shared_template": 0.5, "cot_requests": 1})])[0])
     awkward = [None, -1, 0, 1, 8, 128, -2**63, 1.5, True, "", "e", "c", "x" * 300, [], [1], ["pay"], {}, "pay"]
     checked = accepted = 0
     for path in _leaves(valid):
@@ -237,3 +238,18 @@ def test_link_keys_travel_when_new_and_every_ten_minutes_so_a_late_worker_learns
     det.process(event("acct_a", times[-1] + KEYS_EVERY_MS, billing=card))
     late.apply_signals(det.drain_signals())
     assert late.linker.root("acct_a") == late.linker.root("acct_b")
+
+
+def test_every_worker_learns_every_analyst_verdict():
+    events = campaign_and_ordinary(n_attack=0, n_ordinary=20)
+    a, b = Detector(share_clusters=True), Detector(share_clusters=True)
+    for ev in events:
+        (a if account_partition(ev["account_id"], 2) == 0 else b).process(ev)
+    b.apply_signals(a.drain_signals())
+    labelled = next(aid for aid in a.accounts)
+    a.apply_label({"account_id": labelled, "label": "attack", "ts": BASE_TS + 30 * HOUR})
+    assert b.fusion.labels_learned == 0
+    b.apply_signals(a.drain_signals())
+    assert b.fusion.labels_learned == a.fusion.labels_learned == 1
+    assert dict(b.fusion.model.weights) == dict(a.fusion.model.weights)
+    assert b.fusion.model.intercept == a.fusion.model.intercept
