@@ -733,6 +733,28 @@ def measure_replay(events: Events) -> dict[str, Any]:
     return out
 
 
+def _foreign_bytes_per_account(n: int = 200_000) -> float:
+    """RSS growth per account of a Detector that folds in one cluster signal of each of ``n`` other workers'
+    accounts: what every worker holds for the accounts it does not own (their linker entries)."""
+    from detector.detection import Detector
+    from detector.signals import ARRIVAL
+
+    def signal(i: int) -> tuple[Any, ...]:
+        asn = 64500 + i % 1000
+        keys = (("pay", f"pm_{i:016x}"), ("ip24", f"10.{i % 250}.{i // 250 % 250}"), ("asn", asn),
+                ("tls", "t13d1516h2_8daaf6152771"), ("ua", "python-httpx/0.27.0"), ("cohort", (i // 3600, asn)))
+        return ("e", f"acct_{i:012x}", 1_775_000_000_000 + i, keys, (i, i + 1), ARRIVAL, None)
+
+    det = Detector(share_clusters=True)
+    det.apply_signals([signal(i) for i in range(1000)])
+    gc.collect()
+    before = rss_bytes()
+    for start in range(1000, n, 10_000):
+        det.apply_signals([signal(i) for i in range(start, min(n, start + 10_000))])
+    gc.collect()
+    return (rss_bytes() - before) / (n - 1000)
+
+
 def measure_signals(events: Events) -> dict[str, Any]:
     """What sharing clusters between workers costs, in-process: an own event with and without publishing its
     cluster signal, and another worker's event (decoding its signal and folding it in), CPU time per event."""
@@ -763,6 +785,8 @@ def measure_signals(events: Events) -> dict[str, Any]:
         other.apply_signals(decode_batch(raw)[1])
     fold = time.process_time() - cpu
     n = len(signals)
+    del other
+    foreign = _foreign_bytes_per_account()
     out: dict[str, Any] = {
         "own_event_us": 1e6 * own[False],
         "own_event_sharing_us": 1e6 * own[True],
@@ -770,13 +794,16 @@ def measure_signals(events: Events) -> dict[str, Any]:
         "foreign_event_us": 1e6 * fold / n,
         "foreign_share": fold / n / own[False],
         "bytes_per_signal": sum(map(len, messages)) / n,
+        "foreign_bytes_per_account": foreign,
         "method": "Detector.process over the events in memory without and with share_clusters (signals drained every "
                   "2,000 events, as per batch); then encode_batches, and in a second Detector decode_batch + "
-                  "apply_signals of every signal. CPU seconds of this process per event.",
+                  "apply_signals of every signal. CPU seconds of this process per event. foreign_bytes_per_account: "
+                  "RSS growth of a Detector folding in one signal each of 200,000 other workers' accounts (a card and "
+                  "an IP /24 of their own, shared network keys), per account.",
     }
     say(f"signals: an own event {out['own_event_us']:.0f} us ({out['own_event_sharing_us']:.0f} us publishing its "
         f"signal), another worker's {out['foreign_event_us']:.0f} us ({100 * out['foreign_share']:.0f}%), "
-        f"{out['bytes_per_signal']:.0f} bytes a signal")
+        f"{out['bytes_per_signal']:.0f} bytes a signal; {foreign:,.0f} bytes per other worker's account")
     return out
 
 
@@ -948,7 +975,8 @@ def notes(r: dict[str, Any]) -> str:
         lines.append(f"cluster signals: an own event {sig['own_event_us']:.0f} us of CPU "
                      f"({sig['own_event_sharing_us']:.0f} us publishing its signal); another worker's event "
                      f"{sig['foreign_event_us']:.0f} us ({100 * sig['foreign_share']:.0f}% of an own one); "
-                     f"{sig['bytes_per_signal']:.0f} bytes a signal")
+                     f"{sig['bytes_per_signal']:.0f} bytes a signal; {sig['foreign_bytes_per_account']:,.0f} bytes "
+                     f"held per account of another worker")
     mem = d.get("memory")
     if mem:
         rss = ", ".join(f"{int(k):,}: {v:,.0f} MiB" for k, v in mem["flood_rss_mib"].items())
