@@ -1,4 +1,4 @@
-"""Reading a test topic back from a real broker (kafka-python, no consumer group)."""
+"""Reading a test topic back from a real broker (kafka-python, no consumer group), and a worker's counters."""
 
 from __future__ import annotations
 
@@ -28,3 +28,19 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 15.
         return messages
     finally:
         consumer.close()
+
+
+def worker_stats(port: int) -> dict[str, Any] | None:
+    """A running worker's counters (``detector.streaming.app.STATS_PATH`` on its web port); None until it answers."""
+    import urllib.request
+
+    import orjson
+
+    from detector.streaming.app import STATS_PATH
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{STATS_PATH}", timeout=2) as resp:
+            stats: dict[str, Any] = orjson.loads(resp.read())
+            return stats
+    except OSError:
+        return None

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,9 +33,9 @@ from detector import broker
 from detector.envelope import account_partition
 from detector.gateway import EventPublisher
 from detector.settings import load_settings
-from detector.streaming.app import STATS_PATH
 from detector.streaming.topics import ensure_topics
 from tests.factory import BASE_TS, event
+from tests.integration.kafka_io import worker_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 90.0
@@ -44,15 +43,6 @@ MINUTE = 60_000
 HYDRA = [a for a in (f"acct_hydra{i}" for i in range(200)) if account_partition(a, 2) == 0][:12]
 NEWCOMER = next(a for a in (f"acct_fresh{i}" for i in range(200)) if account_partition(a, 2) == 1)
 CARD = {"payment_fp": "pm_campaign", "tier": "build", "account_created_ts": BASE_TS - 86_400_000}
-
-
-def _stats(port: int) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{STATS_PATH}", timeout=2) as resp:
-            stats: dict[str, Any] = orjson.loads(resp.read())
-            return stats
-    except OSError:
-        return None
 
 
 class Workers:
@@ -81,7 +71,7 @@ class Workers:
             self.logs.append(log)
 
     def stats(self) -> list[dict[str, Any]]:
-        return [_stats(p) or {} for p in self.ports]
+        return [worker_stats(p) or {} for p in self.ports]
 
     def wait(self, what: str, done: Callable[[], bool]) -> None:
         deadline = time.monotonic() + WAIT_S

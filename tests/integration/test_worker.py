@@ -36,9 +36,8 @@ from detector.detection import Detector
 from detector.gateway import EventPublisher
 from detector.schemas import DEAD_LETTER_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode_event, validate
 from detector.settings import load_settings
-from detector.streaming.app import STATS_PATH
 from detector.streaming.topics import ensure_topics
-from tests.integration.kafka_io import read_topic
+from tests.integration.kafka_io import read_topic, worker_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 HOUR = 3_600_000
@@ -93,15 +92,6 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _stats(port: int) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{STATS_PATH}", timeout=2) as resp:
-            stats: dict[str, Any] = orjson.loads(resp.read())
-            return stats
-    except OSError:
-        return None
-
-
 def _scrape(port: int) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -152,7 +142,7 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         sim = simulate.build("smoke")  # while the worker starts
         events = list(sim.events())
         result = Run(kafka_bootstrap, topics, run_id, labels(sim))
-        _wait("its web server", lambda: _stats(web_port) is not None, proc, log)
+        _wait("its web server", lambda: worker_stats(web_port) is not None, proc, log)
         result.timings["sim_built_and_worker_up_s"] = time.monotonic() - t0
 
         bad = invalid_payloads(events[0])
@@ -167,15 +157,15 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 pub.publish(ev)
         result.valid = len(events)
         total = len(events) + len(bad)
-        _wait(f"{total} events", lambda: (_stats(web_port) or {}).get("events") == total, proc, log)
+        _wait(f"{total} events", lambda: (worker_stats(web_port) or {}).get("events") == total, proc, log)
         result.timings["events_done_s"] = time.monotonic() - t0
 
         # Labels only once every event is processed, so where they fall among the events is deterministic.
         with EventPublisher(kafka_bootstrap, topics["analyst_labels"], validate=False) as pub:
             for _, payload in result.labels:
                 pub.publish_raw("analyst", payload)  # keyed by account in production; any key will do here
-        _wait("the labels", lambda: (_stats(web_port) or {}).get("labels") == len(result.labels), proc, log)
-        result.stats = _stats(web_port) or {}
+        _wait("the labels", lambda: (worker_stats(web_port) or {}).get("labels") == len(result.labels), proc, log)
+        result.stats = worker_stats(web_port) or {}
         result.metrics = _scrape(metrics_port)
     finally:
         if proc.poll() is None:
