@@ -21,6 +21,7 @@ two windows.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Sequence
 from typing import Protocol
 
 from detector.features import DAY_MS
@@ -28,6 +29,8 @@ from detector.features import DAY_MS
 _M1 = 0x9E3779B97F4A7C15
 _M2 = 0xC2B2AE3D27D4EB4F
 _MASK = (1 << 64) - 1
+#: ContentIndex.add_many counts this many keys or more with numpy.
+VECTOR_FROM = 64
 
 
 class SeenBits(Protocol):
@@ -185,16 +188,51 @@ class ContentIndex:
             keys.append(exact ^ 0x5EED)
         return keys
 
-    def add(self, keys: list[int], ts: int) -> None:
+    def add(self, keys: Sequence[int], ts: int) -> None:
         """Count one more account under each of ``keys`` (band values, or an exact prompt's key as
         :meth:`added_keys` gives it): another worker's account that contributed them for the first time."""
         self._rotate(ts)
-        w, wmask, new = self.width, self.width - 1, self._new
+        self.add_many(keys)
+
+    def rotates_at(self, ts: int) -> bool:
+        """Whether an event at ``ts`` starts a new window (so keys counted before it belong to the old one)."""
+        return self._window_start is not None and ts - self._window_start >= self.window_ms
+
+    def advance(self, ts: int) -> None:
+        """Move the window to ``ts`` without counting anything (as :meth:`observe` and :meth:`add` do first)."""
+        self._rotate(ts)
+
+    def add_many(self, keys: Sequence[int]) -> None:
+        """Count one more account under each of ``keys`` in the current window: :meth:`add` without moving it,
+        for many keys at once. From :data:`VECTOR_FROM` keys on with numpy (about 0.1 µs a key instead of 1.3:
+        the hashes over an array, then one increment per distinct cell), below that in plain Python.
+
+        >>> a, b = ContentIndex(width=1 << 10), ContentIndex(width=1 << 10)
+        >>> keys = [k * 0x9E3779B97F4A7C15 % 2**64 for k in range(500)] * 2
+        >>> a.add_many(keys); b.add_many(keys[:VECTOR_FROM - 1]); b.add_many(keys[VECTOR_FROM - 1:])
+        >>> a._new == b._new, sum(a._new) == 2 * len(keys)
+        (True, True)
+        """
+        if len(keys) >= VECTOR_FROM:
+            import numpy as np
+
+            k = np.fromiter(keys, dtype=np.uint64, count=len(keys))
+            with np.errstate(over="ignore"):  # the hashes wrap around 2**64, as _MASK does in Python
+                h1 = k * np.uint64(_M1)
+                h2 = ((k ^ (k >> np.uint64(29))) * np.uint64(_M2)) | np.uint64(1)
+                wmask = np.uint64(self.width - 1)
+                cells = np.concatenate([np.uint64(r * self.width) + ((h1 + np.uint64(r) * h2) & wmask)
+                                        for r in range(self.depth)]).astype(np.intp)
+            where, count = np.unique(cells, return_counts=True)
+            view = np.frombuffer(self._new, dtype=np.uint32)  # the array itself, not a copy
+            view[where] += count.astype(np.uint32)
+            return
+        w, wmask_, new = self.width, self.width - 1, self._new
         for key in keys:  # _estimate_and_add's increments, without the estimate (half the cost)
-            h1 = (key * _M1) & _MASK
-            h2 = ((key ^ (key >> 29)) * _M2) & _MASK | 1
+            h1_ = (key * _M1) & _MASK
+            h2_ = ((key ^ (key >> 29)) * _M2) & _MASK | 1
             for r in range(self.depth):
-                new[r * w + ((h1 + r * h2) & wmask)] += 1
+                new[r * w + ((h1_ + r * h2_) & wmask_)] += 1
 
     @property
     def nbytes(self) -> int:

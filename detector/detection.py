@@ -545,27 +545,35 @@ class Detector:
         >>> b.clusters[b.linker.root("x1")].blocked
         True
         """
+        # Sketch keys are counted together at the end (ContentIndex.add_many), or before a signal that starts a new
+        # window: nothing reads the sketch in between.
+        content, sketch_keys = self.content, list[int]()
         for s in signals:
             aid, ts = s[1], s[2]
             if aid in self.accounts:
                 continue
             if s[0] == "e":
-                self._fold_foreign(aid, ts, s[3], s[4], s[5], s[6])
+                if sketch_keys and content.rotates_at(ts):
+                    content.add_many(sketch_keys)
+                    sketch_keys = []
+                content.advance(ts)
+                sketch_keys += s[4]
+                self._fold_foreign(aid, ts, s[3], s[5], s[6])
             elif s[0] == "l":
                 # Another worker's analyst verdict: learn from the evidence its account showed (known terms only).
                 self.fusion.learn_one({k: float(v) for k, v in s[4].items() if k in PRIOR_WEIGHTS}, bool(s[3]))
             elif self.linker.knows(aid):
                 self._foreign_caught(aid, s[3])
+        if sketch_keys:
+            content.add_many(sketch_keys)
 
-    def _fold_foreign(self, aid: str, ts: int, keys: list[tuple[str, object]], sketch_keys: list[int], flags: int,
-                      org: str | None) -> None:
+    def _fold_foreign(self, aid: str, ts: int, keys: list[tuple[str, object]], flags: int, org: str | None) -> None:
         foreign = self._foreign
         if aid in foreign:
             foreign.move_to_end(aid)
         foreign[aid] = ts
         self._last_ts = max(self._last_ts, ts)
         self._evict_foreign(ts)
-        self.content.add(sketch_keys, ts)
         root = self.linker.link(aid, keys)
         self._apply_merges()
         cluster = self.clusters.get(root)

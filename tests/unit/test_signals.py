@@ -253,3 +253,19 @@ def test_every_worker_learns_every_analyst_verdict():
     assert b.fusion.labels_learned == a.fusion.labels_learned == 1
     assert dict(b.fusion.model.weights) == dict(a.fusion.model.weights)
     assert b.fusion.model.intercept == a.fusion.model.intercept
+
+
+def test_sketch_keys_of_a_batch_land_in_the_window_of_their_event():
+    """Signals folded in together count their sketch keys as if one by one, across a window boundary too."""
+    from detector.content import ContentIndex
+
+    day = 86_400_000
+    signals = [("e", f"far{i}", BASE_TS + i * (day // 100), (("pay", f"pm_{i}"),), tuple(range(i, i + 70)), 0, None)
+               for i in range(300)]  # three days: two rotations, 70 keys a signal (numpy's path)
+    together = Detector(share_clusters=True, content=ContentIndex(width=1 << 12))
+    together.apply_signals(signals)
+    one_by_one = Detector(share_clusters=True, content=ContentIndex(width=1 << 12))
+    for s in signals:
+        one_by_one.apply_signals([s])
+    assert together.content._new == one_by_one.content._new and together.content._old == one_by_one.content._old
+    assert sum(together.content._new) > 0
