@@ -178,6 +178,7 @@ class Router:
                  worker_id: str = "worker") -> None:
         self.detector = detector
         self.worker_id = worker_id  # stamped on this worker's cluster signals, so it skips its own
+        self._worker_key = worker_id.encode()
         self.signals_topic = settings.topics.cluster_signals
         self.dead_letters_topic = settings.topics.dead_letters
         self.risk_scores_topic = settings.topics.risk_scores
@@ -369,8 +370,7 @@ class Router:
             return []
         self.stats["signals_published"] += len(signals)
         self.metrics.cluster_signals.labels(result="published").inc(len(signals))
-        key = self.worker_id.encode()
-        return [Output(self.signals_topic, key, raw) for raw in encode_batches(self.worker_id, signals)]
+        return [Output(self.signals_topic, self._worker_key, raw) for raw in encode_batches(self.worker_id, signals)]
 
     def on_signals(self, raw: bytes | None, key: bytes | None, source: Source) -> Output | None:
         """Fold one ``cluster-signals`` message of another worker into the detector; skip this worker's own.
@@ -387,6 +387,8 @@ class Router:
         >>> orjson.loads(router.on_signals(b"[]", b"w2", Source("cluster-signals", 0, 1)).value)["reason"]
         'not_object'
         """
+        if key is not None and key == self._worker_key:
+            return None  # this worker's own batch (keyed by its id): nothing to decode
         raw = raw or b""
         try:
             worker, signals = decode_batch(raw)

@@ -325,8 +325,10 @@ class Follower:
 
         from kafka import KafkaConsumer, TopicPartition
 
+        # check_crcs=False: kafka-python checks record batches with a pure-Python CRC-32C (about 9 MB/s, holding the
+        # GIL the agents need); the broker checked each batch's CRC when it was produced, and TCP checksums the rest.
         consumer = KafkaConsumer(**self.config, enable_auto_commit=False, auto_offset_reset="latest",
-                                 request_timeout_ms=max(11_000, int(self.timeout_s * 1000)))
+                                 check_crcs=False, request_timeout_ms=max(11_000, int(self.timeout_s * 1000)))
         deadline = time.monotonic() + self.timeout_s
         partitions = consumer.partitions_for_topic(self.topic)
         while not partitions:

@@ -151,6 +151,7 @@ def test_router_skips_its_own_batches_and_dead_letters_bad_ones():
     [other] = encode_batches("w2", signals)
     src = Source("cluster-signals", 0, 5)
     assert router.on_signals(own, b"w1", src) is None and router.stats["signals_applied"] == 0
+    assert router.on_signals(own, None, src) is None and router.stats["signals_applied"] == 0  # by its payload
     assert router.on_signals(other, b"w2", src) is None and router.stats["signals_applied"] == 3
     dead = router.on_signals(b'{"schema_version": 1}', b"w2", src)
     assert dead is not None and dead.topic == "api-calls.dlq"
