@@ -40,7 +40,8 @@ from detector.settings import load_settings
 from detector.streaming.app import ACCOUNT_TABLE
 from detector.streaming.topics import ensure_topics, read_to_end
 from tests.integration.conftest import create_topic
-from tests.integration.test_worker import _stats, _tail
+from tests.integration.kafka_io import worker_stats
+from tests.integration.test_worker import _tail
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 2
@@ -180,7 +181,7 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
     first = _Worker(dict(env, DETECTOR_WORKER__DATA_DIR=str(work / "data-1")), work / "worker-1.log")
     try:
-        first.wait("its web server", lambda: _stats(web) is not None)
+        first.wait("its web server", lambda: worker_stats(web) is not None)
         with EventPublisher(kafka_bootstrap, topics["api_calls"], envelope_max_events=64,
                             envelope_linger_ms=20) as pub:
             acks = [pub.publish(ev) for ev in events]
@@ -189,10 +190,10 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         result.valid += events
         _hand_made(result, events)
         total = len(result.valid) + len(result.bad)
-        first.wait(f"{total} events", lambda: (_stats(web) or {}).get("events") == total)
+        first.wait(f"{total} events", lambda: (worker_stats(web) or {}).get("events") == total)
         first.wait("every offset committed",
                    lambda: (lambda c, e: c == e)(*_offsets(kafka_bootstrap, run_id, topics["api_calls"])))
-        result.first = _stats(web) or {}
+        result.first = worker_stats(web) or {}
     finally:
         result.logs.append(first.stop())
     result.committed, result.end = _offsets(kafka_bootstrap, run_id, topics["api_calls"])
@@ -201,10 +202,10 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     _rewind(kafka_bootstrap, run_id, topics["api_calls"])  # the whole topic is redelivered to a fresh worker
     second = _Worker(dict(env, DETECTOR_WORKER__DATA_DIR=str(work / "data-2")), work / "worker-2.log")
     try:
-        second.wait("the redelivered events", lambda: (_stats(web) or {}).get("events") == total)
+        second.wait("the redelivered events", lambda: (worker_stats(web) or {}).get("events") == total)
         second.wait("every offset committed again",
                     lambda: (lambda c, e: c == e)(*_offsets(kafka_bootstrap, run_id, topics["api_calls"])))
-        result.second = _stats(web) or {}
+        result.second = worker_stats(web) or {}
     finally:
         result.logs.append(second.stop())
     result.state_second = _counts(kafka_bootstrap, run_id)
