@@ -84,6 +84,14 @@ SHARED_CARD_SPAN = 27
 # under per-account limits. Its coordination terms count this much (see Detector._evidence).
 ONE_ORG_DISCOUNT = 0.35
 ONE_ORG_SHARE = 0.98
+# Networks (ASNs) an account's calls came from over its current and previous day (features.distinct_asns).
+# A home user has one or two, a traveller or a VPN user a few; a company's pipeline runs from its own
+# servers. ROTATING_ASNS or more is rotation through residential or mobile proxies: evidence from
+# ROTATION_FROM networks, full at ROTATION_FROM + ROTATION_SPAN, and the end of the one-organisation
+# presumption above (a company's pipeline does not hop networks).
+ROTATION_FROM = 3.0
+ROTATION_SPAN = 6.0
+ROTATING_ASNS = 5.0
 #: An account's link keys travel in its cluster signals (detector.signals) at least this often (event time).
 KEYS_EVERY_MS = 600_000
 DEDUP_IDS = 100_000  # event ids remembered for deduplication: between this many and twice as many
@@ -651,7 +659,9 @@ class Detector:
         # prompts run by two organisations are coordination beyond one company. (One shared band, or a
         # personal account filling the same template, does not end it: the public datasets a pipeline
         # processes are other orgs' and campaigns' raw material too.)
+        asns = f["distinct_asns"]
         one_org = (size >= 2 and c["orgs"] == 1.0 and c["org_share"] >= ONE_ORG_SHARE and not near
+                   and asns < ROTATING_ASNS
                    and not self.linker.shared_beyond(account, "tmpl", holder_kind="org", min_keys=2,
                                                    min_degree=ORG_SHARED_BAND_HOLDERS))
         own = ONE_ORG_DISCOUNT if one_org else 1.0
@@ -690,6 +700,7 @@ class Detector:
             "cluster_harvest": f["out_tokens"],
             "harvest_new_model": f["new_model_share_1h"],
             "shared_payment": float(card),
+            "network_rotation": asns,
         }
         evidence = {
             "shared_template": _clip((f["template_share"] * shrink - 0.1) / 0.6),
@@ -718,6 +729,8 @@ class Detector:
             "harvest_new_model": harvest * jump,
             # A family or a small team on one card: weak; a card paying for dozens of personal accounts: strong.
             "shared_payment": _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN),
+            # Calls from many networks within a day or two: proxy rotation (a VPN user alone reaches a few).
+            "network_rotation": _clip((asns - ROTATION_FROM) / ROTATION_SPAN) * n / (n + 10.0),
         }
         if near:
             evidence["near_blocked"] = near

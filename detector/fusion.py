@@ -50,6 +50,7 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "cluster_harvest": 7.0,  # the same from an account linked to others (scaled by the cluster's size)
     "harvest_new_model": 3.0,  # the harvest moved to a model released within the last day
     "shared_payment": 2.0,  # one payment method on many accounts outside any organisation
+    "network_rotation": 1.5,  # calls from many networks (ASNs) within a day or two: rotating proxies
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
     "near_blocked": 5.0,  # shares keys or templates with a blocked cluster, below the linking threshold
 }
@@ -77,6 +78,7 @@ DETAILS: dict[str, str] = {
     "harvest_new_model": "pulls long answers at a high rate from a model released within the last day "
                          "({pct} of last-hour traffic)",
     "shared_payment": "payment method shared by {v:.0f} accounts outside any organisation",
+    "network_rotation": "calls from {v:.0f} networks (ASNs) in the last one to two days",
     "linked_to_blocked": "linked to a blocked cluster",
     "near_blocked": "shares templates or infrastructure with a blocked cluster",
     "allowlisted": "account or org is on the allowlist",

@@ -26,6 +26,9 @@ ordinary kind          looks like an attack because                 but
                        one card, templated; the edtech job asks     new-model jump, no cards or networks
                        for step-by-step solutions                   shared beyond the org
 ``early_adopter``      switches to a new model within hours         chat-like volume and content
+``vpn_user``           calls from 3-8 networks a day (a VPN or      chat-like content and timing, one user
+                       relay picking another exit each time),       agent, own card; one in five is a heavy
+                       exits shared with other users                user (40-150 calls a day)
 ``chat``               (the bulk; mobile CGNAT shares IPs)          diurnal, diverse, low volume
 =====================  ==========================================  =========================================
 
@@ -256,6 +259,7 @@ class _Config:
     eval_harness: int = 16
     enterprise: tuple[int, ...] = (3, 2, 2, 1)  # accounts per enterprise org
     content_pipeline: tuple[int, ...] = (5, 4)  # accounts per content-generation org (publisher, edtech, ...)
+    vpn_user: int = 60
     hydra: int = 600
     model_hopper: int = 16
     cot_coercion: int = 24
@@ -277,7 +281,7 @@ def _demo(rng: random.Random) -> _Config:
     return _Config(
         name="demo", days=2, release_after=17 * HOUR, volume=0.45, chat=420, early_adopter=30, researcher=15,
         agentic_coding=80, corporate_nat=(40,), eval_harness=4, enterprise=(1, 1), hydra=150, model_hopper=6,
-        cot_coercion=10, reseller=(2, 2), eval_suites=("vicuna", "arena"),
+        cot_coercion=10, reseller=(2, 2), eval_suites=("vicuna", "arena"), vpn_user=12,
     )
 
 
@@ -285,7 +289,7 @@ def _smoke(rng: random.Random) -> _Config:
     return _Config(
         name="smoke", days=1, release_after=8 * HOUR, volume=0.08, chat=90, early_adopter=10, researcher=3,
         agentic_coding=12, corporate_nat=(10,), eval_harness=1, enterprise=(1,), hydra=40, model_hopper=2,
-        cot_coercion=4, reseller=(2,), eval_suites=("vicuna",),
+        cot_coercion=4, reseller=(2,), eval_suites=("vicuna",), vpn_user=3,
     )
 
 
@@ -311,6 +315,7 @@ def _holdout(rng: random.Random) -> _Config:
         hydra_rate=(u(14, 20), u(30, 38)),
         templates="holdout",
         volume=0.8,
+        vpn_user=int(u(30, 100)),
     )
 
 
@@ -354,6 +359,11 @@ _HOSTING: tuple[tuple[int, str, int], ...] = (
     (212238, "GB", 0), (45102, "SG", 8), (132203, "HK", 8), (63949, "JP", 9),
 )
 _CORPORATE: tuple[tuple[int, str, int], ...] = ((53813, "US", -5), (3356, "DE", 1))
+# Exits of commercial VPNs and privacy relays (a relay's egress is a CDN's network): many users share each.
+_VPN: tuple[tuple[int, str, int], ...] = (
+    (60068, "GB", 0), (136787, "US", -5), (39351, "SE", 1), (9009, "NL", 1), (13335, "US", -5), (36183, "US", -5),
+    (54113, "US", -8), (20940, "DE", 1),
+)
 
 _UA_BROWSER = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/133.0.0.0 "
@@ -1353,6 +1363,30 @@ class _Builder:
         # Last, so that adding them changed no other actor's random draws.
         for i, size in enumerate(self._split(c.content_pipeline)):
             self._content_org(size, _CONTENT_JOBS[i % len(_CONTENT_JOBS)])
+        self._vpn_users(self._n(c.vpn_user))
+
+    def _vpn_users(self, n: int) -> None:
+        """People behind a VPN or a privacy relay that picks another exit for each connection: their calls
+        come from many networks a day, as a campaign rotating residential proxies does. One device each (one
+        user agent), chat-like content, most at chat volume and one in five a heavy user."""
+        rng = self.rng
+        exits = {net[0]: [_ipv4(rng, net[0]) for _ in range(24)] for net in _VPN}  # shared by every user
+        for _ in range(n):
+            _, tz = self._residential_client()
+            ua = rng.choice(_UA_BROWSER)
+            nets = rng.sample(_VPN, rng.randrange(3, len(_VPN) + 1))
+            clients = tuple(_client(rng.choice(exits[net[0]]), net, ua) for net in nets for _ in range(2))
+            created = self._old(14, 1100)
+            heavy = rng.random() < 0.2
+            rate = math.exp(rng.uniform(math.log(40.0), math.log(150.0)) if heavy
+                            else rng.uniform(math.log(2.0), math.log(40.0)))
+            acct = self._account("vpn_user", None, org=None, payment=f"pm_{self._hex()}",
+                                 tier=self._tier_for_age(created), created=created)
+            timing = _ChatTiming(rate=rate, tz=tz, cum=_DIURNAL_CUM, weekend=1.2, session_mean=rng.uniform(2, 6))
+            self._add(_ChatActor(
+                acct, self._seed(), self.start, self.end, clients, _STYLE_CHAT, self._adoption(False),
+                expected=rate * self._days_from(created), timing=timing, prompts=self.chat_en, hh=self.hh,
+            ))
 
     def _adoption(self, early: bool) -> _Models:
         rng = self.rng
@@ -1783,7 +1817,7 @@ class _Builder:
             kind = self.labels[a.account.account_id].kind
             expected[kind] = expected.get(kind, 0.0) + a.expected
         ordinary_kinds = ("chat", "early_adopter", "researcher", "agentic_coding", "corporate_nat", "eval_harness",
-                          "enterprise_batch", "content_pipeline")
+                          "enterprise_batch", "content_pipeline", "vpn_user")
         ordinary = ", ".join(f"{k[x]} {x}" for x in ordinary_kinds if x in k)
         flags = [f for f in ("paraphrase", "fast_rotation", "slow_ramp", "many_asns") if getattr(c, f)]
         hydra, hydra_ev = k.get("hydra", 0), expected.get("hydra", 0.0)

@@ -82,3 +82,21 @@ def test_content_sketch_never_undercounts_and_forgets_after_two_windows():
         idx.observe(f, [0x1234], 0x9000 + a, ts=BASE_TS)
     assert idx.observe(SeenFilter(), [0x1234], 1, ts=BASE_TS)[0] >= 31
     assert idx.observe(SeenFilter(), [0x1234], 2, ts=BASE_TS + 3 * HOUR)[0] == 1
+
+
+def test_networks_are_counted_over_the_current_and_the_previous_day():
+    """Six networks on day 0 still count on day 1 (with day 1's own) and are forgotten by day 2, so a user
+    who travelled last month does not look like one rotating proxies today."""
+    day0 = BASE_TS - BASE_TS % (24 * HOUR)
+    st = feat.AccountState(created_ts=day0 - 30 * 24 * HOUR)
+
+    def call(ts, asn):
+        feat.update(st, event("acct_n", ts, "hi", client={"ip": f"10.0.{asn}.1", "asn": asn, "country": "US",
+                                                           "user_agent": "ua", "tls_fp": None}), CTX)
+        return int(feat.features(st, ts)["distinct_asns"])  # linear counting: a slight overestimate
+
+    # Networks 100-105 and 202 fall on seven different bits of the 32 (crc32 % 32), 300 on another.
+    assert [call(day0 + i * HOUR, 100 + i) for i in range(6)] == [1, 2, 3, 4, 5, 6]
+    assert call(day0 + 25 * HOUR, 202) == 7  # yesterday's six and today's one
+    assert call(day0 + 49 * HOUR, 202) == 1  # day 2: day 0 is gone, day 1 had only network 202
+    assert call(day0 + 5 * 24 * HOUR, 300) == 1  # days later: both halves start over

@@ -178,6 +178,25 @@ def test_one_org_harvesting_long_answers_on_its_own_card_is_its_own_pipeline():
     assert all(det.accounts[a].action in ("allow", "watch") for a in harvesters)
 
 
+def test_a_one_org_harvest_from_rotating_residential_networks_is_caught():
+    """The same one-org harvest, each call from another of twelve residential and mobile networks (the
+    many_asns variant: proxies rotated so that no network links the accounts): a company's pipeline runs
+    from its own servers, so rotation ends the one-org presumption and is evidence of its own."""
+    nets = [7922, 701, 20115, 22773, 7018, 2856, 3320, 3215, 55836, 21928, 22394, 26615]
+    rng = random.Random(5)
+
+    def rotated(e):
+        asn = rng.choice(nets)
+        return {**e, "client": {**e["client"], "asn": asn, "ip": f"203.{asn % 256}.{rng.randrange(256)}.9"}}
+
+    events = [rotated(e) if e["account_id"].startswith("acct_h") else e for e in harvest_and_lab(orgs=1)]
+    det, records = run(events)
+    harvesters = [a for a in det.accounts if a.startswith("acct_h")]
+    assert len(harvesters) == 12 and all(det.accounts[a].action in ("throttle", "block") for a in harvesters)
+    assert "network_rotation" in {c["code"] for r in records if r["action"] != "allow" for c in r["reasons"]}
+    assert all(det.accounts[a].action == "allow" for a in det.accounts if a.startswith("acct_lab"))
+
+
 def test_a_one_org_harvest_that_moves_to_a_new_model_at_once_is_caught():
     """One org's harvest moved to a model released within the hour (first seen after the stream's first
     hour): harvest_new_model is not discounted for one org, as a company's pipeline is not moved at once."""
