@@ -89,6 +89,10 @@ ONE_ORG_SHARE = 0.98
 # servers. ROTATING_ASNS or more is rotation through residential or mobile proxies: evidence from
 # ROTATION_FROM networks, full at ROTATION_FROM + ROTATION_SPAN, and the end of the one-organisation
 # presumption above (a company's pipeline does not hop networks).
+# near_blocked: prompts a day (day window) filling a blocked cluster's templates from which their volume
+# counts, full at NEAR_VOLUME_FROM + NEAR_VOLUME_SPAN (see Detector._evidence).
+NEAR_VOLUME_FROM = 20.0
+NEAR_VOLUME_SPAN = 60.0
 ROTATION_FROM = 3.0
 ROTATION_SPAN = 6.0
 ROTATING_ASNS = 5.0
@@ -647,7 +651,12 @@ class Detector:
             shared = self.linker.keys_into(account, lambda r: r in blocked and self._templated(r, ts), "tmpl")
             if shared >= 2:
                 toward += KEY_KINDS["tmpl"][0] * (1.0 - f["exact_shared_share"])
-            near = _clip(toward / 0.5) * _clip((template_share - 0.2) * 2.5)
+            # How much of it: a share of its traffic (from 20%, full at 60%), or a volume (from NEAR_VOLUME_FROM
+            # such prompts a day, full at NEAR_VOLUME_FROM + NEAR_VOLUME_SPAN), whichever is more. A reseller
+            # mixing a blocked campaign's traffic with its customers' has the volume when not the share.
+            amount = max(_clip((template_share - 0.2) * 2.5),
+                         _clip((n * template_share - NEAR_VOLUME_FROM) / NEAR_VOLUME_SPAN))
+            near = _clip(toward / 0.5) * amount
         # One paying organisation (a publisher's content pipeline, an enterprise's batch jobs): its accounts
         # sharing templates, a schedule and a steady harvest of long answers is its own pipeline. Those terms
         # count ONE_ORG_DISCOUNT; what still counts in full is what a company's pipeline does not show:

@@ -307,3 +307,34 @@ def test_a_quiet_account_is_rescored_once_a_minute_but_at_once_when_its_cluster_
     det.apply_label({"account_id": "acct_mate", "label": "attack", "ts": BASE_TS + 32_000})
     rec = det.process(event("acct_quiet", BASE_TS + 33_000, "Tell me a joke", billing=old_card))
     assert rec is not None and rec["action"] == "block"
+
+
+def test_a_reseller_filling_a_blocked_campaigns_templates_in_volume_is_caught():
+    """A proxy account mixing a blocked campaign's templated traffic (24%) with its customers' ordinary
+    prompts: at 24 calls an hour that is over a hundred of the campaign's prompts a day, enough on its own
+    (near_blocked); at one call an hour the same share stays below it."""
+    rng = random.Random(4)
+
+    def customer_prompt():  # the customers' own questions: no template of anybody's
+        return " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randrange(3, 9))) for _ in range(12))
+
+    events = campaign_and_ordinary(hours=36)
+    for aid, per_hour in (("acct_proxy_busy", 24), ("acct_proxy_quiet", 1)):
+        for h in range(12, 36):
+            for _ in range(per_hour):
+                ts = BASE_TS + h * HOUR + rng.randrange(HOUR)
+                text = (TEMPLATE.format(rng.choice(TASKS) + " for " + " ".join(rng.sample(WORDS, 4)))
+                        if rng.random() < 0.24 else customer_prompt())
+                events.append(event(aid, ts, text, org_id=f"org_{aid}", output_tokens=rng.randrange(300, 1500),
+                                    billing={"payment_fp": f"pm_{aid}", "tier": "scale",
+                                             "account_created_ts": BASE_TS - 300 * 86_400_000},
+                                    client={"ip": f"198.51.{per_hour}.7", "asn": 16509 + per_hour, "country": "US",
+                                            "user_agent": f"{aid}/1.0", "tls_fp": None}))
+    events.sort(key=lambda e: e["ts"])
+    det, records = run(events)
+    assert det.clusters[det.linker.root("acct_x001")].blocked
+    assert det.linker.root("acct_proxy_busy") != det.linker.root("acct_x001")  # not linked: near, not in
+    assert det.accounts["acct_proxy_busy"].action in ("throttle", "block")
+    assert "near_blocked" in {c["code"] for r in records if r["account_id"] == "acct_proxy_busy"
+                              and r["action"] != "allow" for c in r["reasons"]}
+    assert det.accounts["acct_proxy_quiet"].action in ("allow", "watch")  # not caught
