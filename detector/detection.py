@@ -669,10 +669,16 @@ class Detector:
         # personal account filling the same template, does not end it: the public datasets a pipeline
         # processes are other orgs' and campaigns' raw material too.)
         asns = f["distinct_asns"]
-        one_org = (size >= 2 and c["orgs"] == 1.0 and c["org_share"] >= ONE_ORG_SHARE and not near
-                   and asns < ROTATING_ASNS
-                   and not self.linker.shared_beyond(account, "tmpl", holder_kind="org", min_keys=2,
+        st = self.accounts[account].state
+        harvest = (_clip((f["out_tokens"] - 1000.0) / 1500.0) * _clip((feat.hourly_count(st, ts) - 8.0) / 16.0)
+                   * (1.0 - f["exact_shared_share"]))
+        # Two or more of its recurring templates are another organisation's too (read once: a scan of the
+        # holders of its template keys, up to 64 each), where it matters: an org's cluster, or a harvest.
+        cross_org = (((size >= 2 and c["orgs"] == 1.0) or harvest > 0.0)
+                     and self.linker.shared_beyond(account, "tmpl", holder_kind="org", min_keys=2,
                                                    min_degree=ORG_SHARED_BAND_HOLDERS))
+        one_org = (size >= 2 and c["orgs"] == 1.0 and c["org_share"] >= ONE_ORG_SHARE and not near
+                   and asns < ROTATING_ASNS and not cross_org)
         own = ONE_ORG_DISCOUNT if one_org else 1.0
         csf = sf * own
         # Harvest: long answers (1,000 -> 2,500 output tokens on average) at a high rate (hour-horizon count
@@ -684,9 +690,6 @@ class Detector:
         # The rate is read over the time the account has been observed (hourly_count: the hour-horizon count
         # alone lags a pace that began less than a few hours ago, as every one did at a cold start), and
         # "kept up" to the minute (kept_up_hours), not in whole clock hours.
-        st = self.accounts[account].state
-        harvest = (_clip((f["out_tokens"] - 1000.0) / 1500.0) * _clip((feat.hourly_count(st, ts) - 8.0) / 16.0)
-                   * (1.0 - f["exact_shared_share"]))
         if harvest > 0.0:  # kept_up_hours reads up to 23 slots: only for the few accounts it can matter to
             harvest *= _clip((feat.kept_up_hours(st, ts) + 1.0) / 3.0)
         jump = f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0)  # last-hour share on a new model
@@ -708,6 +711,7 @@ class Detector:
             "harvest": f["out_tokens"],
             "cluster_harvest": f["out_tokens"],
             "harvest_new_model": f["new_model_share_1h"],
+            "harvest_cross_org": f["out_tokens"],
             "shared_payment": float(card),
             "network_rotation": asns,
         }
@@ -736,6 +740,10 @@ class Detector:
             # within 24 h). Not discounted for one org: a company's pipeline is not moved within hours of a
             # release, a harvester's is, as it wants the new model's answers first.
             "harvest_new_model": harvest * jump,
+            # The harvest fills private templates that another organisation's accounts fill too: one operation
+            # split over organisations to look like two companies' pipelines (a company's own pipeline runs
+            # its own templates).
+            "harvest_cross_org": harvest * cross_org,
             # A family or a small team on one card: weak; a card paying for dozens of personal accounts: strong.
             "shared_payment": _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN),
             # Calls from many networks within a day or two: proxy rotation (a VPN user alone reaches a few).

@@ -49,6 +49,7 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "harvest": 1.0,  # pulls long answers at a high rate, kept up for hours (a content pipeline can too)
     "cluster_harvest": 7.0,  # the same from an account linked to others (scaled by the cluster's size)
     "harvest_new_model": 3.0,  # the harvest moved to a model released within the last day
+    "harvest_cross_org": 3.0,  # the harvest fills private templates another organisation fills too
     "shared_payment": 2.0,  # one payment method on many accounts outside any organisation
     "network_rotation": 1.5,  # calls from many networks (ASNs) within a day or two: rotating proxies
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
@@ -77,6 +78,8 @@ DETAILS: dict[str, str] = {
     "cluster_harvest": "one of {n} linked accounts pulling long answers (~{v:.0f} output tokens each) at a high rate",
     "harvest_new_model": "pulls long answers at a high rate from a model released within the last day "
                          "({pct} of last-hour traffic)",
+    "harvest_cross_org": "pulls long answers (~{v:.0f} output tokens each) on private templates another "
+                         "organisation's accounts fill too",
     "shared_payment": "payment method shared by {v:.0f} accounts outside any organisation",
     "network_rotation": "calls from {v:.0f} networks (ASNs) in the last one to two days",
     "linked_to_blocked": "linked to a blocked cluster",

@@ -338,3 +338,22 @@ def test_a_reseller_filling_a_blocked_campaigns_templates_in_volume_is_caught():
     assert "near_blocked" in {c["code"] for r in records if r["account_id"] == "acct_proxy_busy"
                               and r["action"] != "allow" for c in r["reasons"]}
     assert det.accounts["acct_proxy_quiet"].action in ("allow", "watch")  # not caught
+
+
+def test_a_harvest_split_over_two_orgs_on_shared_private_templates_is_caught():
+    """Two orgs of six harvesters each, on their own cards and networks (nothing links them), filling the
+    same private templates: one operation dressed up as two companies' pipelines (the model hopper of
+    fast_rotation). A company's own pipeline fills its own templates (the one-org test above)."""
+    events = []
+    for e in harvest_and_lab(orgs=2):
+        if e["account_id"].startswith("acct_h"):
+            org = int(e["account_id"][-2:]) % 2
+            e = {**e, "client": {**e["client"], "ip": f"198.18.{org}.9", "asn": 16509 + org,
+                                 "user_agent": f"pipeline-{org}/1.0"}}
+        events.append(e)
+    det, records = run(events)
+    harvesters = [a for a in det.accounts if a.startswith("acct_h")]
+    assert len({det.linker.root(a) for a in harvesters}) == 2  # two clusters, one per org
+    assert all(det.accounts[a].action in ("throttle", "block") for a in harvesters)
+    assert "harvest_cross_org" in {c["code"] for r in records if r["action"] != "allow" for c in r["reasons"]}
+    assert all(det.accounts[a].action == "allow" for a in det.accounts if a.startswith("acct_lab"))
