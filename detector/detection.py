@@ -89,13 +89,13 @@ ONE_ORG_SHARE = 0.98
 # servers. ROTATING_ASNS or more is rotation through residential or mobile proxies: evidence from
 # ROTATION_FROM networks, full at ROTATION_FROM + ROTATION_SPAN, and the end of the one-organisation
 # presumption above (a company's pipeline does not hop networks).
+ROTATION_FROM = 3.0
+ROTATION_SPAN = 6.0
+ROTATING_ASNS = 5.0
 # near_blocked: prompts a day (day window) filling a blocked cluster's templates from which their volume
 # counts, full at NEAR_VOLUME_FROM + NEAR_VOLUME_SPAN (see Detector._evidence).
 NEAR_VOLUME_FROM = 20.0
 NEAR_VOLUME_SPAN = 60.0
-ROTATION_FROM = 3.0
-ROTATION_SPAN = 6.0
-ROTATING_ASNS = 5.0
 #: An account's link keys travel in its cluster signals (detector.signals) at least this often (event time).
 KEYS_EVERY_MS = 600_000
 DEDUP_IDS = 100_000  # event ids remembered for deduplication: between this many and twice as many
@@ -672,13 +672,13 @@ class Detector:
         st = self.accounts[account].state
         harvest = (_clip((f["out_tokens"] - 1000.0) / 1500.0) * _clip((feat.hourly_count(st, ts) - 8.0) / 16.0)
                    * (1.0 - f["exact_shared_share"]))
+        org_cluster = (size >= 2 and c["orgs"] == 1.0 and c["org_share"] >= ONE_ORG_SHARE and not near
+                       and asns < ROTATING_ASNS)
         # Two or more of its recurring templates are another organisation's too (read once: a scan of the
-        # holders of its template keys, up to 64 each), where it matters: an org's cluster, or a harvest.
-        cross_org = (((size >= 2 and c["orgs"] == 1.0) or harvest > 0.0)
-                     and self.linker.shared_beyond(account, "tmpl", holder_kind="org", min_keys=2,
-                                                   min_degree=ORG_SHARED_BAND_HOLDERS))
-        one_org = (size >= 2 and c["orgs"] == 1.0 and c["org_share"] >= ONE_ORG_SHARE and not near
-                   and asns < ROTATING_ASNS and not cross_org)
+        # holders of its template keys, up to 64 each), only where it matters: the presumption, or a harvest.
+        cross_org = (org_cluster or harvest > 0.0) and self.linker.shared_beyond(
+            account, "tmpl", holder_kind="org", min_keys=2, min_degree=ORG_SHARED_BAND_HOLDERS)
+        one_org = org_cluster and not cross_org
         own = ONE_ORG_DISCOUNT if one_org else 1.0
         csf = sf * own
         # Harvest: long answers (1,000 -> 2,500 output tokens on average) at a high rate (hour-horizon count
