@@ -237,3 +237,65 @@ class ContentIndex:
     @property
     def nbytes(self) -> int:
         return 2 * 4 * self.depth * self.width
+
+
+class CaughtContent:
+    """Template bands of the prompts caught accounts sent over the last one to two windows: a Bloom filter
+    in two generations (as :class:`ContentIndex` keeps its counts), ``2 * bits / 8`` bytes whatever the
+    traffic.
+
+    A campaign re-sends its prompt set from account after account (best-of-n sampling of the teacher's
+    answers); reworded, the prompts keep most of their text and so some of their bands. An account whose
+    prompts keep matching what caught accounts sent is drawing on the same prompt set.
+
+    >>> cc = CaughtContent(bits=1 << 12)
+    >>> cc.add([11, 22, 33], ts=0)
+    >>> cc.hits([11, 22, 44], ts=1), cc.hits([55], ts=1)
+    (2, 0)
+    >>> cc.hits([11], ts=3 * DAY_MS)  # two windows later: gone
+    0
+    """
+
+    def __init__(self, bits: int = 1 << 24, window_ms: int = DAY_MS) -> None:
+        if bits & (bits - 1) or bits < 8:
+            raise ValueError("bits must be a power of two, at least 8")
+        self._mask = bits - 1
+        self.window_ms = window_ms
+        self._new = bytearray(bits // 8)
+        self._old = bytearray(bits // 8)
+        self._window_start: int | None = None
+
+    def _rotate(self, ts: int) -> None:
+        if self._window_start is None:
+            self._window_start = ts
+        elif ts - self._window_start >= self.window_ms:
+            self._old = self._new if ts - self._window_start < 2 * self.window_ms else bytearray(len(self._new))
+            self._new = bytearray(len(self._new))
+            self._window_start = ts
+
+    def add(self, bands: Sequence[int], ts: int) -> None:
+        """Remember the bands of one prompt a caught account sent at ``ts``."""
+        self._rotate(ts)
+        new, mask = self._new, self._mask
+        for band in bands:
+            h = (band * _M2) & _MASK
+            a, b = h & mask, (h >> 32) & mask
+            new[a >> 3] |= 1 << (a & 7)
+            new[b >> 3] |= 1 << (b & 7)
+
+    def hits(self, bands: Sequence[int], ts: int) -> int:
+        """How many of ``bands`` caught accounts sent (probably: a Bloom filter over-counts, rarely)."""
+        self._rotate(ts)
+        new, old, mask = self._new, self._old, self._mask
+        n = 0
+        for band in bands:
+            h = (band * _M2) & _MASK
+            a, b = h & mask, (h >> 32) & mask
+            ia, ma, ib, mb = a >> 3, 1 << (a & 7), b >> 3, 1 << (b & 7)
+            if (new[ia] & ma and new[ib] & mb) or (old[ia] & ma and old[ib] & mb):
+                n += 1
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._new) + len(self._old)

@@ -39,7 +39,7 @@ from typing import Any
 
 from detector import features as feat
 from detector.clusters import KEY_KINDS, ClusterState, Linker, link_keys
-from detector.content import ContentIndex, SeenBits, SeenFilter
+from detector.content import CaughtContent, ContentIndex, SeenBits, SeenFilter
 from detector.fusion import ACTIONS, PRIOR_WEIGHTS, Fusion, decide, detail
 from detector.keyblocks import KEY_BLOCK_KINDS, REPUBLISH_WEIGHT_CHANGE, key_block_record
 from detector.models import RankScorer, Sampler, make_model, squash
@@ -96,6 +96,14 @@ ROTATING_ASNS = 5.0
 # counts, full at NEAR_VOLUME_FROM + NEAR_VOLUME_SPAN (see Detector._evidence).
 NEAR_VOLUME_FROM = 20.0
 NEAR_VOLUME_SPAN = 60.0
+# echoes_caught: an event echoes caught accounts' prompts if ECHO_BANDS or more of its template bands are among
+# theirs (CaughtContent). Evidence from ECHO_SHARE_FROM of the account's traffic (full at FROM + SPAN), times
+# its volume: from ECHO_VOLUME_FROM such prompts a day, full at FROM + SPAN (see Detector._evidence).
+ECHO_BANDS = 2
+ECHO_SHARE_FROM = 0.05
+ECHO_SHARE_SPAN = 0.15
+ECHO_VOLUME_FROM = 20.0
+ECHO_VOLUME_SPAN = 40.0
 #: An account's link keys travel in its cluster signals (detector.signals) at least this often (event time).
 KEYS_EVERY_MS = 600_000
 DEDUP_IDS = 100_000  # event ids remembered for deduplication: between this many and twice as many
@@ -238,9 +246,11 @@ class _Account(feat.AccountState):
         return self
 
 
-# Account snapshot, version 1 (little-endian): this header, the account's 1024-bit SeenFilter, its recent
-# event-id hashes (``n_recent`` of them) and the day-window array (feat.N_SLOTS doubles): 644 to 708 bytes.
-_SNAPSHOT_VERSION = 1
+# Account snapshot, version 2 (little-endian): this header, the account's 1024-bit SeenFilter, its recent
+# event-id hashes (``n_recent`` of them) and the day-window array (feat.N_SLOTS doubles): 652 to 716 bytes.
+# Version 1 lacked the window's ECHO slot; it loads with that slot empty.
+_SNAPSHOT_VERSION = 2
+_V1_SLOTS = feat.N_SLOTS - 1
 _HEAD = struct.Struct("<BBBBqqqqqqqqdddddQQQ")
 _SEEN_BYTES = SeenFilter.SIZE // 8
 _HAS_CREATED, _ALLOWLISTED = 1, 2
@@ -274,15 +284,17 @@ def load_account(blob: bytes) -> tuple[_Account, bool]:
     >>> back, allowlisted = load_account(dump_account(acct, allowlisted=True))
     >>> back.state.events, back.state.created_ts, back.seq, list(back.recent), back.action, allowlisted
     (3, 5, 41, [7, 9], 'watch', True)
-    >>> load_account(b"\\x02junk")
+    >>> load_account(b"\\x03junk")
     Traceback (most recent call last):
     ...
-    ValueError: account snapshot: version 2 (expected 1) or length 5 wrong
+    ValueError: account snapshot: version 3 (expected 1 or 2) or length 5 wrong
     """
     n_recent = blob[3] if len(blob) >= _HEAD.size else 0
-    size = _HEAD.size + _SEEN_BYTES + 8 * n_recent + 8 * feat.N_SLOTS
-    if len(blob) != size or blob[0] != _SNAPSHOT_VERSION or n_recent > RECENT_PER_ACCOUNT:
-        raise ValueError(f"account snapshot: version {blob[0] if blob else None} (expected {_SNAPSHOT_VERSION})"
+    version = blob[0] if blob else None
+    slots = feat.N_SLOTS if version == _SNAPSHOT_VERSION else _V1_SLOTS
+    size = _HEAD.size + _SEEN_BYTES + 8 * n_recent + 8 * slots
+    if len(blob) != size or version not in (1, _SNAPSHOT_VERSION) or n_recent > RECENT_PER_ACCOUNT:
+        raise ValueError(f"account snapshot: version {version} (expected 1 or {_SNAPSHOT_VERSION})"
                          f" or length {len(blob)} wrong")
     (_, action, flags, _, created_ts, first_ts, last_ts, t0, events, learned_ts, shard, seq, n_10m, n_1h,
      new_model_1h, score, emitted_score, ip_bits, asn_bits, ua_bits) = _HEAD.unpack_from(blob)
@@ -298,7 +310,10 @@ def load_account(blob: bytes) -> tuple[_Account, bool]:
     at += _SEEN_BYTES
     acct.recent = array("Q", struct.unpack_from(f"<{n_recent}Q", blob, at))
     at += 8 * n_recent
-    st.day[:feat.N_SLOTS] = array("d", blob[at:])  # into the exact-size window (frombytes() over-allocates)
+    day = array("d", blob[at:])
+    if slots != feat.N_SLOTS:  # version 1: no ECHO slot
+        day.insert(feat.ECHO, 0.0)
+    st.day[:feat.N_SLOTS] = day  # into the exact-size window (frombytes() over-allocates)
     return acct, bool(flags & _ALLOWLISTED)
 
 
@@ -332,6 +347,7 @@ class Detector:
         self.clusters: dict[str, ClusterState] = {}
         self.linker = Linker()
         self.content = content or ContentIndex()
+        self.caught_content = CaughtContent()
         self.model = RankScorer(make_model(anomaly_model, seed))
         self.sampler = Sampler()
         self.fusion = Fusion()
@@ -357,6 +373,7 @@ class Detector:
         # linked, by the event time they were last seen (evicted as idle as own accounts are).
         self._signals: list[Signal] | None = [] if share_clusters else None
         self._foreign: OrderedDict[str, int] = OrderedDict()
+        self._foreign_caught_ids: set[str] = set()  # other workers' accounts caught: their prompts feed caught_content
 
     # ----------------------------------------------------------------------------------------------
     def process(self, event: dict[str, Any], emitted_at: int | None = None,
@@ -403,6 +420,7 @@ class Detector:
             acct = self.accounts[aid] = _Account(event["billing"].get("account_created_ts"))
             if self._foreign:
                 self._foreign.pop(aid, None)  # another worker's account until a rebalance brought it here
+                self._foreign_caught_ids.discard(aid)
         else:
             self.accounts.move_to_end(aid)
         if position is not None:
@@ -430,7 +448,9 @@ class Detector:
         bands, exact = [int(b, 16) for b in prompt["bands"]], int(prompt["exact"], 16)
         template_accounts, exact_accounts, self_repeat, top_band, self_exact = self.content.observe(
             acct, bands, exact, ts)
-        ctx = feat.EventContext(template_accounts, exact_accounts, model_age, self_repeat, self_exact)
+        # An account already caught does not echo itself (its own prompts are in caught_content).
+        echo = acct.action not in CAUGHT and self.caught_content.hits(bands, ts) >= ECHO_BANDS
+        ctx = feat.EventContext(template_accounts, exact_accounts, model_age, self_repeat, self_exact, echo)
         st = acct.state
         previous_ts = st.last_ts
         arrival = st.events == 0 or ts - previous_ts >= feat.DAY_MS
@@ -484,6 +504,8 @@ class Detector:
         evidence, values, size = self._evidence(f, rank, cluster, root, ts, aid)
         score = self.fusion.score(evidence)
         action = decide(score, acct.action, self.settings)
+        if action in CAUGHT:
+            self.caught_content.add(bands, ts)
         if self.sampler.should_learn(acct.learned_ts, ts, flagged=action != "allow"):
             self.model.learn_one(x)
             acct.learned_ts = ts
@@ -570,11 +592,15 @@ class Detector:
                     sketch_keys = []
                 content.advance(ts)
                 sketch_keys += s[4]
+                if aid in self._foreign_caught_ids:
+                    self.caught_content.add(s[4], ts)  # its prompts' new bands (and its exact key: harmless)
                 self._fold_foreign(aid, ts, s[3], s[5], s[6])
             elif s[0] == "l":
                 # Another worker's analyst verdict: learn from the evidence its account showed (known terms only).
                 self.fusion.learn_one({k: float(v) for k, v in s[4].items() if k in PRIOR_WEIGHTS}, bool(s[3]))
             elif self.linker.knows(aid):
+                if s[3] & (THROTTLED | BLOCKED):
+                    self._foreign_caught_ids.add(aid)
                 self._foreign_caught(aid, s[3])
         if sketch_keys:
             content.add_many(sketch_keys)
@@ -619,6 +645,7 @@ class Detector:
             if len(foreign) < self.settings.max_accounts and last >= horizon:
                 break
             del foreign[aid]
+            self._foreign_caught_ids.discard(aid)
             if aid not in self.accounts:
                 gone.append(aid)
         if gone:
@@ -693,6 +720,7 @@ class Detector:
         if harvest > 0.0:  # kept_up_hours reads up to 23 slots: only for the few accounts it can matter to
             harvest *= _clip((feat.kept_up_hours(st, ts) + 1.0) / 3.0)
         jump = f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0)  # last-hour share on a new model
+        echo = feat.echo_share(st) * shrink
         values = {
             "shared_template": f["template_share"],
             "cot_requests": f["cot_share"],
@@ -714,6 +742,7 @@ class Detector:
             "harvest_cross_org": f["out_tokens"],
             "shared_payment": float(card),
             "network_rotation": asns,
+            "echoes_caught": echo,
         }
         evidence = {
             "shared_template": _clip((f["template_share"] * shrink - 0.1) / 0.6),
@@ -748,6 +777,13 @@ class Detector:
             "shared_payment": _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN),
             # Calls from many networks within a day or two: proxy rotation (a VPN user alone reaches a few).
             "network_rotation": _clip((asns - ROTATION_FROM) / ROTATION_SPAN) * n / (n + 10.0),
+            # A good share of its prompts, and many a day, re-send (reworded or not) what caught accounts sent:
+            # the same prompt set. A few such prompts are anyone's (popular questions); a busy account whose
+            # traffic is largely that is a reseller forwarding a campaign, or the campaign on a fresh account.
+            # Not from an organisation presumed one company: its pipeline may process the public dataset a
+            # campaign drew on (an edtech job's math exercises are a reasoning harvest's too).
+            "echoes_caught": (not one_org) * _clip((echo - ECHO_SHARE_FROM) / ECHO_SHARE_SPAN)
+                             * _clip((n * echo - ECHO_VOLUME_FROM) / ECHO_VOLUME_SPAN),
         }
         if near:
             evidence["near_blocked"] = near
@@ -921,7 +957,7 @@ class Detector:
         >>> det = Detector(track_changes=True)
         >>> _ = det.apply_label({"account_id": "a1", "label": "benign", "ts": 1})
         >>> [(aid, shard, len(blob)) for aid, shard, blob in det.drain_changes()], det.drain_changes()
-        ([('a1', -1, 644)], [])
+        ([('a1', -1, 652)], [])
         """
         if self._changed is None:
             return []

@@ -42,8 +42,8 @@ MIN_RATE_SPAN_MS = 15 * 60_000  # hourly_count reads a shorter observed span as 
 
 # Slots of the day-horizon array.
 N, IN_TOK, OUT_TOK, MAX_LEN, ERR, REFUSED, COT, TEMPLATED, EXACT_SHARED, NEW_MODEL, NON_LATIN, \
-    GAPS, GAP_LOG, GAP_LOG2, SELF_REPEAT, NEW_MODEL_REPLAY = range(16)
-CAP0 = 16  # 8 capability slots
+    GAPS, GAP_LOG, GAP_LOG2, SELF_REPEAT, NEW_MODEL_REPLAY, ECHO = range(17)
+CAP0 = 17  # 8 capability slots
 HOUR0 = CAP0 + len(CAPABILITIES)  # 24 hour-of-day slots
 N_SLOTS = HOUR0 + 24
 # The short-horizon counts follow the day-horizon slots in the same array (AccountState.day): three floats
@@ -68,7 +68,8 @@ class EventContext:
 
     ``template_accounts``: most accounts sharing one of the prompt's template bands (self included);
     ``exact_accounts``: accounts that sent this exact prompt; ``model_age_ms``: time since the model was
-    first seen in the stream; ``self_repeat``: this account used one of the prompt's bands before.
+    first seen in the stream; ``self_repeat``: this account used one of the prompt's bands before;
+    ``echo``: caught accounts sent prompts with the same bands lately (:class:`detector.content.CaughtContent`).
     """
 
     template_accounts: int
@@ -76,6 +77,7 @@ class EventContext:
     model_age_ms: int
     self_repeat: bool = False
     self_exact: bool = False
+    echo: bool = False
 
 
 class _WindowSlot:
@@ -207,6 +209,8 @@ def update(st: AccountState, ev: dict, shared: EventContext) -> None:
         day[NEW_MODEL] += w
         if shared.self_exact and shared.exact_accounts < SHARED_TEMPLATE_ACCOUNTS:
             day[NEW_MODEL_REPLAY] += w  # re-sends its own private prompts to a model released today
+    if shared.echo:
+        day[ECHO] += w
     if prompt["script"] != "latin":
         day[NON_LATIN] += w
     day[CAP0 + CAPABILITIES.index(prompt["capability"])] += w
@@ -318,6 +322,12 @@ def hourly_count(st: AccountState, now: int, min_span_ms: int = MIN_RATE_SPAN_MS
     n = n_1h * 2.0 ** (-(now - st.last_ts) / H_1H) if now >= st.last_ts else n_1h
     span = max(now - st.first_ts, min_span_ms)
     return n / (1.0 - 2.0 ** (-span / H_1H))
+
+
+def echo_share(st: AccountState) -> float:
+    """Share of the account's day-window traffic echoing what caught accounts sent (``EventContext.echo``).
+    Not among :func:`features`: the anomaly model does not see it (it is about other accounts' verdicts)."""
+    return st.day[ECHO] / (st.day[N] or 1.0)
 
 
 def _entropy(values: list[float]) -> float:

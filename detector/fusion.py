@@ -54,6 +54,7 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "network_rotation": 1.5,  # calls from many networks (ASNs) within a day or two: rotating proxies
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
     "near_blocked": 5.0,  # shares keys or templates with a blocked cluster, below the linking threshold
+    "echoes_caught": 4.0,  # many of its prompts re-send (reworded or not) what caught accounts sent
 }
 PRIOR_INTERCEPT = -5.5
 
@@ -84,6 +85,7 @@ DETAILS: dict[str, str] = {
     "network_rotation": "calls from {v:.0f} networks (ASNs) in the last one to two days",
     "linked_to_blocked": "linked to a blocked cluster",
     "near_blocked": "shares templates or infrastructure with a blocked cluster",
+    "echoes_caught": "{pct} of prompts re-send (reworded or not) prompts that caught accounts sent",
     "allowlisted": "account or org is on the allowlist",
     "analyst_label": "analyst verdict",
 }

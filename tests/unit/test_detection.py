@@ -357,3 +357,47 @@ def test_a_harvest_split_over_two_orgs_on_shared_private_templates_is_caught():
     assert all(det.accounts[a].action in ("throttle", "block") for a in harvesters)
     assert "harvest_cross_org" in {c["code"] for r in records if r["action"] != "allow" for c in r["reasons"]}
     assert all(det.accounts[a].action == "allow" for a in det.accounts if a.startswith("acct_lab"))
+
+
+def test_a_proxy_rewording_a_caught_campaigns_prompts_is_caught_and_one_with_other_prompts_is_not():
+    """A proxy account forwarding a blocked campaign's prompt set reworded (none of the campaign's template
+    text left, so no shared template ties them), mixed with its customers' own prompts: what it shares with
+    the campaign is the prompts' substance (echoes_caught). An identical proxy forwarding prompts that no
+    caught account sent stays below throttle: the echo is what tells them apart."""
+    rng = random.Random(5)
+
+    def long_task():  # a task long enough that a new frame around it leaves most of its word 3-shingles (and bands)
+        return " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randrange(3, 9))) for _ in range(150))
+
+    caught_set, other_set = [long_task() for _ in range(150)], [long_task() for _ in range(150)]
+    events = campaign_and_ordinary(hours=36)  # the campaign, blocked within its first hours
+    for i in range(40):  # its accounts also send the prompt set, in their template
+        for h in range(1, 36, 2):
+            events.append(event(f"acct_x{i:03d}", BASE_TS + h * HOUR + rng.randrange(HOUR),
+                                TEMPLATE.format(caught_set[(i * 18 + h) % len(caught_set)]),
+                                billing={"payment_fp": f"pm_shared_{i // 10}", "tier": "build",
+                                         "account_created_ts": BASE_TS - HOUR},
+                                client={"ip": f"203.0.113.{i % 8}", "asn": 64999, "country": "SG",
+                                        "user_agent": "python-httpx/0.27", "tls_fp": "t13d_bot"},
+                                output_tokens=4096, response={"stop_reason": "max_tokens"}))
+    for aid, tasks, net in (("acct_proxy", caught_set, 1), ("acct_proxy_other", other_set, 2)):
+        for h in range(12, 36):
+            for _ in range(24):
+                ts = BASE_TS + h * HOUR + rng.randrange(HOUR)
+                text = (f"Please help with this. {rng.choice(tasks)} Explain your reasoning step by step."
+                        if rng.random() < 0.6 else long_task())
+                events.append(event(aid, ts, text, org_id=f"org_{aid}", output_tokens=rng.randrange(1500, 3000),
+                                    billing={"payment_fp": f"pm_{aid}", "tier": "scale",
+                                             "account_created_ts": BASE_TS - 300 * 86_400_000},
+                                    client={"ip": f"198.51.{net}.7", "asn": 16509 + net, "country": "US",
+                                            "user_agent": f"{aid}/1.0", "tls_fp": None}))
+    events.sort(key=lambda e: e["ts"])
+    det, records = run(events)
+    assert det.clusters[det.linker.root("acct_x001")].blocked
+    assert det.linker.root("acct_proxy") != det.linker.root("acct_x001")  # nothing links it to the campaign
+    # (the share counts echoes until the proxy is caught: a caught account does not echo itself)
+    assert feat.echo_share(det.accounts["acct_proxy"]) > 0.1 > 0.01 > feat.echo_share(det.accounts["acct_proxy_other"])
+    assert det.accounts["acct_proxy"].action in ("throttle", "block")
+    assert "echoes_caught" in {c["code"] for r in records if r["account_id"] == "acct_proxy"
+                               and r["action"] != "allow" for c in r["reasons"]}
+    assert det.accounts["acct_proxy_other"].action in ("allow", "watch")

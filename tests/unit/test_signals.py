@@ -270,3 +270,41 @@ def test_sketch_keys_of_a_batch_land_in_the_window_of_their_event():
         one_by_one.apply_signals([s])
     assert together.content._new == one_by_one.content._new and together.content._old == one_by_one.content._old
     assert sum(together.content._new) > 0
+
+
+def test_prompts_of_the_other_workers_caught_accounts_count_as_echoes_here():
+    """The campaign's accounts live on both detectors; once caught, the prompts each sends reach the other
+    detector's filter of caught accounts' prompts (detector.content.CaughtContent), so an account on either
+    detector re-sending one of them, reworded, echoes a caught account. Without sharing, only its own half's."""
+    import random
+
+    from detector.fingerprints import fingerprint
+    from tests.factory import KEY
+    from tests.unit.test_detection import TEMPLATE
+
+    rng = random.Random(8)
+    events, tasks = campaign_and_ordinary(hours=24), [[], []]
+    for i in range(40):  # after 12 h (caught by then), each campaign account sends long tasks of its own
+        aid = f"acct_x{i:03d}"
+        for h in range(13, 24, 3):
+            task = " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randrange(3, 9)))
+                            for _ in range(150))
+            tasks[account_partition(aid, 2)].append(task)
+            events.append(event(aid, BASE_TS + h * HOUR, TEMPLATE.format(task),
+                                billing={"payment_fp": f"pm_shared_{i // 10}", "tier": "build",
+                                         "account_created_ts": BASE_TS - HOUR},
+                                client={"ip": f"203.0.113.{i % 8}", "asn": 64999, "country": "SG",
+                                        "user_agent": "python-httpx/0.27", "tls_fp": "t13d_bot"}))
+    events.sort(key=lambda e: e["ts"])
+    shared, alone = split_run(events, share=True), split_run(events, share=False)
+    assert caught(shared, "acct_x") and caught(alone, "acct_x")
+
+    def echoed(det, texts):
+        return sum(det.caught_content.hits([int(b, 16) for b in fingerprint(t, KEY)["bands"]], BASE_TS + 24 * HOUR)
+                   >= 2 for t in texts)
+
+    for here in (0, 1):
+        reworded = [f"Please help with this. {t} Explain briefly." for t in tasks[1 - here]]  # sent over there
+        assert len(reworded) > 20
+        assert echoed(shared[here], reworded) > len(reworded) // 2
+        assert echoed(alone[here], reworded) < len(reworded) // 10
