@@ -136,3 +136,24 @@ def test_partitions_moving_away_and_back_lose_nothing(stream: list[tuple[int, in
         if o >= committed.get(p, 0):
             det.process(ev, position=(p, o))
     assert counts(det) == counts(reference)
+
+
+def test_a_version_1_snapshot_written_before_the_echo_slot_still_loads(stream: list[tuple[int, int, dict[str, Any]]]
+                                                                       ) -> None:
+    """Version 1 had no ECHO slot in the window: a changelog written before it restores every other slot in place
+    and an empty echo count (a rolling upgrade restores the old workers' accounts)."""
+    from detector import features as feat
+
+    det = detector()
+    for p, o, ev in stream[:2000]:
+        det.process(ev, position=(p, o))
+    for acct in list(det.accounts.values())[:50]:
+        acct.day[feat.ECHO] = 0.0
+        v2 = dump_account(acct)
+        slots = 8 * feat.N_SLOTS
+        window = v2[-slots:]
+        at = 8 * feat.ECHO
+        v1 = b"\x01" + v2[1:-slots] + window[:at] + window[at + 8:]  # as the version-1 code wrote it
+        assert len(v1) == len(v2) - 8
+        back, _ = load_account(v1)
+        assert dump_account(back) == v2
