@@ -200,9 +200,10 @@ class _Account(feat.AccountState):
     """One tracked account: its windows (it *is* its :class:`~detector.features.AccountState`), the bits of
     its :class:`~detector.content.SeenFilter`, and the detector's bookkeeping, all in one object.
 
-    One object rather than three (windows, filter, bookkeeping) saves two object headers, two pointers and
-    pymalloc rounding: about 80 bytes of the detector's per-account memory. ``state`` and ``seen`` name the
-    parts as before; both are the account itself.
+    One object rather than four (window array, windows, filter, bookkeeping) saves three object headers,
+    three pointers and pymalloc rounding: about 130 bytes of the detector's per-account memory. ``state``
+    and ``seen`` name the parts as before; both are the account itself, which is also its window array
+    (``acct[i]``, see :class:`~detector.features.AccountState`).
 
     >>> acct = _Account(created_ts=5)
     >>> acct.state is acct.seen is acct, acct.state.created_ts, acct.seen.bits
@@ -261,7 +262,7 @@ def dump_account(acct: _Account, allowlisted: bool = False) -> bytes:
                       acct.shard, acct.seq, st.n_10m, st.n_1h, st.new_model_1h, acct.score, acct.emitted_score,
                       st.ip_bits, st.asn_bits, st.ua_bits)
     recent = struct.pack(f"<{len(acct.recent)}Q", *acct.recent)
-    return head + acct.bits.to_bytes(_SEEN_BYTES, "little") + recent + st.day[:feat.N_SLOTS].tobytes()
+    return head + acct.bits.to_bytes(_SEEN_BYTES, "little") + recent + array("d", st[:feat.N_SLOTS]).tobytes()
 
 
 def load_account(blob: bytes) -> tuple[_Account, bool]:
@@ -298,7 +299,8 @@ def load_account(blob: bytes) -> tuple[_Account, bool]:
     at += _SEEN_BYTES
     acct.recent = array("Q", struct.unpack_from(f"<{n_recent}Q", blob, at))
     at += 8 * n_recent
-    st.day[:feat.N_SLOTS] = array("d", blob[at:])  # into the exact-size window (frombytes() over-allocates)
+    # Into the exact-size window (frombytes() over-allocates), in the window's own array type.
+    st[:feat.N_SLOTS] = array(feat.WINDOW_TYPECODE, array("d", blob[at:]))
     return acct, bool(flags & _ALLOWLISTED)
 
 

@@ -51,7 +51,8 @@ N_SLOTS = HOUR0 + 24
 N_10M_AT, N_1H_AT, NEW_MODEL_1H_AT = N_SLOTS, N_SLOTS + 1, N_SLOTS + 2
 _STATE_SLOTS = N_SLOTS + 3
 
-_ZERO_STATE = array("d", [0.0]) * _STATE_SLOTS
+WINDOW_TYPECODE = "d"  # the array type of an account's window (AccountState)
+_ZERO_STATE = array(WINDOW_TYPECODE, [0.0]) * _STATE_SLOTS
 
 FEATURE_NAMES = (
     "n_10m", "n_1h", "n_24h", "in_tokens", "out_tokens", "out_in_ratio", "max_len_share", "error_share",
@@ -93,30 +94,44 @@ class _WindowSlot:
         self.__doc__ = doc
 
     def __get__(self, obj: AccountState, owner: type | None = None) -> float:
-        return obj.day[self.index]
+        return obj[self.index]
 
     def __set__(self, obj: AccountState, value: float) -> None:
-        obj.day[self.index] = value
+        obj[self.index] = value
 
 
-class AccountState:
-    """Compact per-account window state (about 600 bytes: one float array and a few ints).
+class AccountState(array):  # type: ignore[type-arg]
+    """Compact per-account window state: an array of the window sums that also holds a few ints.
 
-    ``day`` holds the day-horizon sums (``N_SLOTS`` doubles) and after them the 10-minute and 1-hour
-    counts, read and written here as the slots ``N_10M_AT``, ``N_1H_AT`` and ``NEW_MODEL_1H_AT``; elsewhere
-    as the attributes ``n_10m``, ``n_1h`` and ``new_model_1h`` (:class:`_WindowSlot`).
+    The state *is* its window: ``st[i]`` (or ``st.day[i]``) holds the day-horizon sums (``N_SLOTS``
+    doubles) and after them the 10-minute and 1-hour counts, read and written here as the slots
+    ``N_10M_AT``, ``N_1H_AT`` and ``NEW_MODEL_1H_AT``; elsewhere as the attributes ``n_10m``, ``n_1h`` and
+    ``new_model_1h`` (:class:`_WindowSlot`). One object instead of an object and an array saves an array
+    header (80 bytes with its garbage-collector header) and a pointer per account. Allocated at its exact
+    size (``_STATE_SLOTS`` values).
+
+    >>> st = AccountState(created_ts=3)
+    >>> len(st) == _STATE_SLOTS, st.day is st, st.created_ts, st[N]
+    (True, True, 3, 0.0)
     """
 
-    __slots__ = ("created_ts", "first_ts", "last_ts", "t0", "day", "events", "ip_bits", "asn_bits", "ua_bits")
+    __slots__ = ("created_ts", "first_ts", "last_ts", "t0", "events", "ip_bits", "asn_bits", "ua_bits")
+
+    def __new__(cls, created_ts: int | None, *args: object, **kwargs: object) -> AccountState:
+        return super().__new__(cls, WINDOW_TYPECODE, _ZERO_STATE)  # an exact-size copy of the zero window
 
     def __init__(self, created_ts: int | None) -> None:
         self.created_ts = created_ts
         self.first_ts = 0
         self.last_ts = 0
         self.t0 = 0
-        self.day = array("d", _ZERO_STATE)  # an exact-size copy: array("d", bytes(...)) over-allocates
         self.events = 0
         self.ip_bits = self.asn_bits = self.ua_bits = 0
+
+    @property
+    def day(self) -> AccountState:
+        """The window array: the state itself (kept as a name for readers of the window slots)."""
+        return self
 
     n_10m = _WindowSlot(N_10M_AT, "The 10-minute-horizon event count, as of the newest event.")
     n_1h = _WindowSlot(N_1H_AT, "The 1-hour-horizon event count, as of the newest event.")
@@ -129,7 +144,7 @@ class AccountState:
         >>> AccountState(created_ts=7).to_list()[:4], len(AccountState(created_ts=7).to_list()[4]) == N_SLOTS
         ([7, 0, 0, 0], True)
         """
-        return [self.created_ts, self.first_ts, self.last_ts, self.t0, list(self.day[:N_SLOTS]), self.n_10m,
+        return [self.created_ts, self.first_ts, self.last_ts, self.t0, list(self[:N_SLOTS]), self.n_10m,
                 self.n_1h, self.new_model_1h, self.events, self.ip_bits, self.asn_bits, self.ua_bits]
 
 
@@ -165,7 +180,7 @@ def update(st: AccountState, ev: dict, shared: EventContext) -> None:
         st.first_ts = st.last_ts = st.t0 = t
     # Short horizons: plain decay to the newest event time (older events are added pre-decayed).
     new_model = 1.0 if shared.model_age_ms < NEW_MODEL_MS else 0.0
-    day = st.day
+    day = st
     if t >= st.last_ts:
         dt = t - st.last_ts
         f_1h = 2.0 ** (-dt / H_1H)
@@ -254,7 +269,7 @@ def steady_hours(st: AccountState, now: int, floor: float = 0.25) -> int:
     >>> steady_hours(burst, 12 * HOUR_MS + 39 * 60_000)
     0
     """
-    day = st.day
+    day = st
     if st.events == 0 or day[N_1H_AT] <= 0.0:
         return 0
     scale = 2.0 ** min(-(now - st.t0) / H_DAY, _RENORM)
@@ -314,7 +329,7 @@ def hourly_count(st: AccountState, now: int, min_span_ms: int = MIN_RATE_SPAN_MS
     >>> round(hourly_count(one, 0), 1)  # one call: read over min_span_ms, not as a pace
     6.3
     """
-    n_1h = st.day[N_1H_AT]
+    n_1h = st[N_1H_AT]
     n = n_1h * 2.0 ** (-(now - st.last_ts) / H_1H) if now >= st.last_ts else n_1h
     span = max(now - st.first_ts, min_span_ms)
     return n / (1.0 - 2.0 ** (-span / H_1H))
@@ -333,7 +348,7 @@ def features(st: AccountState, now: int) -> dict[str, float]:
     Shares are in [0, 1]; counts are decayed event counts. Meaningful after a handful of events: callers
     should weigh features by ``n_24h`` (see ``detector.detection``).
     """
-    day = st.day
+    day = st
     n = day[N] or 1.0
     # Read more than _RENORM half-lives before the window's reference time t0 (an event years late, which
     # the schema allows), the window is read as of that bound: the same bound keeps the stored sums finite,
