@@ -885,6 +885,10 @@ class Detector:
         aid = label["account_id"]
         attack = label["label"] == "attack"
         self.stats["labels"] += 1
+        if not self.linker.knows(aid):
+            # Linked with no keys (alone), so the linker holds it and evicting it hands back its root, as for
+            # an account its events linked (the cluster state an attack label makes below goes with it).
+            self.linker.link(aid, ())
         acct = self.accounts.get(aid)
         ts = label["ts"]
         if acct is not None and acct.state.events:
