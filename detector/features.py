@@ -51,7 +51,15 @@ N_SLOTS = HOUR0 + 24
 N_10M_AT, N_1H_AT, NEW_MODEL_1H_AT = N_SLOTS, N_SLOTS + 1, N_SLOTS + 2
 _STATE_SLOTS = N_SLOTS + 3
 
-WINDOW_TYPECODE = "d"  # the array type of an account's window (AccountState)
+# The window is stored in float32 (204 bytes instead of 408 per account; issue 5). Its values are decayed sums
+# read as ratios of one another or as decayed counts, never as exact quantities: each update rounds a sum to
+# 24 bits (a relative error of 6e-8), far below what moves a score by its published 4 decimals. Scaled
+# sums stay below 2 ** 24 times the raw ones (_RENORM), far inside float32's range (3.4e38). What must be
+# exact (timestamps, event counts, bitmaps, scores) is kept outside the window. Measured (run I in
+# BENCHMARKS.md): records byte-identical to the float64 window on the demo (plain, with labels and a
+# drain/restore, with eviction) and the same evaluation numbers on the default scenario. Snapshots carry
+# the window as float64 (unchanged format): a float32 value converts exactly.
+WINDOW_TYPECODE = "f"  # the array type of an account's window (AccountState)
 _ZERO_STATE = array(WINDOW_TYPECODE, [0.0]) * _STATE_SLOTS
 
 FEATURE_NAMES = (
