@@ -102,11 +102,15 @@ class Linker:
     global rebuild once the dead outnumber the live, is as cheap amortised but stalls the stream for a
     pass over every account (seconds at a million); a compaction touches one cluster.
 
-    Memory is bounded by the live accounts: one node each plus at most as many tombstones, their keys (at
-    most ``MAX_KEYS_PER_ACCOUNT`` each), and per key shared by two or more live accounts a list of its
-    other holders, at most twice as long as they are many (so a forgotten representative can be
-    replaced at once). Forgetting every account empties every structure (Python dicts give back their
-    capacity on their next resize).
+    An account alone (a cluster of one: most accounts) is in no tree: it has no ``_parent`` or ``_size``
+    entry, only its keys, and :meth:`root` returns it as its own root. Trees hold clusters of two or more
+    nodes only; a compaction that leaves one live member takes it out of the tree again.
+
+    Memory is bounded by the live accounts: a node each in a cluster of two or more plus at most as many
+    tombstones, their keys (at most ``MAX_KEYS_PER_ACCOUNT`` each), and per key shared by two or more live
+    accounts a list of its other holders, at most twice as long as they are many (so a forgotten
+    representative can be replaced at once). Forgetting every account empties every structure (Python
+    dicts give back their capacity on their next resize).
 
     ``merges`` lists ``(old root, new root)`` pairs in the order they happened, drained by the caller:
     the old root's cluster now lives under the new root. A union records ``(absorbed, surviving)``; a
@@ -115,8 +119,8 @@ class Linker:
     """
 
     def __init__(self) -> None:
-        self._parent: dict[str, str] = {}  # live accounts and tombstones
-        self._size: dict[str, int] = {}  # root -> live members of its cluster
+        self._parent: dict[str, str] = {}  # nodes of trees of two or more (live accounts and tombstones)
+        self._size: dict[str, int] = {}  # root of a tree -> live members of its cluster (alone: no entry, 1)
         self._nodes: dict[str, list[str]] = {}  # root -> every node of its tree, root first (2+ nodes only)
         self._dead: set[str] = set()  # tombstones: forgotten accounts still in a tree
         self._key_rep: dict[tuple[str, object], str] = {}  # key -> a live holder (the first, while it lives)
@@ -126,11 +130,10 @@ class Linker:
         self.merges: list[tuple[str, str]] = []  # (old root, new root), drained by the caller
 
     def root(self, account: str) -> str:
-        """The root of the account's cluster; an account not seen before becomes a cluster of one."""
+        """The root of the account's cluster: the account itself if it is alone (or not seen before; nothing is
+        stored for it)."""
         parent = self._parent
         if account not in parent:
-            parent[account] = account
-            self._size[account] = 1
             return account
         while parent[account] != account:
             parent[account] = parent[parent[account]]
@@ -178,11 +181,13 @@ class Linker:
         return "c_" + hashlib.blake2b(self.root(account).encode(), digest_size=6).hexdigest()
 
     def _union(self, a: str, b: str) -> str:
-        if self._size[a] < self._size[b]:
+        size = self._size
+        if size.get(a, 1) < size.get(b, 1):
             a, b = b, a
         self._parent[b] = a
+        self._parent.setdefault(a, a)  # an account alone until now becomes the root of a tree
         self.merges.append((b, a))
-        self._size[a] += self._size.pop(b)
+        size[a] = size.get(a, 1) + size.pop(b, 1)
         nodes = self._nodes.get(a)
         if nodes is None:
             nodes = self._nodes[a] = [a]
@@ -306,17 +311,20 @@ class Linker:
             raise TypeError("forget() takes an iterable of account ids, not one id")
         gone: list[str] = []
         for account in accounts:
-            if account not in self._parent or account in self._dead:
+            if account in self._dead:
+                continue
+            if account not in self._parent:  # alone (a cluster of one: in no tree), or unknown
+                keys = self._keys.pop(account, None)
+                if keys is not None:
+                    for key in keys:
+                        self._drop_holder(key, account)
+                    gone.append(account)
                 continue
             for key in self._keys.pop(account, ()):
                 self._drop_holder(key, account)
             root = self.root(account)
             self._size[root] -= 1
-            nodes = self._nodes.get(root)
-            if nodes is None:  # a cluster of one: nothing points through it
-                del self._parent[account], self._size[account]
-                gone.append(account)
-                continue
+            nodes = self._nodes[root]  # a tree has two or more nodes
             self._dead.add(account)
             if len(nodes) > 2 * self._size[root] and self._compact(root) is None:
                 gone.append(root)
@@ -363,11 +371,13 @@ class Linker:
         if not live:
             return None
         new = live[0]
-        for node in live:
-            self._parent[node] = new
-        self._size[new] = len(live)
         if len(live) > 1:
+            for node in live:
+                self._parent[node] = new
+            self._size[new] = len(live)
             self._nodes[new] = live
+        else:  # one live member left: alone again, out of the tree
+            del self._parent[new]
         if new != root:
             self.merges.append((root, new))
         return new
@@ -468,8 +478,8 @@ class Linker:
                         yield key, key_weight(key[0], self._key_degree[key])
 
     def members(self) -> int:
-        """Live accounts (tombstones of forgotten ones not counted)."""
-        return len(self._parent) - len(self._dead)
+        """Live accounts (tombstones of forgotten ones not counted): the accounts linked and not forgotten."""
+        return len(self._keys)
 
 
 class ClusterState:

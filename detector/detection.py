@@ -208,9 +208,10 @@ class _Account(feat.AccountState):
     """One tracked account: its windows (it *is* its :class:`~detector.features.AccountState`), the bits of
     its :class:`~detector.content.SeenFilter`, and the detector's bookkeeping, all in one object.
 
-    One object rather than three (windows, filter, bookkeeping) saves two object headers, two pointers and
-    pymalloc rounding: about 80 bytes of the detector's per-account memory. ``state`` and ``seen`` name the
-    parts as before; both are the account itself.
+    One object rather than four (window array, windows, filter, bookkeeping) saves three object headers,
+    three pointers and pymalloc rounding: about 130 bytes of the detector's per-account memory. ``state``
+    and ``seen`` name the parts as before; both are the account itself, which is also its window array
+    (``acct[i]``, see :class:`~detector.features.AccountState`).
 
     >>> acct = _Account(created_ts=5)
     >>> acct.state is acct.seen is acct, acct.state.created_ts, acct.seen.bits
@@ -218,7 +219,7 @@ class _Account(feat.AccountState):
     """
 
     __slots__ = ("bits", "action", "score", "emitted_score", "learned_ts", "root", "blocked_counted",
-                 "throttled_counted", "shard", "seq", "recent", "scored_ts")
+                 "throttled_counted", "shard", "seq", "recent_ids", "scored_ts")
 
     def __init__(self, created_ts: int | None) -> None:
         super().__init__(created_ts)
@@ -232,7 +233,9 @@ class _Account(feat.AccountState):
         self.throttled_counted = False
         self.shard = -1  # where the account's events come from (a Kafka partition); -1: unknown
         self.seq = -1  # position (offset) of the last event folded in from ``shard``
-        self.recent = array("Q")  # id_hash of its last RECENT_PER_ACCOUNT events, oldest first
+        # id_hash of its last RECENT_PER_ACCOUNT events, oldest first, 8 bytes each (little-endian, as in its
+        # snapshot): one bytes object of 41 to 97 bytes, where an array of them would be 88 to 144.
+        self.recent_ids = b""
         self.scored_ts = 0  # event time it was last scored at (not in its snapshot: after a restore, at once)
 
     @property
@@ -241,9 +244,35 @@ class _Account(feat.AccountState):
         return self
 
     @property
+    def recent(self) -> tuple[int, ...]:
+        """The id hashes in ``recent_ids``, oldest first.
+
+        >>> acct = _Account(None)
+        >>> acct.recent = [7, 2**64 - 1]
+        >>> acct.recent, len(acct.recent_ids), _holds(acct.recent_ids, 7), _holds(acct.recent_ids, 8)
+        ((7, 18446744073709551615), 16, True, False)
+        """
+        return struct.unpack(f"<{len(self.recent_ids) // 8}Q", self.recent_ids)
+
+    @recent.setter
+    def recent(self, ids: Iterable[int]) -> None:
+        ids = tuple(ids)
+        self.recent_ids = struct.pack(f"<{len(ids)}Q", *ids)
+
+    @property
     def seen(self) -> SeenBits:
         """The account's filter of content keys it contributed (the account itself: see ``bits``)."""
         return self
+
+
+def _holds(ids: bytes, h: int) -> bool:
+    """Whether the packed 64-bit id hashes ``ids`` (an account's ``recent_ids``) hold ``h``: a match at an
+    8-byte boundary (bytes of two neighbouring ids may match too)."""
+    key = h.to_bytes(8, "little")
+    at = ids.find(key)
+    while at > 0 and at & 7:
+        at = ids.find(key, at + 1)
+    return at >= 0
 
 
 # Account snapshot, version 2 (little-endian): this header, the account's 1024-bit SeenFilter, its recent
@@ -266,12 +295,12 @@ def dump_account(acct: _Account, allowlisted: bool = False) -> bytes:
     """
     st = acct.state
     flags = (_HAS_CREATED if st.created_ts is not None else 0) | (_ALLOWLISTED if allowlisted else 0)
-    head = _HEAD.pack(_SNAPSHOT_VERSION, ACTIONS.index(acct.action), flags, len(acct.recent),
+    head = _HEAD.pack(_SNAPSHOT_VERSION, ACTIONS.index(acct.action), flags, len(acct.recent_ids) // 8,
                       st.created_ts or 0, st.first_ts, st.last_ts, st.t0, st.events, acct.learned_ts,
                       acct.shard, acct.seq, st.n_10m, st.n_1h, st.new_model_1h, acct.score, acct.emitted_score,
                       st.ip_bits, st.asn_bits, st.ua_bits)
-    recent = struct.pack(f"<{len(acct.recent)}Q", *acct.recent)
-    return head + acct.bits.to_bytes(_SEEN_BYTES, "little") + recent + st.day[:feat.N_SLOTS].tobytes()
+    window = array("d", st[:feat.N_SLOTS]).tobytes()
+    return head + acct.bits.to_bytes(_SEEN_BYTES, "little") + acct.recent_ids + window
 
 
 def load_account(blob: bytes) -> tuple[_Account, bool]:
@@ -308,12 +337,13 @@ def load_account(blob: bytes) -> tuple[_Account, bool]:
     at = _HEAD.size
     acct.bits = int.from_bytes(blob[at:at + _SEEN_BYTES], "little")
     at += _SEEN_BYTES
-    acct.recent = array("Q", struct.unpack_from(f"<{n_recent}Q", blob, at))
+    acct.recent_ids = bytes(blob[at:at + 8 * n_recent])
     at += 8 * n_recent
     day = array("d", blob[at:])
     if slots != feat.N_SLOTS:  # version 1: no ECHO slot
         day.insert(feat.ECHO, 0.0)
-    st.day[:feat.N_SLOTS] = day  # into the exact-size window (frombytes() over-allocates)
+    # Into the exact-size window (frombytes() over-allocates), in the window's own array type.
+    st[:feat.N_SLOTS] = array(feat.WINDOW_TYPECODE, day)
     return acct, bool(flags & _ALLOWLISTED)
 
 
@@ -321,7 +351,7 @@ class Detector:
     """Stateful detector over a stream of valid events (see the module docstring).
 
     ``anomaly_model`` is one of :data:`detector.models.MODEL_NAMES` (default: the settings'). Memory: about
-    1.6 KB per tracked account (bench/run.py, 1M accounts) plus a fixed 64 MiB content sketch, plus at most 16 MB of
+    1.1 KB per tracked account (bench/run.py, 1M accounts) plus a fixed 64 MiB content sketch, plus at most 16 MB of
     recent event ids (:class:`RecentIds`, ``dedup_ids``); accounts idle for ``idle_evict_s`` of event time,
     and the least recently active beyond ``max_accounts``, are evicted.
 
@@ -407,7 +437,7 @@ class Detector:
             return None
         aid: str = event["account_id"]
         acct = self.accounts.get(aid)
-        if acct is not None and (h in acct.recent or (
+        if acct is not None and ((h is not None and _holds(acct.recent_ids, h)) or (
                 position is not None and position[0] == acct.shard and position[1] <= acct.seq)):
             self.stats["duplicates"] += 1
             return None
@@ -426,13 +456,10 @@ class Detector:
         if position is not None:
             acct.shard, acct.seq = position
         if h is not None:
-            recent = acct.recent
-            if not recent:
-                acct.recent = array("Q", (h,))  # exact size: append() to the empty array would reserve 4 ids
-            else:
-                if len(recent) >= RECENT_PER_ACCOUNT:
-                    del recent[0]  # before the append, so a full array needs no larger one
-                recent.append(h)
+            ids = acct.recent_ids
+            if len(ids) >= 8 * RECENT_PER_ACCOUNT:
+                ids = ids[8:]
+            acct.recent_ids = ids + h.to_bytes(8, "little")
         if self._changed is not None:
             self._changed.add(aid)
         if aid in self.allowlist or (event.get("org_id") and event["org_id"] in self.allowlist):
@@ -919,6 +946,10 @@ class Detector:
         aid = label["account_id"]
         attack = label["label"] == "attack"
         self.stats["labels"] += 1
+        if not self.linker.knows(aid):
+            # Linked with no keys (alone), so the linker holds it and evicting it hands back its root, as for
+            # an account its events linked (the cluster state an attack label makes below goes with it).
+            self.linker.link(aid, ())
         acct = self.accounts.get(aid)
         ts = label["ts"]
         if acct is not None and acct.state.events:

@@ -51,7 +51,16 @@ N_SLOTS = HOUR0 + 24
 N_10M_AT, N_1H_AT, NEW_MODEL_1H_AT = N_SLOTS, N_SLOTS + 1, N_SLOTS + 2
 _STATE_SLOTS = N_SLOTS + 3
 
-_ZERO_STATE = array("d", [0.0]) * _STATE_SLOTS
+# The window is stored in float32 (204 bytes instead of 408 per account; issue 5). Its values are decayed sums
+# read as ratios of one another or as decayed counts, never as exact quantities: each update rounds a sum to
+# 24 bits (a relative error of 6e-8), far below what moves a score by its published 4 decimals. Scaled
+# sums stay below 2 ** 24 times the raw ones (_RENORM), far inside float32's range (3.4e38). What must be
+# exact (timestamps, event counts, bitmaps, scores) is kept outside the window. Measured (run I in
+# BENCHMARKS.md): records byte-identical to the float64 window on the demo (plain, with labels and a
+# drain/restore, with eviction) and the same evaluation numbers on the default scenario. Snapshots carry
+# the window as float64 (unchanged format): a float32 value converts exactly.
+WINDOW_TYPECODE = "f"  # the array type of an account's window (AccountState)
+_ZERO_STATE = array(WINDOW_TYPECODE, [0.0]) * _STATE_SLOTS
 
 FEATURE_NAMES = (
     "n_10m", "n_1h", "n_24h", "in_tokens", "out_tokens", "out_in_ratio", "max_len_share", "error_share",
@@ -95,31 +104,69 @@ class _WindowSlot:
         self.__doc__ = doc
 
     def __get__(self, obj: AccountState, owner: type | None = None) -> float:
-        return obj.day[self.index]
+        return obj[self.index]
 
     def __set__(self, obj: AccountState, value: float) -> None:
-        obj.day[self.index] = value
+        obj[self.index] = value
 
 
-class AccountState:
-    """Compact per-account window state (about 600 bytes: one float array and a few ints).
+class _NetBits:
+    """One of the account's three network bitmaps (see ``_LOW``), kept as the 64-bit lane ``lane`` of the
+    single integer ``net_bits`` rather than as an integer of its own (one object of 48 to 56 bytes instead of
+    three of 32 and their slots).
 
-    ``day`` holds the day-horizon sums (``N_SLOTS`` doubles) and after them the 10-minute and 1-hour
-    counts, read and written here as the slots ``N_10M_AT``, ``N_1H_AT`` and ``NEW_MODEL_1H_AT``; elsewhere
-    as the attributes ``n_10m``, ``n_1h`` and ``new_model_1h`` (:class:`_WindowSlot`).
+    >>> st = AccountState(created_ts=None)
+    >>> st.asn_bits = 0b101
+    >>> st.ip_bits, st.asn_bits, st.ua_bits, st.net_bits == 0b101 << 64
+    (0, 5, 0, True)
     """
 
-    __slots__ = ("created_ts", "first_ts", "last_ts", "t0", "day", "events", "ip_bits", "asn_bits", "ua_bits")
+    def __init__(self, lane: int) -> None:
+        self.shift = 64 * lane
+
+    def __get__(self, obj: AccountState, owner: type | None = None) -> int:
+        return (obj.net_bits >> self.shift) & _LANE
+
+    def __set__(self, obj: AccountState, value: int) -> None:
+        obj.net_bits = obj.net_bits & ~(_LANE << self.shift) | (value & _LANE) << self.shift
+
+
+class AccountState(array):  # type: ignore[type-arg]
+    """Compact per-account window state: an array of the window sums that also holds a few ints.
+
+    The state *is* its window: ``st[i]`` (or ``st.day[i]``) holds the day-horizon sums (``N_SLOTS``
+    doubles) and after them the 10-minute and 1-hour counts, read and written here as the slots
+    ``N_10M_AT``, ``N_1H_AT`` and ``NEW_MODEL_1H_AT``; elsewhere as the attributes ``n_10m``, ``n_1h`` and
+    ``new_model_1h`` (:class:`_WindowSlot`). One object instead of an object and an array saves an array
+    header (80 bytes with its garbage-collector header) and a pointer per account. Allocated at its exact
+    size (``_STATE_SLOTS`` values).
+
+    >>> st = AccountState(created_ts=3)
+    >>> len(st) == _STATE_SLOTS, st.day is st, st.created_ts, st[N]
+    (True, True, 3, 0.0)
+    """
+
+    __slots__ = ("created_ts", "first_ts", "last_ts", "t0", "events", "net_bits")
+
+    def __new__(cls, created_ts: int | None, *args: object, **kwargs: object) -> AccountState:
+        return super().__new__(cls, WINDOW_TYPECODE, _ZERO_STATE)  # an exact-size copy of the zero window
 
     def __init__(self, created_ts: int | None) -> None:
         self.created_ts = created_ts
         self.first_ts = 0
         self.last_ts = 0
         self.t0 = 0
-        self.day = array("d", _ZERO_STATE)  # an exact-size copy: array("d", bytes(...)) over-allocates
         self.events = 0
-        self.ip_bits = self.asn_bits = self.ua_bits = 0
+        self.net_bits = 0  # the bitmaps ip_bits, asn_bits and ua_bits, one 64-bit lane each (_NetBits)
 
+    @property
+    def day(self) -> AccountState:
+        """The window array: the state itself (kept as a name for readers of the window slots)."""
+        return self
+
+    ip_bits = _NetBits(0)
+    asn_bits = _NetBits(1)
+    ua_bits = _NetBits(2)
     n_10m = _WindowSlot(N_10M_AT, "The 10-minute-horizon event count, as of the newest event.")
     n_1h = _WindowSlot(N_1H_AT, "The 1-hour-horizon event count, as of the newest event.")
     new_model_1h = _WindowSlot(NEW_MODEL_1H_AT, "The 1-hour-horizon count of events on a newly released model, "
@@ -131,7 +178,7 @@ class AccountState:
         >>> AccountState(created_ts=7).to_list()[:4], len(AccountState(created_ts=7).to_list()[4]) == N_SLOTS
         ([7, 0, 0, 0], True)
         """
-        return [self.created_ts, self.first_ts, self.last_ts, self.t0, list(self.day[:N_SLOTS]), self.n_10m,
+        return [self.created_ts, self.first_ts, self.last_ts, self.t0, list(self[:N_SLOTS]), self.n_10m,
                 self.n_1h, self.new_model_1h, self.events, self.ip_bits, self.asn_bits, self.ua_bits]
 
 
@@ -139,8 +186,11 @@ class AccountState:
 # previous UTC day of event time: each of ``ip_bits``, ``asn_bits``, ``ua_bits`` is one 64-bit integer
 # holding two 32-bit linear-counting bitmaps, the current day's in the low half and the day before's in the
 # high half. A user who travelled last month does not count as hopping networks today, and an account
-# rotating through residential proxies does, within its first day.
+# rotating through residential proxies does, within its first day. The three are kept as the lanes of one
+# integer, ``AccountState.net_bits`` (ip in bits 0-63, asn in 64-127, ua in 128-191).
 _LOW = (1 << 32) - 1
+_LANE = (1 << 64) - 1  # one bitmap pair in AccountState.net_bits (ip, asn, ua: lanes 0, 1, 2)
+_LOWS = _LOW | _LOW << 64 | _LOW << 128  # the current day's half of each lane
 
 
 def _bit(value: object) -> int:
@@ -167,7 +217,7 @@ def update(st: AccountState, ev: dict, shared: EventContext) -> None:
         st.first_ts = st.last_ts = st.t0 = t
     # Short horizons: plain decay to the newest event time (older events are added pre-decayed).
     new_model = 1.0 if shared.model_age_ms < NEW_MODEL_MS else 0.0
-    day = st.day
+    day = st
     if t >= st.last_ts:
         dt = t - st.last_ts
         f_1h = 2.0 ** (-dt / H_1H)
@@ -221,16 +271,12 @@ def update(st: AccountState, ev: dict, shared: EventContext) -> None:
         day[GAP_LOG] += w * g
         day[GAP_LOG2] += w * g * g
     days = t // DAY_MS - st.last_ts // DAY_MS if st.events else 0
-    if days > 0:  # a new day: today's bitmaps become yesterday's (two days on: both empty)
-        keep = _LOW if days == 1 else 0
-        st.ip_bits, st.asn_bits, st.ua_bits = ((st.ip_bits & keep) << 32, (st.asn_bits & keep) << 32,
-                                               (st.ua_bits & keep) << 32)
+    if days > 0:  # a new day: today's bitmaps become yesterday's (two days on: both empty), in every lane
+        st.net_bits = (st.net_bits & _LOWS) << 32 if days == 1 else 0
     st.last_ts = max(st.last_ts, t)
     st.events += 1
     client = ev["client"]
-    st.ip_bits |= _bit(client.get("ip"))
-    st.asn_bits |= _bit(client.get("asn"))
-    st.ua_bits |= _bit(client.get("user_agent"))
+    st.net_bits |= _bit(client.get("ip")) | _bit(client.get("asn")) << 64 | _bit(client.get("user_agent")) << 128
 
 
 def steady_hours(st: AccountState, now: int, floor: float = 0.25) -> int:
@@ -258,7 +304,7 @@ def steady_hours(st: AccountState, now: int, floor: float = 0.25) -> int:
     >>> steady_hours(burst, 12 * HOUR_MS + 39 * 60_000)
     0
     """
-    day = st.day
+    day = st
     if st.events == 0 or day[N_1H_AT] <= 0.0:
         return 0
     scale = 2.0 ** min(-(now - st.t0) / H_DAY, _RENORM)
@@ -318,7 +364,7 @@ def hourly_count(st: AccountState, now: int, min_span_ms: int = MIN_RATE_SPAN_MS
     >>> round(hourly_count(one, 0), 1)  # one call: read over min_span_ms, not as a pace
     6.3
     """
-    n_1h = st.day[N_1H_AT]
+    n_1h = st[N_1H_AT]
     n = n_1h * 2.0 ** (-(now - st.last_ts) / H_1H) if now >= st.last_ts else n_1h
     span = max(now - st.first_ts, min_span_ms)
     return n / (1.0 - 2.0 ** (-span / H_1H))
@@ -343,7 +389,7 @@ def features(st: AccountState, now: int) -> dict[str, float]:
     Shares are in [0, 1]; counts are decayed event counts. Meaningful after a handful of events: callers
     should weigh features by ``n_24h`` (see ``detector.detection``).
     """
-    day = st.day
+    day = st
     n = day[N] or 1.0
     # Read more than _RENORM half-lives before the window's reference time t0 (an event years late, which
     # the schema allows), the window is read as of that bound: the same bound keeps the stored sums finite,
@@ -356,6 +402,7 @@ def features(st: AccountState, now: int) -> dict[str, float]:
     hours = list(day[HOUR0:N_SLOTS])
     age_ms = now - st.created_ts if st.created_ts is not None else now - st.first_ts
     n_10m, n_1h = day[N_10M_AT], day[N_1H_AT]
+    net = st.net_bits
     return {
         "n_10m": n_10m * 2.0 ** (-(now - st.last_ts) / H_10M) if now >= st.last_ts else n_10m,
         "n_1h": n_1h * 2.0 ** (-(now - st.last_ts) / H_1H) if now >= st.last_ts else n_1h,
@@ -377,8 +424,8 @@ def features(st: AccountState, now: int) -> dict[str, float]:
         "capability_concentration": 1.0 - _entropy(caps) / math.log(len(caps)),
         "hour_spread": _entropy(hours) / math.log(24),
         "gap_log_std": math.sqrt(gap_var),
-        "distinct_ips": _linear_count(st.ip_bits),
-        "distinct_asns": _linear_count(st.asn_bits),
-        "distinct_uas": _linear_count(st.ua_bits),
+        "distinct_ips": _linear_count(net & _LANE),
+        "distinct_asns": _linear_count(net >> 64 & _LANE),
+        "distinct_uas": _linear_count(net >> 128),
         "account_age_days": max(age_ms, 0) / DAY_MS,
     }

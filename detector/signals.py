@@ -24,10 +24,10 @@ worker that holds the account (it alone has the account's windows and content fi
 
 Another worker's detector links the account, counts its templates and adds its traffic to its cluster's
 windows, so every worker scores its own accounts against the whole cluster; the prompts of an account a
-``c`` signal said was caught go into its filter of caught accounts' prompts (``echoes_caught``). Nothing per account is kept
-beyond the linker's entry (evicted when idle, as own accounts are). Signals are best effort, like all
-cross-account state (rebuilt from the stream after a restart): a lost batch weakens a cluster's windows
-for a day, it never loses or double-counts an event of an account.
+``c`` signal said was caught go into its filter of caught accounts' prompts (``echoes_caught``). Nothing
+per account is kept beyond the linker's entry (evicted when idle, as own accounts are). Signals are best
+effort, like all cross-account state (rebuilt from the stream after a restart): a lost batch weakens a
+cluster's windows for a day, it never loses or double-counts an event of an account.
 
 >>> batch = encode_batches("w1", [("e", "a1", 5, [("pay", "pm_1"), ("cohort", (7, 64500))], [12], ARRIVAL, None),
 ...                               ("c", "a1", 6, THROTTLED)])

@@ -25,12 +25,13 @@ PAY: list[Key] = [("pay", f"pm_{i}") for i in range(8)]
 
 
 def live_accounts(lk: Linker) -> set[str]:
-    return set(lk._parent) - lk._dead
+    return (set(lk._parent) - lk._dead) | set(lk._keys)
 
 
 def tree_root(lk: Linker, node: str) -> str:
-    """The root of ``node`` without path halving, so checking does not change what it checks."""
-    while lk._parent[node] != node:
+    """The root of ``node`` without path halving, so checking does not change what it checks (an account
+    alone is in no tree: its own root)."""
+    while lk._parent.get(node, node) != node:
         node = lk._parent[node]
     return node
 
@@ -47,7 +48,7 @@ def check(lk: Linker) -> None:
     """Every internal structure agrees with the live accounts and their keys, and memory is bounded."""
     live = live_accounts(lk)
     assert lk._dead <= set(lk._parent)
-    assert set(lk._keys) <= live
+    assert set(lk._keys) == live  # every live account is linked (alone or in a tree)
     assert lk.members() == len(live)
     # keys: degree = live holders; the representative is a live holder; the others list the rest (and
     # holders forgotten since, at most as many as the live ones plus one)
@@ -68,17 +69,14 @@ def check(lk: Linker) -> None:
     trees: dict[str, list[str]] = {}
     for node in lk._parent:
         trees.setdefault(tree_root(lk, node), []).append(node)
-    assert set(lk._size) == set(trees)
-    assert set(lk._nodes) <= set(trees)
+    assert set(lk._size) == set(trees) == set(lk._nodes)
     for root, nodes in trees.items():
         n_live = sum(node in live for node in nodes)
         assert lk._size[root] == n_live >= 1
         assert len(nodes) - n_live <= n_live  # tombstones never outnumber the live
-        if len(nodes) == 1:
-            assert root not in lk._nodes
-        else:
-            assert lk._nodes[root][0] == root
-            assert sorted(lk._nodes[root]) == sorted(nodes)
+        assert len(nodes) >= 2  # an account alone is in no tree: no parent, size or node-list entry
+        assert lk._nodes[root][0] == root
+        assert sorted(lk._nodes[root]) == sorted(nodes)
     assert len(lk._parent) <= 2 * len(live)
 
 
@@ -428,3 +426,20 @@ def test_with_weak_keys_forgetting_never_splits_or_joins_live_accounts(ops: list
             assert partition(lk) == expected
         check(lk)
         caller.check()
+
+
+def test_an_account_alone_is_in_no_tree() -> None:
+    """Most accounts are alone: they hold their keys and nothing in the union-find (issue 5's memory)."""
+    lk = Linker()
+    lk.link("solo", [("ua", "x"), ("asn", 1)])
+    lk.link("other", [("ua", "x"), ("asn", 1)])  # two weak keys shared: not linked
+    assert lk.root("solo") == "solo" and lk.size("solo") == 1 and lk.members() == 2
+    assert not lk._parent and not lk._size and not lk._nodes
+    lk.link("mate", [PAY[0]])
+    lk.link("solo", [PAY[0]])  # a shared card: a cluster of two, a tree
+    assert set(lk._parent) == {"solo", "mate"} and lk.size(lk.root("solo")) == 2
+    check(lk)
+    lk.merges.clear()
+    assert lk.forget(["other"]) == ["other"]  # alone: its own root comes back, emptied
+    lk.forget(["solo", "mate"])
+    assert lk.members() == 0 and not lk._parent and not lk._size and not lk._keys

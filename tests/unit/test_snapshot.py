@@ -157,3 +157,48 @@ def test_a_version_1_snapshot_written_before_the_echo_slot_still_loads(stream: l
         assert len(v1) == len(v2) - 8
         back, _ = load_account(v1)
         assert dump_account(back) == v2
+
+
+# A snapshot written by the detector before its window became float32 (commit c46ae09, float64 window; the format,
+# version 1, was unchanged by it): made by hand with every field set, the window holding 0.1, 0.2, ... 4.8.
+OLD_SNAPSHOT = bytes.fromhex(
+    "01010302643cd3019c0100009638d8ab9c010000f622d9ab9c0100009638d8ab9c01000003000000000000009638d8ab"
+    "9c010000020000000000000029000000000000009a9999999999b93f3333333333330740333333333333d33f85eb51b8"
+    "1e85e33f9a9999999999e13f050000000001000003000000000000000000000000000080800000000000000000000000"
+    "000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "00000000000000000000000000000000000100000b00000000000000ffffffffffffffff9a9999999999b93f9a999999"
+    "9999c93f343333333333d33f9a9999999999d93f000000000000e03f343333333333e33f676666666666e63f9a999999"
+    "9999e93fcdccccccccccec3f000000000000f03f9a9999999999f13f343333333333f33fcdccccccccccf43f67666666"
+    "6666f63f000000000000f83f9a9999999999f93f343333333333fb3fcdccccccccccfc3f676666666666fe3f00000000"
+    "00000040cdcccccccccc00409a99999999990140676666666666024034333333333303400000000000000440cdcccccc"
+    "cccc04409a99999999990540676666666666064034333333333307400000000000000840cdcccccccccc08409a999999"
+    "999909406766666666660a403433333333330b400000000000000c40cdcccccccccc0c409a99999999990d4067666666"
+    "66660e403433333333330f4000000000000010406766666666661040cdcccccccccc104033333333333311409a999999"
+    "9999114000000000000012406766666666661240cdcccccccccc12403433333333331340"
+)
+
+
+def test_a_snapshot_from_the_float64_window_still_loads() -> None:
+    """Version 1: a float64 window without the ECHO slot. It loads rounded to float32 with an empty echo count,
+    and is written again as version 2."""
+    from array import array
+
+    from detector import features as feat
+
+    acct, allowlisted = load_account(OLD_SNAPSHOT)
+    st = acct.state
+    assert allowlisted and acct.action == "watch" and (acct.score, acct.emitted_score) == (0.61, 0.55)
+    assert (st.created_ts, st.first_ts, st.last_ts, st.t0, st.events) == (
+        1769557146724, 1772409600150, 1772409660150, 1772409600150, 3)
+    assert (acct.learned_ts, acct.shard, acct.seq, list(acct.recent)) == (1772409600150, 2, 41, [11, 2**64 - 1])
+    assert (st.ip_bits, st.asn_bits, st.ua_bits, acct.bits) == (1 << 40 | 5, 3, 1 << 63, (1 << 1000) | (1 << 7))
+    # the window, rounded to the float32 it is now kept in
+    v1 = [0.1 * (i + 1) for i in range(feat.N_SLOTS - 1)]
+    old = v1[:feat.ECHO] + [0.0] + v1[feat.ECHO:] + [0.1, 2.9, 0.3]
+    assert list(st.day) == list(array("f", old)) and len(st.day) == len(old)
+    # written again, it is version 2 with the window's float32 values (exactly, as float64)
+    again = dump_account(acct, allowlisted=True)
+    assert again[0] == 2 and len(again) == len(OLD_SNAPSHOT) + 8
+    assert again[-8 * feat.N_SLOTS:] == array("d", array("f", old[:feat.N_SLOTS])).tobytes()
+    assert load_account(again)[0].state.day == st.day
