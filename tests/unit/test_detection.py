@@ -21,19 +21,35 @@ ORDINARY = ["What's the capital of Peru?", "Write a poem about rain", "How do I 
             "Translate 'good morning' to German", "Plan a 3-day trip to Rome", "What is a Roth IRA?"]
 
 
+def campaign_event(i, ts, text):
+    """An event of the campaign's account ``i``: fresh accounts, ten to a card, on one scripted network."""
+    return event(f"acct_x{i:03d}", ts, text,
+                 billing={"payment_fp": f"pm_shared_{i // 10}", "tier": "build", "account_created_ts": BASE_TS - HOUR},
+                 client={"ip": f"203.0.113.{i % 8}", "asn": 64999, "country": "SG", "user_agent": "python-httpx/0.27",
+                         "tls_fp": "t13d_bot"},
+                 output_tokens=4096, response={"stop_reason": "max_tokens"})
+
+
+def proxy_events(rng, aid, per_hour, net, text, out_tokens):
+    """A proxy account of an org of its own (old, on its own card and network ``net``) from hour 12 to 36 at
+    ``per_hour`` calls an hour, each prompt from ``text()``."""
+    return [event(aid, BASE_TS + h * HOUR + rng.randrange(HOUR), text(), org_id=f"org_{aid}",
+                  output_tokens=rng.randrange(*out_tokens),
+                  billing={"payment_fp": f"pm_{aid}", "tier": "scale",
+                           "account_created_ts": BASE_TS - 300 * 86_400_000},
+                  client={"ip": f"198.51.{net}.7", "asn": 16509 + net, "country": "US", "user_agent": f"{aid}/1.0",
+                          "tls_fp": None})
+            for h in range(12, 36) for _ in range(per_hour)]
+
+
 def campaign_and_ordinary(n_attack=40, n_ordinary=60, hours=24, seed=1):
     rng = random.Random(seed)
     events = []
     for i in range(n_attack):
-        aid = f"acct_x{i:03d}"
         for h in range(0, hours, 2):
             ts = BASE_TS + h * HOUR + rng.randrange(HOUR)
-            events.append(event(aid, ts, TEMPLATE.format(rng.choice(TASKS) + " for " + " ".join(rng.sample(WORDS, 4))),
-                                billing={"payment_fp": f"pm_shared_{i // 10}", "tier": "build",
-                                         "account_created_ts": BASE_TS - HOUR},
-                                client={"ip": f"203.0.113.{i % 8}", "asn": 64999, "country": "SG",
-                                        "user_agent": "python-httpx/0.27", "tls_fp": "t13d_bot"},
-                                output_tokens=4096, response={"stop_reason": "max_tokens"}))
+            task = rng.choice(TASKS) + " for " + " ".join(rng.sample(WORDS, 4))
+            events.append(campaign_event(i, ts, TEMPLATE.format(task)))
     for j in range(n_ordinary):
         aid = f"acct_o{j:03d}"
         for _ in range(rng.randrange(3, 15)):
@@ -319,17 +335,12 @@ def test_a_reseller_filling_a_blocked_campaigns_templates_in_volume_is_caught():
         return " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randrange(3, 9))) for _ in range(12))
 
     events = campaign_and_ordinary(hours=36)
+    def text():
+        return (TEMPLATE.format(rng.choice(TASKS) + " for " + " ".join(rng.sample(WORDS, 4)))
+                if rng.random() < 0.24 else customer_prompt())
+
     for aid, per_hour in (("acct_proxy_busy", 24), ("acct_proxy_quiet", 1)):
-        for h in range(12, 36):
-            for _ in range(per_hour):
-                ts = BASE_TS + h * HOUR + rng.randrange(HOUR)
-                text = (TEMPLATE.format(rng.choice(TASKS) + " for " + " ".join(rng.sample(WORDS, 4)))
-                        if rng.random() < 0.24 else customer_prompt())
-                events.append(event(aid, ts, text, org_id=f"org_{aid}", output_tokens=rng.randrange(300, 1500),
-                                    billing={"payment_fp": f"pm_{aid}", "tier": "scale",
-                                             "account_created_ts": BASE_TS - 300 * 86_400_000},
-                                    client={"ip": f"198.51.{per_hour}.7", "asn": 16509 + per_hour, "country": "US",
-                                            "user_agent": f"{aid}/1.0", "tls_fp": None}))
+        events += proxy_events(rng, aid, per_hour, per_hour, text, (300, 1500))
     events.sort(key=lambda e: e["ts"])
     det, records = run(events)
     assert det.clusters[det.linker.root("acct_x001")].blocked
@@ -373,24 +384,14 @@ def test_a_proxy_rewording_a_caught_campaigns_prompts_is_caught_and_one_with_oth
     events = campaign_and_ordinary(hours=36)  # the campaign, blocked within its first hours
     for i in range(40):  # its accounts also send the prompt set, in their template
         for h in range(1, 36, 2):
-            events.append(event(f"acct_x{i:03d}", BASE_TS + h * HOUR + rng.randrange(HOUR),
-                                TEMPLATE.format(caught_set[(i * 18 + h) % len(caught_set)]),
-                                billing={"payment_fp": f"pm_shared_{i // 10}", "tier": "build",
-                                         "account_created_ts": BASE_TS - HOUR},
-                                client={"ip": f"203.0.113.{i % 8}", "asn": 64999, "country": "SG",
-                                        "user_agent": "python-httpx/0.27", "tls_fp": "t13d_bot"},
-                                output_tokens=4096, response={"stop_reason": "max_tokens"}))
+            events.append(campaign_event(i, BASE_TS + h * HOUR + rng.randrange(HOUR),
+                                         TEMPLATE.format(caught_set[(i * 18 + h) % len(caught_set)])))
     for aid, tasks, net in (("acct_proxy", caught_set, 1), ("acct_proxy_other", other_set, 2)):
-        for h in range(12, 36):
-            for _ in range(24):
-                ts = BASE_TS + h * HOUR + rng.randrange(HOUR)
-                text = (f"Please help with this. {rng.choice(tasks)} Explain your reasoning step by step."
-                        if rng.random() < 0.6 else long_task())
-                events.append(event(aid, ts, text, org_id=f"org_{aid}", output_tokens=rng.randrange(1500, 3000),
-                                    billing={"payment_fp": f"pm_{aid}", "tier": "scale",
-                                             "account_created_ts": BASE_TS - 300 * 86_400_000},
-                                    client={"ip": f"198.51.{net}.7", "asn": 16509 + net, "country": "US",
-                                            "user_agent": f"{aid}/1.0", "tls_fp": None}))
+        def text(tasks=tasks):
+            return (f"Please help with this. {rng.choice(tasks)} Explain your reasoning step by step."
+                    if rng.random() < 0.6 else long_task())
+
+        events += proxy_events(rng, aid, 24, net, text, (1500, 3000))
     events.sort(key=lambda e: e["ts"])
     det, records = run(events)
     assert det.clusters[det.linker.root("acct_x001")].blocked

@@ -280,7 +280,7 @@ def test_prompts_of_the_other_workers_caught_accounts_count_as_echoes_here():
 
     from detector.fingerprints import fingerprint
     from tests.factory import KEY
-    from tests.unit.test_detection import TEMPLATE
+    from tests.unit.test_detection import TEMPLATE, campaign_event
 
     rng = random.Random(8)
     events, tasks = campaign_and_ordinary(hours=24), [[], []]
@@ -290,11 +290,7 @@ def test_prompts_of_the_other_workers_caught_accounts_count_as_echoes_here():
             task = " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randrange(3, 9)))
                             for _ in range(150))
             tasks[account_partition(aid, 2)].append(task)
-            events.append(event(aid, BASE_TS + h * HOUR, TEMPLATE.format(task),
-                                billing={"payment_fp": f"pm_shared_{i // 10}", "tier": "build",
-                                         "account_created_ts": BASE_TS - HOUR},
-                                client={"ip": f"203.0.113.{i % 8}", "asn": 64999, "country": "SG",
-                                        "user_agent": "python-httpx/0.27", "tls_fp": "t13d_bot"}))
+            events.append(campaign_event(i, BASE_TS + h * HOUR, TEMPLATE.format(task)))
     events.sort(key=lambda e: e["ts"])
     shared, alone = split_run(events, share=True), split_run(events, share=False)
     assert caught(shared, "acct_x") and caught(alone, "acct_x")
