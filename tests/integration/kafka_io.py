@@ -1,9 +1,15 @@
-"""Reading a test topic back from a real broker (kafka-python, no consumer group), and a worker's counters."""
+"""Reading a test topic back from a real broker (kafka-python, no consumer group), a worker's counters, and
+waiting on a worker subprocess."""
 
 from __future__ import annotations
 
+import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 
 def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 15.0, linger_s: float = 0.0) -> list[Any]:
@@ -44,3 +50,22 @@ def worker_stats(port: int) -> dict[str, Any] | None:
             return stats
     except OSError:
         return None
+
+
+def log_tail(log: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a worker's log, for a failure message."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
+
+
+def wait_for_worker(what: str, probe: Callable[[], Any], proc: subprocess.Popen[bytes], log: Path,
+                    timeout_s: float, poll_s: float = 0.2, tail_lines: int = 30) -> Any:
+    """Poll ``probe`` until it returns something true and return that; fail the test, with the worker's log
+    tail, if the worker exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not (got := probe()):
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited ({proc.returncode}) before {what}; log tail:\n{log_tail(log, tail_lines)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; log tail:\n{log_tail(log, tail_lines)}")
+        time.sleep(poll_s)
+    return got

@@ -47,7 +47,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -64,8 +63,8 @@ from detector.gateway import EventPublisher
 from detector.keyblocks import request_key_ids
 from detector.ratelimit import RateLimiterService
 from detector.settings import Settings, load_settings
-from detector.streaming.app import STATS_PATH
 from detector.streaming.topics import ensure_topics
+from tests.integration.kafka_io import wait_for_worker, worker_stats
 
 pytestmark = pytest.mark.integration
 
@@ -190,27 +189,11 @@ def _predict(sim: simulate.Simulation, events: list[dict[str, Any]],
 
 def _wait(what: str, probe: Callable[[], Any], proc: subprocess.Popen[bytes], log: Path,
           timeout_s: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (got := probe()):
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited ({proc.returncode}) before {what}; log tail:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; log tail:\n{_tail(log)}")
-        time.sleep(POLL_S)
-    return got
-
-
-def _tail(log: Path, lines: int = 30) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
+    return wait_for_worker(what, probe, proc, log, timeout_s, poll_s=POLL_S)
 
 
 def _stats(port: int) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{STATS_PATH}", timeout=2) as resp:
-            stats: dict[str, Any] = orjson.loads(resp.read())
-            return stats
-    except OSError:
-        return {}
+    return worker_stats(port) or {}
 
 
 @pytest.fixture(scope="module")

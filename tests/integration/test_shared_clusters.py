@@ -35,7 +35,7 @@ from detector.gateway import EventPublisher
 from detector.settings import load_settings
 from detector.streaming.topics import ensure_topics
 from tests.factory import BASE_TS, event
-from tests.integration.kafka_io import worker_stats
+from tests.integration.kafka_io import log_tail, worker_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 90.0
@@ -112,9 +112,7 @@ class Workers:
             out.append((proc.returncode, log.read_text(errors="replace")))
         return out
 
-    @staticmethod
-    def tail(log: Path, lines: int = 30) -> str:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
+    tail = staticmethod(log_tail)
 
 
 def read_scores(bootstrap: str, topic: str) -> list[dict[str, Any]]:

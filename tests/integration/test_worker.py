@@ -37,7 +37,7 @@ from detector.gateway import EventPublisher
 from detector.schemas import DEAD_LETTER_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode_event, validate
 from detector.settings import load_settings
 from detector.streaming.topics import ensure_topics
-from tests.integration.kafka_io import read_topic, worker_stats
+from tests.integration.kafka_io import read_topic, wait_for_worker, worker_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 HOUR = 3_600_000
@@ -105,17 +105,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 def _wait(what: str, done: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not done():
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited ({proc.returncode}) before {what}; log tail:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {WAIT_S:.0f} s waiting for {what}; log tail:\n{_tail(log)}")
-        time.sleep(0.2)
-
-
-def _tail(log: Path, lines: int = 40) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
+    wait_for_worker(what, done, proc, log, WAIT_S, tail_lines=40)
 
 
 @pytest.fixture(scope="module")
