@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -40,8 +39,7 @@ from detector.settings import load_settings
 from detector.streaming.app import ACCOUNT_TABLE
 from detector.streaming.topics import ensure_topics, read_to_end
 from tests.integration.conftest import create_topic
-from tests.integration.kafka_io import worker_stats
-from tests.integration.test_worker import _tail
+from tests.integration.kafka_io import wait_for_worker, worker_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 2
@@ -78,13 +76,7 @@ class _Worker:
                                          stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def wait(self, what: str, done: Any) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while not done():
-            if self.proc.poll() is not None:
-                pytest.fail(f"worker exited ({self.proc.returncode}) before {what}; log tail:\n{_tail(self.log)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {WAIT_S:.0f} s waiting for {what}; log tail:\n{_tail(self.log)}")
-            time.sleep(0.2)
+        wait_for_worker(what, done, self.proc, self.log, WAIT_S, tail_lines=40)
 
     def stop(self) -> str:
         if self.proc.poll() is None:
