@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from detector.features import DAY_MS
 
@@ -75,7 +75,33 @@ class SeenFilter:
         return seen_add(self, key)
 
 
-class ContentIndex:
+_Store = TypeVar("_Store", array, bytearray)
+
+
+class _TwoGenerations(Generic[_Store]):
+    """An event-time window kept in two generations, ``_new`` and ``_old`` (each what :meth:`_fresh` makes):
+    every ``window_ms`` of event time the new one becomes the old one and the old one is dropped, so what was
+    added counts for one to two windows. Subclasses set ``window_ms``, ``_new``, ``_old`` and
+    ``_window_start`` (None until the first event)."""
+
+    window_ms: int
+    _new: _Store
+    _old: _Store
+    _window_start: int | None
+
+    def _fresh(self) -> _Store:
+        raise NotImplementedError
+
+    def _rotate(self, ts: int) -> None:
+        if self._window_start is None:
+            self._window_start = ts
+        elif ts - self._window_start >= self.window_ms:
+            self._old = self._new if ts - self._window_start < 2 * self.window_ms else self._fresh()
+            self._new = self._fresh()
+            self._window_start = ts
+
+
+class ContentIndex(_TwoGenerations[array]):
     """Distinct accounts per template band and per exact prompt, over a sliding event-time window."""
 
     def __init__(self, width: int = 1 << 22, depth: int = 2, window_ms: int = DAY_MS) -> None:
@@ -86,23 +112,15 @@ class ContentIndex:
         self.window_ms = window_ms
         # Flat arrays of rows (row r starts at r * width): indexing a stdlib array from Python is several
         # times cheaper than indexing a numpy array one scalar at a time.
-        self._new = array("I", bytes(4 * depth * width))
-        self._old = array("I", bytes(4 * depth * width))
-        self._window_start: int | None = None
+        self._new = self._fresh()
+        self._old = self._fresh()
+        self._window_start = None
         # Which keys the last observe() counted (bit i: band i; bit 8: the exact prompt): what another worker
         # must add to its copy of the index (detector.signals).
         self.last_added = 0
 
-    def _rotate(self, ts: int) -> None:
-        if self._window_start is None:
-            self._window_start = ts
-        elif ts - self._window_start >= self.window_ms:
-            if ts - self._window_start >= 2 * self.window_ms:
-                self._old = array("I", bytes(4 * self.depth * self.width))
-            else:
-                self._old = self._new
-            self._new = array("I", bytes(4 * self.depth * self.width))
-            self._window_start = ts
+    def _fresh(self) -> array:
+        return array("I", bytes(4 * self.depth * self.width))
 
     def _estimate_and_add(self, key: int, add: bool) -> int:
         # Double hashing into ``depth`` rows; runs for every band of every event (about 9 per event).
@@ -239,7 +257,7 @@ class ContentIndex:
         return 2 * 4 * self.depth * self.width
 
 
-class CaughtContent:
+class CaughtContent(_TwoGenerations[bytearray]):
     """Template bands of the prompts caught accounts sent over the last one to two windows: a Bloom filter
     in two generations (as :class:`ContentIndex` keeps its counts), ``2 * bits / 8`` bytes whatever the
     traffic.
@@ -261,17 +279,12 @@ class CaughtContent:
             raise ValueError("bits must be a power of two, at least 8")
         self._mask = bits - 1
         self.window_ms = window_ms
-        self._new = bytearray(bits // 8)
-        self._old = bytearray(bits // 8)
-        self._window_start: int | None = None
+        self._new = self._fresh()
+        self._old = self._fresh()
+        self._window_start = None
 
-    def _rotate(self, ts: int) -> None:
-        if self._window_start is None:
-            self._window_start = ts
-        elif ts - self._window_start >= self.window_ms:
-            self._old = self._new if ts - self._window_start < 2 * self.window_ms else bytearray(len(self._new))
-            self._new = bytearray(len(self._new))
-            self._window_start = ts
+    def _fresh(self) -> bytearray:
+        return bytearray((self._mask + 1) // 8)
 
     def add(self, bands: Sequence[int], ts: int) -> None:
         """Remember the bands of one prompt a caught account sent at ``ts``."""

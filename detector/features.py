@@ -373,7 +373,7 @@ def hourly_count(st: AccountState, now: int, min_span_ms: int = MIN_RATE_SPAN_MS
 def echo_share(st: AccountState) -> float:
     """Share of the account's day-window traffic echoing what caught accounts sent (``EventContext.echo``).
     Not among :func:`features`: the anomaly model does not see it (it is about other accounts' verdicts)."""
-    return st.day[ECHO] / (st.day[N] or 1.0)
+    return st[ECHO] / (st[N] or 1.0)
 
 
 def _entropy(values: list[float]) -> float:
