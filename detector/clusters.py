@@ -47,6 +47,7 @@ KEY_KINDS: dict[str, tuple[float, int, int]] = {
 LINK_THRESHOLD = 1.0
 _RENORM = 24.0  # rescale a cluster's scaled sums after this many half-lives (as detector.features does)
 MAX_KEYS_PER_ACCOUNT = 16
+LINK_HOLDERS = 8  # newest holders of a key (besides its representative) a new holder is weighed against, one by one
 Key = tuple[str, object]  # a link key: (kind, value)
 
 
@@ -241,25 +242,52 @@ class Linker:
         # is 48 bytes smaller than a list of them.
         own = self._keys[account] = tuple(held)
         me = self.root(account)
-        # Per cluster, the strongest key of each kind, summed over kinds: two bands of one template or two
-        # IPs of one range are one piece of evidence, not two.
+        # Two sums, each the strongest key of each kind summed over kinds (two bands of one template or two
+        # IPs of one range are one piece of evidence, not two):
+        # - per cluster, through each key's representative (its first live holder);
+        # - per account, through each key's representative and newest LINK_HOLDERS other holders: keys whose
+        #   first holders differ (an IP range's first user is not a template's) still add up toward an
+        #   account that holds them all. This sum is one account's, so a large cluster that holds a popular
+        #   template in one member and an IP range in another draws no newcomer that merely shares one of each.
         best: dict[tuple[str, str], float] = {}
+        pair: dict[tuple[str, str], float] = {}
         for key in own:
-            rep = self._key_rep[key]
-            if rep == account:
+            kind = key[0]
+            w = key_weight(kind, self._key_degree[key])
+            if w <= 0.0:
                 continue
-            r = self.root(rep)
-            if r != me:
-                w = key_weight(key[0], self._key_degree[key])
-                if w > best.get((r, key[0]), 0.0):
-                    best[(r, key[0])] = w
+            rep = self._key_rep[key]
+            if rep != account:
+                r = self.root(rep)
+                if r != me and w > best.get((r, kind), 0.0):
+                    best[(r, kind)] = w
+            for holder in self._holders(key):
+                if holder != account and w > pair.get((holder, kind), 0.0):
+                    pair[(holder, kind)] = w
         weight_by_root: dict[str, float] = {}
         for (r, _kind), w in best.items():
             weight_by_root[r] = weight_by_root.get(r, 0.0) + w
+        weight_by_holder: dict[str, float] = {}
+        for (holder, _kind), w in pair.items():
+            weight_by_holder[holder] = weight_by_holder.get(holder, 0.0) + w
+        for holder, w in weight_by_holder.items():
+            if w >= LINK_THRESHOLD:
+                r = self.root(holder)
+                if r != me:
+                    weight_by_root[r] = max(weight_by_root.get(r, 0.0), w)
         for r, w in sorted(weight_by_root.items()):
             if w >= LINK_THRESHOLD:
                 me = self._union(self.root(me), self.root(r))
         return self.root(account)
+
+    def _holders(self, key: Key) -> Iterator[str]:
+        """The representative of ``key`` and its newest :data:`LINK_HOLDERS` other holders that still hold it
+        (the list keeps forgotten holders until it is pruned). Cost: O(LINK_HOLDERS)."""
+        yield self._key_rep[key]
+        keys = self._keys
+        for holder in self._key_others.get(key, ())[-LINK_HOLDERS:]:
+            if key in keys.get(holder, ()):
+                yield holder
 
     def _interned(self, key: Key) -> Key:
         """The key object the other holders of ``key`` (one held already) share, found among the keys of its
