@@ -206,10 +206,10 @@ class Linker:
     def link(self, account: str, keys: Iterable[tuple[str, object]]) -> str:
         """Register the account's keys; merge it into every cluster its keys point to with weight >= 1.
 
-        Returns the account's cluster root. Cost: O(keys of the account) once the keys are known, so a
-        steady account costs a few dict look-ups per event. A forgotten account linked again while its
-        tombstone is still in a tree rejoins that cluster (it never left the tree); once compacted away
-        it starts afresh. Either way its keys link it anew.
+        Returns the account's cluster root. Cost: a few dict look-ups per event for a steady account (no key
+        new to it); O(keys of the account x LINK_HOLDERS) on an event that adds a key. A forgotten account
+        linked again while its tombstone is still in a tree rejoins that cluster (it never left the tree);
+        once compacted away it starts afresh. Either way its keys link it anew.
         """
         own = self._keys.get(account)
         if own is None:
@@ -220,6 +220,7 @@ class Linker:
         new = [k for k in keys if k not in own]
         if not new:
             return self.root(account)
+        before = len(own)
         held = list(own)
         for key in new:
             if len(held) >= MAX_KEYS_PER_ACCOUNT:
@@ -245,10 +246,12 @@ class Linker:
         # Two sums, each the strongest key of each kind summed over kinds (two bands of one template or two
         # IPs of one range are one piece of evidence, not two):
         # - per cluster, through each key's representative (its first live holder);
-        # - per account, through each key's representative and newest LINK_HOLDERS other holders: keys whose
-        #   first holders differ (an IP range's first user is not a template's) still add up toward an
-        #   account that holds them all. This sum is one account's, so a large cluster that holds a popular
-        #   template in one member and an IP range in another draws no newcomer that merely shares one of each.
+        # - per account, once a key was added, over the keys for which that account is a recent holder (the
+        #   representative or one of the newest LINK_HOLDERS others): keys whose first holders differ (an IP
+        #   range's first user is not a template's) still add up toward an account that took them up at
+        #   about the same time. This sum is one account's, so a large cluster that holds a popular
+        #   template in one member and an IP range in another draws no newcomer that merely shares one of
+        #   each; and two strangers who share a template and an IP range, but not recently, stay apart.
         best: dict[tuple[str, str], float] = {}
         pair: dict[tuple[str, str], float] = {}
         for key in own:
@@ -261,9 +264,10 @@ class Linker:
                 r = self.root(rep)
                 if r != me and w > best.get((r, kind), 0.0):
                     best[(r, kind)] = w
-            for holder in self._holders(key):
-                if holder != account and w > pair.get((holder, kind), 0.0):
-                    pair[(holder, kind)] = w
+            if len(own) > before:  # a key was added: weigh the account against its keys' recent holders
+                for holder in self._holders(key):
+                    if holder != account and w > pair.get((holder, kind), 0.0):
+                        pair[(holder, kind)] = w
         weight_by_root: dict[str, float] = {}
         for (r, _kind), w in best.items():
             weight_by_root[r] = weight_by_root.get(r, 0.0) + w
