@@ -8,7 +8,7 @@ DURATION ?= 60
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip 'setuptools>=77'  # the packaging test builds with the venv's setuptools (SPDX license)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
