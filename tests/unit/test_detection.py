@@ -131,6 +131,32 @@ def test_account_flood_keeps_state_bounded():
     assert det.stats["evicted"] == 2500
 
 
+def test_least_recently_active_are_evicted_first(monkeypatch):
+    """Accounts are evicted in the order of their last events (an OrderedDict's move_to_end before), also
+    across the read-ahead of the next accounts to evict, a restore and a rebalance."""
+    from collections import OrderedDict
+
+    monkeypatch.setattr("detector.detection.EVICT_AHEAD", 4)  # read ahead many times over
+    rng = random.Random(5)
+    det = Detector(DetectionSettings(max_accounts=20), track_changes=True)
+    order: OrderedDict[str, None] = OrderedDict()
+    for i in range(400):
+        aid = f"acct_{rng.randrange(40)}"
+        det.process(event(aid, BASE_TS + i), position=(rng.randrange(3), i))
+        order[aid] = None
+        order.move_to_end(aid)
+        while len(order) > 20:
+            order.popitem(last=False)
+        if i == 200:  # a restore puts the idlest first; a rebalance drops a shard's accounts
+            gone = [aid for aid, acct in det.accounts.items() if acct.shard == 0]
+            blobs = [(aid, blob) for aid, _, blob in det.drain_changes() if blob is not None and aid in gone]
+            assert det.drop_shards([0]) == len(gone)
+            assert det.restore(blobs) == len(gone)
+            for aid in reversed([aid for aid in order if aid in gone]):  # ts grows with i: the idlest first
+                order.move_to_end(aid, last=False)
+        assert list(det.accounts) == list(order)
+
+
 def test_idle_accounts_are_evicted():
     det = Detector(DetectionSettings(idle_evict_s=3600))
     det.process(event("acct_old", BASE_TS))
