@@ -35,7 +35,8 @@ VECTOR_FROM = 64
 
 class SeenBits(Protocol):
     """Anything holding a :class:`SeenFilter`'s bits in ``bits``: a filter, or an object that keeps them
-    itself (the detector's per-account object does, to save a 40-byte filter object per account)."""
+    itself (the detector's per-account object does, packed in its array, where each read or write of
+    ``bits`` costs about 300 ns: :meth:`ContentIndex.observe` reads them once and writes them once)."""
 
     bits: int
 
@@ -179,9 +180,15 @@ class ContentIndex(_TwoGenerations[array]):
                     count = v
             if count > template_accounts:
                 template_accounts, top_band = count, band
-        seen.bits = bits
         exact_key = exact ^ 0x5EED
-        self_exact = seen_add(seen, exact_key)
+        h1 = (exact_key * _M1) & _MASK  # seen_add(seen, exact_key), on the bits read once (see SeenBits)
+        m = (1 << (h1 & 1023)) | (1 << ((h1 >> 10) & 1023))
+        self_exact = bits & m == m
+        if not self_exact:
+            if bits.bit_count() > half:
+                bits = 0
+            bits |= m
+        seen.bits = bits
         exact_accounts = self._estimate_and_add(exact_key, not self_exact)
         self.last_added = added if self_exact else added | 1 << 8
         return template_accounts, exact_accounts, self_repeat, top_band, self_exact
