@@ -362,7 +362,7 @@ class Detector:
     """Stateful detector over a stream of valid events (see the module docstring).
 
     ``anomaly_model`` is one of :data:`detector.models.MODEL_NAMES` (default: the settings'). Memory: about
-    1.1 KB per tracked account (bench/run.py, 1M accounts) plus a fixed 64 MiB content sketch, plus at most 16 MB of
+    960 bytes per tracked account (bench/run.py, 1M accounts) plus a fixed 64 MiB content sketch, plus at most 16 MB of
     recent event ids (:class:`RecentIds`, ``dedup_ids``); accounts idle for ``idle_evict_s`` of event time,
     and the least recently active beyond ``max_accounts``, are evicted.
 
