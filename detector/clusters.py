@@ -254,6 +254,7 @@ class Linker:
         #   each; and two strangers who share a template and an IP range, but not recently, stay apart.
         best: dict[tuple[str, str], float] = {}
         pair: dict[tuple[str, str], float] = {}
+        added = len(own) > before  # only then is the account weighed against its keys' recent holders
         for key in own:
             kind = key[0]
             w = key_weight(kind, self._key_degree[key])
@@ -264,7 +265,7 @@ class Linker:
                 r = self.root(rep)
                 if r != me and w > best.get((r, kind), 0.0):
                     best[(r, kind)] = w
-            if len(own) > before:  # a key was added: weigh the account against its keys' recent holders
+            if added:
                 for holder in self._holders(key):
                     if holder != account and w > pair.get((holder, kind), 0.0):
                         pair[(holder, kind)] = w

@@ -48,14 +48,22 @@ def seen_add(seen: SeenBits, key: int) -> bool:
     >>> seen_add(f, 42), seen_add(f, 42), f.bits.bit_count()
     (False, True, 2)
     """
-    h = (key * _M1) & _MASK
-    mask = (1 << (h & 1023)) | (1 << ((h >> 10) & 1023))
-    if seen.bits & mask == mask:
-        return True
-    if seen.bits.bit_count() > SeenFilter.SIZE // 2:
-        seen.bits = 0
-    seen.bits |= mask
-    return False
+    bits, was_seen = _bloom_add(seen.bits, (key * _M1) & _MASK)
+    if not was_seen:
+        seen.bits = bits
+    return was_seen
+
+
+def _bloom_add(bits: int, h1: int) -> tuple[int, bool]:
+    """A :class:`SeenFilter`'s ``bits`` with the key whose first hash is ``h1`` added (cleared first if over
+    half full), and whether the key was (probably) present already. On the int, so that a caller holding
+    the bits of a :class:`SeenBits` whose reads cost (the detector's account) reads and writes them once."""
+    m = (1 << (h1 & 1023)) | (1 << ((h1 >> 10) & 1023))
+    if bits & m == m:
+        return bits, True
+    if bits.bit_count() > SeenFilter.SIZE // 2:
+        bits = 0
+    return bits | m, False
 
 
 class SeenFilter:
@@ -146,8 +154,9 @@ class ContentIndex(_TwoGenerations[array]):
         before, the band shared by the most accounts (0 without bands), and whether this account sent
         this exact prompt before.
 
-        The hot loop of the detector (9 keys per event): :func:`seen_add` and
-        :meth:`_estimate_and_add` written out inline, with the same arithmetic (``% width`` as a mask, the
+        The hot loop of the detector (9 keys per event): the filter's bits are read once and written once
+        (each key added with :func:`_bloom_add`, as :func:`seen_add` adds one), and
+        :meth:`_estimate_and_add` is written out inline, with the same arithmetic (``% width`` as a mask, the
         width being a power of two).
         """
         self._rotate(ts)
@@ -155,17 +164,12 @@ class ContentIndex(_TwoGenerations[array]):
         self_repeat = False
         added, bit = 0, 1
         bits = seen.bits
-        half = SeenFilter.SIZE // 2
         w, wmask, depth = self.width, self.width - 1, self.depth
         new, old = self._new, self._old
         for band in bands:
             h1 = (band * _M1) & _MASK  # the Bloom filter's hash is the sketch's first hash
-            m = (1 << (h1 & 1023)) | (1 << ((h1 >> 10) & 1023))
-            was_seen = bits & m == m
+            bits, was_seen = _bloom_add(bits, h1)
             if not was_seen:
-                if bits.bit_count() > half:
-                    bits = 0
-                bits |= m
                 added |= bit
             bit <<= 1
             self_repeat = self_repeat or was_seen
@@ -181,14 +185,7 @@ class ContentIndex(_TwoGenerations[array]):
             if count > template_accounts:
                 template_accounts, top_band = count, band
         exact_key = exact ^ 0x5EED
-        h1 = (exact_key * _M1) & _MASK  # seen_add(seen, exact_key), on the bits read once (see SeenBits)
-        m = (1 << (h1 & 1023)) | (1 << ((h1 >> 10) & 1023))
-        self_exact = bits & m == m
-        if not self_exact:
-            if bits.bit_count() > half:
-                bits = 0
-            bits |= m
-        seen.bits = bits
+        seen.bits, self_exact = _bloom_add(bits, (exact_key * _M1) & _MASK)  # seen_add, on the bits read once
         exact_accounts = self._estimate_and_add(exact_key, not self_exact)
         self.last_added = added if self_exact else added | 1 << 8
         return template_accounts, exact_accounts, self_repeat, top_band, self_exact
