@@ -6,11 +6,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
 
 from detector.progress import Progress
 from detector.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from detector.ratelimit import DecisionBook
 
 log = logging.getLogger("detector")
 
@@ -157,6 +164,73 @@ def _worker_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
+    from detector import review
+
+    actions = review.ACTIONS if args.action == ["any"] else tuple(args.action or review.DEFAULT_ACTIONS)
+    since_ms = None
+    if args.since:
+        try:
+            since_ms = int((time.time() - review.parse_duration(args.since)) * 1000)
+        except ValueError as exc:
+            raise CliError(f"--since: {exc}") from None
+    book = _read_book(settings, args.timeout)
+    views = review.select(book.decisions(), actions=actions, cluster=args.cluster, since_ms=since_ms)
+    if args.json:
+        for v in views:
+            print(orjson.dumps(v.to_json()).decode())
+    else:
+        for line in review.render(views, per_cluster=args.per_cluster):
+            print(line)
+    accounts = sum(len(v.accounts) for v in views)
+    invalid = book.invalid_total()
+    print(f"review: {len(book):,} accounts with a record on {settings.topics.risk_scores}; {accounts:,} at "
+          f"{'/'.join(actions)} in {len(views):,} group{'s' * (len(views) != 1)}"
+          f"{f'; {invalid:,} invalid records skipped' if invalid else ''}", file=sys.stderr)
+    return 0
+
+
+def _read_book(settings: Settings, timeout_s: float) -> DecisionBook:
+    from detector import review
+
+    prog = Progress("review", unit="records")
+
+    def seen(n: int, total: int) -> None:
+        prog.total = total
+        prog.update(n)
+
+    try:
+        book = review.read_decisions(settings, timeout_s=timeout_s, progress=seen)
+    except TimeoutError as exc:
+        raise CliError(str(exc)) from None
+    if prog.done:
+        prog.close()
+    return book
+
+
+def cmd_label(args: argparse.Namespace, settings: Settings) -> int:
+    from detector import review
+
+    accounts = list(args.accounts)
+    if args.cluster:
+        book = _read_book(settings, args.timeout)
+        members = [d.account_id for v in review.select(book.decisions(), actions=review.ACTIONS, cluster=args.cluster)
+                   for d in v.accounts]
+        if not members:
+            raise CliError(f"no account's latest record on {settings.topics.risk_scores} names cluster {args.cluster}")
+        if not args.yes:
+            raise CliError(f"would label {len(members)} account{'s' * (len(members) != 1)} of cluster {args.cluster} "
+                           f"as {args.verdict}; add --yes to publish")
+        accounts += members
+    if not accounts:
+        raise CliError("name the accounts to label, or --cluster ID")
+    labels = review.build_labels(accounts, args.verdict, args.analyst, args.note)
+    n = review.publish_labels(settings, labels)
+    print(f"label: {n} {args.verdict} label{'s' * (n != 1)} published to {settings.topics.analyst_labels} "
+          f"(analyst {args.analyst})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="detector", description="Streaming detector of LLM distillation attacks.")
@@ -215,6 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the first scenario with the accounts split over N (and M...) workers, as that many "
                         "workers would hold them; 0 to skip (default: 2,4)")
     e.set_defaults(func=cmd_evaluate)
+
+    v = sub.add_parser("review", help="SOC: accounts the detector throttles or blocks, by cluster, with reasons "
+                                      "(reads risk-scores)")
+    v.add_argument("--action", action="append", choices=("allow", "watch", "throttle", "block", "any"),
+                   help="list accounts at this action (repeatable; default: throttle and block)")
+    v.add_argument("--cluster", help="only this cluster")
+    v.add_argument("--since", help="only records emitted within this long (30m, 6h, 2d)")
+    v.add_argument("--per-cluster", type=int, default=5, metavar="N", help="accounts shown per cluster (default 5)")
+    v.add_argument("--json", action="store_true", help="one JSON object per cluster, with every member")
+    v.add_argument("--timeout", type=float, default=60.0, help="seconds to read the topic (default 60)")
+    v.set_defaults(func=cmd_review)
+
+    lb = sub.add_parser("label", help="SOC: publish an analyst verdict (attack blocks, benign allowlists) to "
+                                      "analyst-labels")
+    lb.add_argument("verdict", choices=("attack", "benign"))
+    lb.add_argument("accounts", nargs="*", metavar="ACCOUNT", help="account ids")
+    lb.add_argument("--cluster", help="every account whose latest risk-score record names this cluster")
+    lb.add_argument("--analyst", required=True, help="who decides: an analyst id or a review queue")
+    lb.add_argument("--note", help="free text kept with the verdict (a ticket id; at most 512 characters)")
+    lb.add_argument("--yes", action="store_true", help="with --cluster: publish (without it, says how many)")
+    lb.add_argument("--timeout", type=float, default=60.0, help="seconds to read risk-scores for --cluster")
+    lb.set_defaults(func=cmd_label)
 
     try:
         from detector.broker import add_broker_commands

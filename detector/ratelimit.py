@@ -236,6 +236,11 @@ class DecisionBook:
         """The account's current decision, or None (no record: allowed)."""
         return self._decisions.get(account_id)  # a single dict read is atomic under the GIL
 
+    def decisions(self) -> list[Decision]:
+        """Every decision held, a copy (accounts with no record are not in it)."""
+        with self._lock:
+            return list(self._decisions.values())
+
     def counts(self) -> dict[str, int]:
         """Accounts held per action (accounts with no record are not counted)."""
         with self._lock:

@@ -104,6 +104,9 @@ class Run:
     newcomer_answer: dict[str, Any] = field(default_factory=dict)  # a new id with the blocked account's keys
     ordinary_keyed_answer: dict[str, Any] = field(default_factory=dict)  # the ordinary account, with its keys
     records: list[dict[str, Any]] = field(default_factory=list)  # every record of the topic, in order
+    review: list[dict[str, Any]] = field(default_factory=list)  # `detector review --json`, at the end
+    cluster_refusal: subprocess.CompletedProcess[str] | None = None  # `label attack --cluster C` without --yes
+    benign_answer: dict[str, Any] = field(default_factory=dict)  # the account, after `detector label benign`
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -190,6 +193,14 @@ def _predict(sim: simulate.Simulation, events: list[dict[str, Any]],
 def _wait(what: str, probe: Callable[[], Any], proc: subprocess.Popen[bytes], log: Path,
           timeout_s: float = WAIT_S) -> Any:
     return wait_for_worker(what, probe, proc, log, timeout_s, poll_s=POLL_S)
+
+
+def _cli(argv: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "detector.cli", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    if check:
+        assert done.returncode == 0, f"detector {' '.join(argv)}: {done.stderr.strip()}"
+    return done
 
 
 def _stats(port: int) -> dict[str, Any]:
@@ -285,6 +296,20 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         last = {ev["account_id"]: ev for ev in events}
         result.newcomer_answer = api.decision(f"newcomer-{run_id}", keys=request_key_ids(last[account], secret))
         result.ordinary_keyed_answer = api.decision(ordinary, keys=request_key_ids(last[ordinary], secret))
+
+        # The SOC's commands, as an analyst runs them: review what is blocked, then undo the block of one account.
+        cli_env = {**env, **settings_env}
+        review = _cli(["review", "--json"], cli_env)
+        result.review = [orjson.loads(line) for line in review.stdout.splitlines()]
+        blocked_cluster = next(c["cluster_id"] for c in result.review
+                               if any(m["account_id"] == account for m in c["members"]))
+        result.cluster_refusal = _cli(["label", "attack", "--cluster", blocked_cluster, "--analyst", "e2e"], cli_env,
+                                      check=False)
+        _cli(["label", "benign", account, "--analyst", "e2e", "--note", "e2e: undo a block"], cli_env)
+        _wait("the limiter to answer allow after the benign label",
+              lambda: api.decision(account, peek=True)["action"] == "allow", proc, log)
+        result.benign_answer = api.decision(account)
+        t["labelled_s"] = time.monotonic() - t0
     finally:
         if keys is not None:
             keys.close()
@@ -364,3 +389,32 @@ def test_a_new_account_on_a_blocked_clusters_keys_is_refused_before_its_first_ca
 def test_the_ordinary_accounts_own_keys_do_not_refuse_it(run: Run) -> None:
     answer = run.ordinary_keyed_answer
     assert (answer["action"], answer["allowed"]) == ("allow", True), answer
+
+
+def test_review_lists_the_blocked_account_in_its_cluster_and_not_the_ordinary_one(run: Run) -> None:
+    members = {m["account_id"]: (c["cluster_id"], m) for c in run.review for m in c["members"]}
+    cluster_id, member = members[run.account]
+    last = [r for r in run.records if r["account_id"] == run.account][-1]  # before the label
+    assert member["action"] == "block" and member["score"] == last["score"] and cluster_id == last["cluster_id"]
+    assert member["reasons"] == last["reasons"]
+    assert run.ordinary not in members
+    blocked = {r["account_id"] for r in run.records if r["action"] in ("throttle", "block")}
+    latest = {r["account_id"]: r["action"] for r in run.records}
+    assert set(members) == {a for a in blocked if latest[a] in ("throttle", "block")}
+
+
+def test_labelling_a_whole_cluster_needs_yes(run: Run) -> None:
+    refusal = run.cluster_refusal
+    assert refusal is not None and refusal.returncode == 2
+    cluster_id = next(c["cluster_id"] for c in run.review for m in c["members"] if m["account_id"] == run.account)
+    latest = {r["account_id"]: r["cluster_id"] for r in run.records}
+    members = sum(1 for c in latest.values() if c == cluster_id)
+    error = refusal.stderr.splitlines()[-1]  # after the progress line of reading risk-scores
+    assert error == (f"detector: error: would label {members} accounts of cluster {cluster_id} as attack; "
+                     "add --yes to publish"), refusal.stderr
+
+
+def test_a_benign_label_from_the_cli_lifts_the_block(run: Run) -> None:
+    assert run.benign_answer["action"] == "allow" and run.benign_answer["allowed"] is True
+    last = [r for r in run.records if r["account_id"] == run.account][-1]
+    assert last["action"] == "block"  # it was blocked until the label
