@@ -357,13 +357,16 @@ class Follower:
         if self._consumer is None:
             return
         # kafka-python 3 reads sockets on a network thread of its own, which can race the close and log a traceback
-        # for a socket the close has just released ("Error receiving network data"): harmless, and not an error of
-        # the worker's, so it is kept out of the log while closing.
-        transport = logging.getLogger("kafka.net.transport")
-        level = transport.level
-        transport.setLevel(logging.CRITICAL)
+        # for a socket the close has just released: "Error receiving network data" (kafka.net.transport), or
+        # "Unhandled exception in task" from re-registering the closed socket (kafka.net.selector; seen once in CI).
+        # Harmless, and not an error of the worker's, so kafka.net is kept out of the log while closing.
+        net = logging.getLogger("kafka.net")
+        levels = {lg: lg.level for lg in (net, logging.getLogger("kafka.net.transport"))}
+        for lg in levels:
+            lg.setLevel(logging.CRITICAL)
         try:
             self._consumer.close()
         finally:
-            transport.setLevel(level)
+            for lg, level in levels.items():
+                lg.setLevel(level)
             self._consumer = None
