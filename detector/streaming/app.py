@@ -415,8 +415,10 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             outs += router.take_signals()
             deliveries = [await send(out) for out in outs]
             await asyncio.gather(*deliveries)
+            done = time.time()
             for event in batch:
                 await stream.ack(event)  # type: ignore[arg-type]
+                metrics.message_latency.observe(max(0.0, done - event.message.timestamp))  # type: ignore[attr-defined]
             metrics.batch_seconds.observe(time.perf_counter() - started)
             _record_lag(app, metrics, last_offsets)
 

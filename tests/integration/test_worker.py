@@ -261,6 +261,11 @@ def test_prometheus_metrics_count_the_same(run: Run) -> None:
     assert m["detector_worker_up{}"] == 1
     assert m["detector_rebalances_total{}"] >= 1
     assert m['detector_consumer_lag_events{partition="0"}'] == 0
+    # Every message read is observed once, from its timestamp to the end of its batch (no offset hole to read back
+    # in this run: a refilled message is routed outside the batch and not observed).
+    assert m["detector_message_latency_seconds_count{}"] == s["messages"] > 0
+    assert m['detector_message_latency_seconds_bucket{le="+Inf"}'] == s["messages"]
+    assert 0 < m["detector_message_latency_seconds_sum{}"] < 600 * s["messages"]
 
 
 def test_worker_stops_cleanly_on_sigterm(run: Run) -> None:
