@@ -69,7 +69,7 @@ from detector.metrics import Metrics
 from detector.settings import KafkaSettings, Settings
 from detector.streaming.offsets import OffsetGuard
 from detector.streaming.routing import DetectorLike, Output, Router, Source
-from detector.streaming.topics import Follower, ensure_topics, kafka_client_config, read_range
+from detector.streaming.topics import Follower, committed_offsets, ensure_topics, kafka_client_config, read_range
 
 log = logging.getLogger(__name__)
 
@@ -209,17 +209,22 @@ class Intake:
     ``offset``, ``key``, ``value``, ``timestamp`` (seconds) and ``generation_id``.
     """
 
-    def __init__(self, router: Router, kafka_config: dict[str, Any]) -> None:
-        self.router, self.kafka_config = router, kafka_config
+    def __init__(self, router: Router, kafka_config: dict[str, Any], group: str) -> None:
+        self.router, self.kafka_config, self.group = router, kafka_config, group
         self.guard = OffsetGuard()
         self.metrics = router.metrics
+        self._starts: tuple[int, dict[str, dict[int, int]]] = (-1, {})  # generation, topic -> partition -> offset
 
     async def route(self, messages: list[Any]) -> tuple[list[Output], dict[Any, int]]:
-        """The outputs of ``messages`` and the last offset routed per partition. Awaits only to refill a hole."""
+        """The outputs of ``messages`` and the last offset routed per partition. Awaits only to refill a hole,
+        and once per generation to read where the group resumes (:meth:`start_of`)."""
         outs: list[Output] = []
         last_offsets: dict[Any, int] = {}
         for m in messages:
-            missing = self.guard.admit(m.tp, m.offset, m.generation_id or 0)
+            generation = m.generation_id or 0
+            if not self.guard.started(m.tp, generation):
+                self.guard.start(m.tp, await self.start_of(m.topic, m.partition, generation), generation)
+            missing = self.guard.admit(m.tp, m.offset, generation)
             if missing is None:  # delivered twice in this generation
                 self.metrics.redeliveries.inc()
                 continue
@@ -228,6 +233,17 @@ class Intake:
             outs += self.router.on_message(m.value, m.key, Source(m.topic, m.partition, m.offset, m.timestamp))
             last_offsets[m.tp] = m.offset
         return outs, last_offsets
+
+    async def start_of(self, topic: str, partition: int, generation: int) -> int:
+        """Where the group resumes ``partition`` in ``generation``: its committed offset, read from the broker once
+        per generation and topic (see :mod:`detector.streaming.offsets`). Raises as :meth:`refill` does."""
+        if self._starts[0] != generation:
+            self._starts = (generation, {})
+        starts = self._starts[1]
+        if partition not in starts.get(topic, {}):  # a partition added since: read again
+            starts[topic] = await asyncio.to_thread(committed_offsets, self.kafka_config, self.group, topic,
+                                                    REFILL_TIMEOUT_S)
+        return starts[topic][partition]
 
     async def refill(self, tp: Any, missing: range) -> list[Output]:
         """Read ``missing`` offsets of ``tp`` from the broker and route them. Raises if the broker cannot be read
@@ -395,7 +411,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
 
     app.on_partitions_revoked.connect(drop_revoked)
 
-    intake = Intake(router, kafka_client_config(settings.kafka))
+    intake = Intake(router, kafka_client_config(settings.kafka), w.app_id)
 
     @app.agent(events_topic, supervisor_strategy=CrashingSupervisor)
     async def route_events(stream: faust.StreamT[bytes]) -> None:

@@ -17,6 +17,19 @@ an :class:`OffsetGuard` before it is processed::
 A redelivered offset (at or before the last one handed over) is skipped: the detector would skip it by
 its position anyway (:meth:`detector.detection.Detector.process`). Refilling is idempotent for the same
 reason, so a hole that was not one (a transaction marker has an offset but no record) costs a read.
+
+Where a partition starts in a generation is the group's committed offset (where Faust seeks it), not the
+first message the agent gets: after a rebalance that gives a worker back a partition it had, Faust can hand
+over a record it fetched before the rebalance (its read offset for the partition was forgotten at the
+revocation, so nothing filters it) ahead of the records from the committed offset. ``detector chaos
+--envelope`` lost 9 events that way (offsets 924-928 of one partition after 927 and 928 had gone first: the
+detector's positions then counted them as seen). The agent therefore starts each partition's count at the
+committed offset (:meth:`OffsetGuard.start`), so such a record is preceded by a refill of the offsets before it::
+
+    generation 3, committed 923:   927  928  923  924 ...      the agent got 927 first
+                                    ▲
+                                    └─ admit(927) → range(923, 927): read 923-926 back and process them
+                                       first; the 923-926 that Faust sends after its seek are redeliveries
 """
 
 from __future__ import annotations
@@ -28,8 +41,8 @@ class OffsetGuard:
     """The next offset expected per partition, within one consumer-group generation.
 
     :meth:`admit` is called for every message before it is processed, in the order the agent gets them.
-    A partition's first message in a generation (after a rebalance Faust seeks to the committed offset)
-    starts its count; a message from an older generation (still in a buffer when the rebalance came) is
+    A partition's count in a generation starts at :meth:`start` (the committed offset), else at its first
+    message; a message from an older generation (still in a buffer when the rebalance came) is
     admitted without being counted. Memory: one integer per partition.
 
     >>> guard = OffsetGuard()
@@ -49,16 +62,35 @@ class OffsetGuard:
         self.generation = -1
         self._next: dict[Hashable, int] = {}
 
+    def started(self, partition: Hashable, generation: int) -> bool:
+        """Whether ``partition`` has a count in ``generation`` (or ``generation`` is older, and needs none)."""
+        return generation < self.generation or (generation == self.generation and partition in self._next)
+
+    def start(self, partition: Hashable, offset: int, generation: int) -> None:
+        """Start ``partition``'s count in ``generation`` at ``offset``: the committed offset the consumer seeks
+        to, so a message the agent gets before the ones from there is preceded by a refill.
+
+        >>> guard = OffsetGuard()
+        >>> guard.start("p0", 923, generation=3)
+        >>> guard.admit("p0", 927, generation=3), guard.admit("p0", 923, generation=3)
+        (range(923, 927), None)
+        """
+        self._enter(generation)
+        self._next[partition] = offset
+
     def admit(self, partition: Hashable, offset: int, generation: int) -> range | None:
         """The offsets missing before ``offset`` (read and process them first; empty if none), or None if
         ``offset`` was already admitted in this generation (skip the message)."""
-        if generation > self.generation:
-            self.generation = generation
-            self._next.clear()
-        elif generation < self.generation:
+        if generation < self.generation:
             return range(offset, offset)
+        self._enter(generation)
         expected = self._next.get(partition, offset)
         if offset < expected:
             return None
         self._next[partition] = offset + 1
         return range(expected, offset)
+
+    def _enter(self, generation: int) -> None:
+        if generation > self.generation:
+            self.generation = generation
+            self._next.clear()

@@ -307,6 +307,36 @@ def read_range(config: dict[str, Any], topic: str, partition: int, offsets: rang
         consumer.close()
 
 
+def committed_offsets(config: dict[str, Any], group: str, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
+    """Where consumer group ``group`` resumes each partition of ``topic``: its committed offset, or the partition's
+    first offset where it has none (the worker reads from the earliest). ``config``: kafka-python client options
+    (:func:`kafka_client_config`). Reads offsets only: it does not join the group. Raises :class:`TimeoutError` if
+    the topic's partitions are not known within ``timeout_s``."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**config, group_id=group, enable_auto_commit=False,
+                             request_timeout_ms=max(11_000, int(timeout_s * 1000)))
+    try:
+        deadline = time.monotonic() + timeout_s
+        partitions = consumer.partitions_for_topic(topic)
+        while not partitions:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topic {topic}: no partitions known within {timeout_s:.0f} s")
+            time.sleep(0.2)
+            partitions = consumer.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        first = consumer.beginning_offsets(tps)
+        out = {}
+        for tp in tps:
+            committed = consumer.committed(tp)
+            out[tp.partition] = committed if committed is not None else first[tp]
+        return out
+    finally:
+        consumer.close()
+
+
 class Follower:
     """Reads every partition of ``topic`` from ``lookback_s`` seconds before :meth:`open` runs, with no consumer
     group and nothing committed: how each worker follows ``cluster-signals`` (:mod:`detector.signals`), so the

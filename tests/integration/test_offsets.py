@@ -14,6 +14,9 @@ the messages of a real topic with some left out, one delivered twice, in the ord
 
 Checks: the detector applied every event exactly once, in offset order (its positions), and the metrics
 count two holes refilled and one redelivery.
+
+A second test hands over a record fetched before a rebalance ahead of the ones from the committed offset
+(``detector chaos --envelope`` lost 9 events that way): the offsets before it are read back first.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def _event(account: str, i: int) -> dict[str, Any]:
                       response={"stop_reason": "end_turn"}, fingerprint_key=b"k")
 
 
-def test_holes_are_read_back_and_redeliveries_skipped(kafka_bootstrap: str, create_topic: Any) -> None:
-    from kafka import KafkaProducer, TopicPartition
+def _topic(kafka_bootstrap: str, create_topic: Any) -> tuple[str, list[dict[str, Any]], list[Any]]:
+    """A topic of 10 messages (12 events: single events, and 3 in an envelope at offset 8) and its records."""
+    from kafka import KafkaProducer
 
     topic = create_topic(kafka_bootstrap, f"offsets-{uuid.uuid4().hex[:8]}")
     events = [_event(f"acct_{i % 3}", i) for i in range(12)]
@@ -56,15 +60,28 @@ def test_holes_are_read_back_and_redeliveries_skipped(kafka_bootstrap: str, crea
     producer.close()
     records = read_to_end(kafka_bootstrap, topic, 30)
     assert [r.offset for r in records] == list(range(10))
+    return topic, events, records
+
+
+def _faust_message(topic: str, records: list[Any], offset: int, generation: int = 3) -> SimpleNamespace:
+    from kafka import TopicPartition
+
+    r = records[offset]
+    return SimpleNamespace(tp=TopicPartition(topic, 0), topic=topic, partition=0, offset=r.offset, key=r.key,
+                           value=r.value, timestamp=r.timestamp / 1000, generation_id=generation)
+
+
+def test_holes_are_read_back_and_redeliveries_skipped(kafka_bootstrap: str, create_topic: Any) -> None:
+    from kafka import TopicPartition
+
+    topic, events, records = _topic(kafka_bootstrap, create_topic)
 
     def faust_message(offset: int) -> SimpleNamespace:
-        r = records[offset]
-        return SimpleNamespace(tp=TopicPartition(topic, 0), topic=topic, partition=0, offset=r.offset, key=r.key,
-                               value=r.value, timestamp=r.timestamp / 1000, generation_id=3)
+        return _faust_message(topic, records, offset)
 
     settings = Settings(topics=TopicSettings(partitions=1))
     detector = Detector(track_changes=True)
-    intake = Intake(Router(detector, settings), {"bootstrap_servers": [kafka_bootstrap]})
+    intake = Intake(Router(detector, settings), {"bootstrap_servers": [kafka_bootstrap]}, f"g-{uuid.uuid4().hex[:8]}")
     routed: list[int] = []
     for batch in ([0, 1, 2, 3], [6, 7, 7], [9]):
         outs, last = asyncio.run(intake.route([faust_message(o) for o in batch]))
@@ -82,3 +99,35 @@ def test_holes_are_read_back_and_redeliveries_skipped(kafka_bootstrap: str, crea
     assert metrics.offset_holes.labels(result="refilled")._value.get() == 2
     assert metrics.offset_holes.labels(result="empty")._value.get() == 0
     assert metrics.redeliveries._value.get() == 1
+
+
+def test_a_record_fetched_before_a_rebalance_does_not_go_before_the_committed_ones(kafka_bootstrap: str,
+                                                                                   create_topic: Any) -> None:
+    """The group committed offset 4; in the new generation Faust hands over 7 (fetched before the rebalance), then
+    its seek brings 4, 5, 6, 7, 8, 9. Counted from 7, the guard would skip 4-6 as redeliveries and the detector
+    would never see them (their positions are before 7's)."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    topic, events, records = _topic(kafka_bootstrap, create_topic)
+    tp = TopicPartition(topic, 0)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    committer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    committer.commit({tp: OffsetAndMetadata(4, "", -1)})
+    committer.close()
+
+    detector = Detector(track_changes=True)
+    seen = [r.offset for r in records[:4]]  # offsets 0-3: applied and committed by the previous generation
+    for offset in seen:
+        detector.process(orjson.loads(records[offset].value), position=(0, offset * envelope.MAX_EVENTS))
+    intake = Intake(Router(detector, Settings(topics=TopicSettings(partitions=1))),
+                    {"bootstrap_servers": [kafka_bootstrap]}, group)
+    for batch in ([7], [4, 5, 6, 7, 8], [9]):
+        asyncio.run(intake.route([_faust_message(topic, records, o, generation=4) for o in batch]))
+
+    assert detector.stats["events"] == len(events)  # every event once: 4-6 read back before 7
+    assert detector.stats["duplicates"] == 0
+    seqs = {aid: divmod(acct.seq, envelope.MAX_EVENTS) for aid, acct in detector.accounts.items()}
+    assert seqs == {"acct_0": (8, 1), "acct_1": (8, 2), "acct_2": (9, 0)}
+    assert intake.metrics.offset_holes.labels(result="refilled")._value.get() == 1
+    assert intake.metrics.redeliveries._value.get() == 4  # 4, 5, 6, 7 after the seek
