@@ -20,7 +20,8 @@ generated once (:func:`detector.simulate.build`) and kept as bytes; every phase 
               subprocesses ─▶ bytes_per_account, flood   1M synthetic accounts; a 1M-id flood, max_accounts=100k
 
 How each number is measured is written next to it in the results (``method`` keys) and in BENCHMARKS.md.
-Results go to ``bench/results/latest.json`` and a table is printed; progress lines go to stderr.
+Results go to ``bench/results/latest.json``, a table is printed, and :mod:`bench.plot` draws them to
+``bench/results/latest.png``; progress lines go to stderr.
 The machine may be shared: the load average at start and end is recorded, so a noisy run shows.
 """
 
@@ -1199,6 +1200,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{results['mode']} run, {results['details']['events']:,} events, {results['runtime_s']:.0f}s; "
           f"{m['cores']} cores, load average {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}; "
           f"results in {args.out}")
+    try:
+        from bench.plot import plot
+
+        print(f"plot: {plot(results, args.out.with_suffix('.png'))}")
+    except ImportError:
+        print("plot: skipped (matplotlib is not installed: pip install -e '.[plots]')")
     return 0
 
 

@@ -1,0 +1,42 @@
+"""``python -m bench.plot`` draws a benchmark's results; its panels read the numbers the run wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench import plot
+
+RESULTS = plot.RESULTS  # the committed results of the last full run
+
+
+def test_panels_read_the_results_own_numbers() -> None:
+    r = orjson.loads(RESULTS.read_bytes())
+    bars = dict(plot._throughput(r))
+    assert bars["raw consumer (baseline)"] == r["raw_events_per_s"]
+    assert bars["worker, envelopes"] == r["worker_events_per_s"]
+    series = plot._memory(r)
+    flood = series["id flood, max_accounts=100k"]
+    assert flood[-1][0] == 1_000_000 and flood[-1][1] == r["details"]["memory"]["flood"]["marks"][-1]["rss_mib"]
+
+
+def test_latency_prefers_every_message_over_the_records() -> None:
+    r = {"details": {"latency": {"p50_ms": 500.0, "p99_ms": 900.0, "message_p50_ms": 450.0, "message_p99_ms": 980.0},
+                     "latency_single": {"p50_ms": 300.0, "p99_ms": 510.0},
+                     "latency_low_load": {"p50_ms": None, "p99_ms": None}}}  # no record in its window
+    assert plot._latency(r) == [("envelopes, 80%", 450.0, 980.0), ("single, 80%", 300.0, 510.0)]
+
+
+def test_main_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench.png"
+    assert plot.main([str(RESULTS), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert plot.main([str(tmp_path / "nope.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench.plot: error: no such file")
