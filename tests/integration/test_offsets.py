@@ -81,7 +81,13 @@ def test_holes_are_read_back_and_redeliveries_skipped(kafka_bootstrap: str, crea
 
     settings = Settings(topics=TopicSettings(partitions=1))
     detector = Detector(track_changes=True)
-    intake = Intake(Router(detector, settings), {"bootstrap_servers": [kafka_bootstrap]}, f"g-{uuid.uuid4().hex[:8]}")
+    refilled: list[tuple[Any, range]] = []
+
+    async def on_refilled(tp: Any, offsets: range) -> None:
+        refilled.append((tp, offsets))
+
+    intake = Intake(Router(detector, settings), {"bootstrap_servers": [kafka_bootstrap]}, f"g-{uuid.uuid4().hex[:8]}",
+                    on_refilled=on_refilled)
     routed: list[int] = []
     for batch in ([0, 1, 2, 3], [6, 7, 7], [9]):
         outs, last = asyncio.run(intake.route([faust_message(o) for o in batch]))
@@ -99,6 +105,8 @@ def test_holes_are_read_back_and_redeliveries_skipped(kafka_bootstrap: str, crea
     assert metrics.offset_holes.labels(result="refilled")._value.get() == 2
     assert metrics.offset_holes.labels(result="empty")._value.get() == 0
     assert metrics.redeliveries._value.get() == 1
+    tp = TopicPartition(topic, 0)
+    assert refilled == [(tp, range(4, 6)), (tp, range(8, 9))]  # told to Faust's consumer, so it commits past them
 
 
 def test_a_record_fetched_before_a_rebalance_does_not_go_before_the_committed_ones(kafka_bootstrap: str,
@@ -120,8 +128,13 @@ def test_a_record_fetched_before_a_rebalance_does_not_go_before_the_committed_on
     seen = [r.offset for r in records[:4]]  # offsets 0-3: applied and committed by the previous generation
     for offset in seen:
         detector.process(orjson.loads(records[offset].value), position=(0, offset * envelope.MAX_EVENTS))
+    refilled: list[tuple[Any, range]] = []
+
+    async def on_refilled(tp: Any, offsets: range) -> None:
+        refilled.append((tp, offsets))
+
     intake = Intake(Router(detector, Settings(topics=TopicSettings(partitions=1))),
-                    {"bootstrap_servers": [kafka_bootstrap]}, group)
+                    {"bootstrap_servers": [kafka_bootstrap]}, group, on_refilled=on_refilled)
     for batch in ([7], [4, 5, 6, 7, 8], [9]):
         asyncio.run(intake.route([_faust_message(topic, records, o, generation=4) for o in batch]))
 
@@ -131,3 +144,4 @@ def test_a_record_fetched_before_a_rebalance_does_not_go_before_the_committed_on
     assert seqs == {"acct_0": (8, 1), "acct_1": (8, 2), "acct_2": (9, 0)}
     assert intake.metrics.offset_holes.labels(result="refilled")._value.get() == 1
     assert intake.metrics.redeliveries._value.get() == 4  # 4, 5, 6, 7 after the seek
+    assert refilled == [(tp, range(4, 7))]
