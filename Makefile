@@ -36,7 +36,7 @@ evaluate: install  ## scenarios through replay; writes EVALUATION.md and plots i
 bench: broker-jars  ## raw consumer vs worker rate, latency, memory per account; writes bench/results/latest.json
 	$(PY) -m bench.run
 
-chaos: broker-jars  ## kill -9 workers, restart the broker, rebalance under load; ends with "chaos: faults=... lost=L duplicated=D"
+chaos: broker-jars  ## kill -9 workers, restart the broker, rebalance under load; ends with "chaos: faults=... lost=L duplicated=D uncommitted=U"
 	$(VENV)/bin/detector chaos
 
 clean:

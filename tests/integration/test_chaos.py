@@ -26,5 +26,5 @@ def test_no_event_lost_or_counted_twice_across_faults(tmp_path: Path, envelope: 
     assert result.resent > 0  # the gateway's duplicates were in the traffic
     assert [f.recovered_in_s is not None for f in result.faults] == [True, True, True], result.faults
     assert result.faults[-1].recovered_in_s <= FAILOVER_LIMIT_S  # type: ignore[operator]
-    assert (result.lost, result.duplicated) == (0, 0), result.summary()
+    assert (result.lost, result.duplicated, result.uncommitted) == (0, 0, 0), result.summary()
     assert result.reflected == result.events_in
