@@ -61,6 +61,7 @@ from typing import Any, cast
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.auth import CredentialsT
+from faust.utils.functional import consecutive_numbers
 from mode import CrashingSupervisor
 from mode.utils.queues import ThrowableQueue
 
@@ -182,9 +183,51 @@ class _FetchWaitThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
 
+def next_commit(acked: list[int], acked_index: set[int], gap: Any, committed: int | None) -> int | None:
+    """The offset to commit for one partition, or None: Faust's ``Consumer._new_offset`` with its acked list
+    kept free of duplicates and of offsets below ``committed`` (the next offset to read, Kafka's meaning).
+
+    Faust moves the gaps it knows of (offsets its fetch loop never saw, and those the intake read back) into
+    the acked list without asking whether they were acked as well; they are when the consumer seeks back after
+    a rebalance and delivers them after all. Its next step takes the first run of consecutive numbers, and a
+    duplicate ends a run: ``[7, 7, 8, 8, 9]`` commits 8, then 9, one offset a commit. In ``detector chaos`` one
+    partition's commit crept about one offset per commit interval (2.8 s) with 1,658 acked entries for 1,091
+    offsets, 350-400 offsets behind for minutes. ``acked`` (sorted, in place), ``acked_index`` and ``gap`` (an
+    ``intervaltree.IntervalTree``) are the consumer's own; one offset just at ``committed`` may be missing, as
+    in Faust.
+
+    >>> from intervaltree import IntervalTree
+    >>> gap = IntervalTree.from_tuples([(5, 8)])  # 5, 6, 7: seen missing, then delivered and acked after all
+    >>> acked = [4, 5, 6, 7, 8, 9]
+    >>> next_commit(acked, set(acked), gap, committed=4), acked, len(gap)
+    (10, [], 0)
+    >>> next_commit([12, 13], {12, 13}, IntervalTree(), committed=10)  # 10 and 11 missing: wait
+    """
+    if not acked:
+        return None
+    offsets = set(acked)
+    if gap:
+        max_offset = max(offsets)
+        last = max_offset + 1
+        for interval in gap.overlap(0, max_offset):
+            offsets.update(range(interval.begin, interval.end))
+            last = max(last, interval.end - 1)
+        gap.chop(0, last)
+    acked[:] = sorted(o for o in offsets if committed is None or o >= committed)
+    if not acked or (committed and acked[0] - committed > 1):
+        return None
+    batch = next(consecutive_numbers(acked))
+    del acked[:len(batch)]
+    acked_index.difference_update(batch)
+    return batch[-1] + 1
+
+
 class _FetchWaitConsumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _FetchWaitThread(self, loop=self.loop, beacon=self.beacon)
+
+    def _new_offset(self, tp: Any) -> int | None:
+        return next_commit(self._acked[tp], self._acked_index[tp], self._gap[tp], self._committed_offset[tp])
 
 
 class _FetchWaitTransport(faust_aiokafka.Transport):
