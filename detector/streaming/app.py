@@ -254,7 +254,7 @@ class Intake:
     ``on_refilled(tp, offsets)`` is awaited after a hole's offsets were routed. The worker tells Faust's consumer
     they are done (:func:`_faust_gap`): Faust commits a partition only up to its first offset that was neither
     acked nor seen skipped, and a record read back is not a Faust message, so without it the partition's commit
-    stopped at the hole for good (a chaos run: one partition's commit stayed 350 offsets behind for 3 minutes).
+    could stop at the hole for good.
     """
 
     def __init__(self, router: Router, kafka_config: dict[str, Any], group: str,
