@@ -97,7 +97,7 @@ def plot(results: dict[str, Any], out: Path) -> Path:
         ax_l.bar([x + 0.2 for x in xs], [p for _, _, p in lats], width=0.4, label="p99", color="#1f4e79")
         ax_l.axhline(1000, color="#c0392b", ls="--", lw=1, label="p99 target (80% load)")
         ax_l.set_xticks(list(xs), [n for n, _, _ in lats], fontsize=8)
-        ax_l.set_ylabel("ms (over every message where the run has them, else over records)")
+        ax_l.set_ylabel("ms (every message; older runs: records)")
         ax_l.set_title("event-to-score latency at the offered share of the worker's rate", fontsize=10)
         ax_l.legend(fontsize=8)
 
