@@ -43,6 +43,11 @@ class Metrics:
                                    registry=r)
         self.consumer_lag = Gauge("detector_consumer_lag_events", "Events behind the end of api-calls, per partition",
                                   ["partition"], registry=r)
+        self.commit_stalled = Gauge("detector_commit_stalled_seconds",
+                                    "Longest time a held partition of api-calls has had events to read while its "
+                                    "committed offset did not move (a few seconds while every partition is caught up "
+                                    "or committing); /healthz answers 503 from DETECTOR_WORKER__COMMIT_STALL_S",
+                                    registry=r)
         self.latency = Histogram("detector_event_to_score_latency_seconds",
                                  "Time from an event's publication to Kafka (its message timestamp) to its score "
                                  "being published",

@@ -108,6 +108,10 @@ class WorkerSettings:
     # Publish what this worker's events did to the clusters and fold in the other workers' (detector.signals), so
     # that clusters spanning partitions held by different workers are seen whole. Off: each links only its own.
     share_clusters: bool = True
+    # A partition with events to read whose commit has not moved this long is stalled: /healthz answers 503 and
+    # detector_commit_stalled_seconds shows it (detector.streaming.health). Rebalances and recoveries pause commits
+    # for seconds to tens of seconds (a broker restart: up to 21 s in the chaos runs).
+    commit_stall_s: float = 120.0
 
 
 @dataclass(frozen=True)

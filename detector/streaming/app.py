@@ -68,6 +68,7 @@ from mode.utils.queues import ThrowableQueue
 from detector.detection import Detector
 from detector.metrics import Metrics
 from detector.settings import KafkaSettings, Settings
+from detector.streaming.health import CommitWatch
 from detector.streaming.offsets import OffsetGuard
 from detector.streaming.routing import DetectorLike, Output, Router, Source
 from detector.streaming.topics import Follower, committed_offsets, ensure_topics, kafka_client_config, read_range
@@ -76,6 +77,9 @@ log = logging.getLogger(__name__)
 
 #: Path of the worker's counters on its web server (``settings.worker.web_port``).
 STATS_PATH = "/detector/stats/"
+#: Path of the worker's health on its web server: 503 while a partition's commit is stalled (detector.streaming.health).
+HEALTH_PATH = "/healthz"
+HEALTH_INTERVAL_S = 5.0
 STATS_LOG_INTERVAL_S = 30.0
 #: How often the state gauges (accounts by action, clusters blocked, model warm-up) are refreshed; each
 #: refresh walks every tracked account once.
@@ -538,6 +542,26 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
             finally:
                 reader.submit(follower.close)
                 reader.shutdown(wait=False)
+
+    watch = CommitWatch(w.commit_stall_s)
+
+    @app.timer(HEALTH_INTERVAL_S)
+    async def watch_commits() -> None:
+        # Faust's own record of what it committed (no broker round trip) and the last fetch's high-water mark.
+        consumer = app.consumer
+        held = [tp for tp in consumer.assignment() if tp.topic == t.api_calls]
+        watch.keep(held)
+        for tp in held:
+            watch.observe(tp, consumer._committed_offset.get(tp), consumer.highwater(tp))  # type: ignore[attr-defined]
+        metrics.commit_stalled.set(max(watch.behind().values(), default=0.0))
+
+    @app.page(HEALTH_PATH)
+    async def health(web: Any, request: Any) -> Any:
+        stalled = watch.report()
+        if stalled:
+            return web.json({"status": "stalled", "commit_stall_s": w.commit_stall_s, "partitions": stalled},
+                            status=503)
+        return web.json({"status": "ok"})
 
     @app.page(STATS_PATH)
     async def stats(web: Any, request: Any) -> Any:

@@ -36,6 +36,25 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 15.
         consumer.close()
 
 
+def worker_health(port: int) -> tuple[int, dict[str, Any]] | None:
+    """A running worker's ``/healthz`` (``detector.streaming.app.HEALTH_PATH``): (HTTP status, body); None until
+    it answers."""
+    import urllib.error
+    import urllib.request
+
+    import orjson
+
+    from detector.streaming.app import HEALTH_PATH
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{HEALTH_PATH}", timeout=2) as resp:
+            return resp.status, orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+    except OSError:
+        return None
+
+
 def worker_stats(port: int) -> dict[str, Any] | None:
     """A running worker's counters (``detector.streaming.app.STATS_PATH`` on its web port); None until it answers."""
     import urllib.request

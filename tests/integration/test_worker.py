@@ -37,11 +37,12 @@ from detector.gateway import EventPublisher
 from detector.schemas import DEAD_LETTER_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode_event, validate
 from detector.settings import load_settings
 from detector.streaming.topics import ensure_topics
-from tests.integration.kafka_io import read_topic, wait_for_worker, worker_stats
+from tests.integration.kafka_io import read_topic, wait_for_worker, worker_health, worker_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 HOUR = 3_600_000
 WAIT_S = 60.0
+HEALTH_SAMPLES = 12  # /healthz once a second once the worker is idle: over two stall limits and two watch periods
 
 def invalid_payloads(valid: dict[str, Any]) -> list[tuple[str, bytes]]:
     """(expected dead-letter reason, payload) for each kind of bad input."""
@@ -84,6 +85,7 @@ class Run:
     valid: int = 0
     invalid: dict[int, tuple[str, bytes, str]] = field(default_factory=dict)  # offset -> (reason, payload, key)
     stats: dict[str, Any] = field(default_factory=dict)
+    health: list[tuple[int, dict[str, Any]] | None] = field(default_factory=list)  # /healthz, every 1 s, once idle
     metrics: dict[str, float] = field(default_factory=dict)  # 'name{label="v"}' -> value, scraped before stop
     scores: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
     dead_letters: list[tuple[bytes | None, dict[str, Any]]] = field(default_factory=list)
@@ -121,7 +123,7 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     env.update({"DETECTOR_KAFKA__BOOTSTRAP": kafka_bootstrap, "DETECTOR_WORKER__APP_ID": run_id,
                 "DETECTOR_WORKER__DATA_DIR": str(work / "data"), "DETECTOR_WORKER__WEB_PORT": str(web_port),
                 "DETECTOR_WORKER__METRICS_PORT": str(metrics_port), "DETECTOR_TOPICS__PARTITIONS": "1",
-                "DETECTOR_WORKER__BATCH_WITHIN_S": "0.05",
+                "DETECTOR_WORKER__BATCH_WITHIN_S": "0.05", "DETECTOR_WORKER__COMMIT_STALL_S": "3",
                 **{f"DETECTOR_TOPICS__{k.upper()}": v for k, v in topics.items()}})
     ensure_topics(load_settings({k: v for k, v in env.items() if k.startswith("DETECTOR_")}))
     log = work / "worker.log"
@@ -156,6 +158,10 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 pub.publish_raw("analyst", payload)  # keyed by account in production; any key will do here
         _wait("the labels", lambda: (worker_stats(web_port) or {}).get("labels") == len(result.labels), proc, log)
         result.stats = worker_stats(web_port) or {}
+        # Idle and caught up for longer than COMMIT_STALL_S (3 s here): never stalled.
+        for _ in range(HEALTH_SAMPLES):
+            time.sleep(1.0)
+            result.health.append(worker_health(web_port))
         result.metrics = _scrape(metrics_port)
     finally:
         if proc.poll() is None:
@@ -266,6 +272,12 @@ def test_prometheus_metrics_count_the_same(run: Run) -> None:
     assert m["detector_message_latency_seconds_count{}"] == s["messages"] > 0
     assert m['detector_message_latency_seconds_bucket{le="+Inf"}'] == s["messages"]
     assert 0 < m["detector_message_latency_seconds_sum{}"] < 600 * s["messages"]
+
+
+def test_an_idle_caught_up_worker_is_healthy(run: Run) -> None:
+    # Idle for 12 s with COMMIT_STALL_S=3 s: a partition with nothing left to read is never stalled.
+    assert run.health == [(200, {"status": "ok"})] * HEALTH_SAMPLES
+    assert 0 <= run.metrics["detector_commit_stalled_seconds{}"] < 3
 
 
 def test_worker_stops_cleanly_on_sigterm(run: Run) -> None:

@@ -1,0 +1,67 @@
+"""The worker's commit watch (``detector.streaming.health.CommitWatch``): stalled only with events to read."""
+
+from __future__ import annotations
+
+import pytest
+
+from detector.streaming.health import CommitWatch
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def test_a_backlog_whose_commit_does_not_move_is_stalled_after_the_limit_not_before(clock: Clock) -> None:
+    watch = CommitWatch(stall_s=120, clock=clock)
+    for t in range(0, 125, 5):
+        clock.now = t
+        watch.observe("p0", committed=500, highwater=900)
+        assert (watch.stalled() != {}) == (t >= 120), t
+    assert watch.report() == {"p0": {"seconds": 120.0, "committed": 500, "highwater": 900}}
+
+
+def test_progress_resets_the_clock_even_while_behind(clock: Clock) -> None:
+    watch = CommitWatch(stall_s=120, clock=clock)
+    for t in range(0, 600, 5):
+        clock.now = t
+        watch.observe("p0", committed=500 + t, highwater=10_000)  # behind, but committing
+        assert watch.stalled() == {}
+
+
+def test_an_idle_partition_is_never_stalled(clock: Clock) -> None:
+    watch = CommitWatch(stall_s=120, clock=clock)
+    watch.observe("p0", committed=900, highwater=900)
+    watch.observe("p1", committed=None, highwater=None)  # nothing fetched yet: nothing known to read
+    clock.now = 3600
+    assert watch.stalled() == {} and watch.behind() == {"p0": 0.0, "p1": 0.0}
+
+
+def test_nothing_committed_yet_with_a_backlog_counts(clock: Clock) -> None:
+    watch = CommitWatch(stall_s=120, clock=clock)
+    watch.observe("p0", committed=None, highwater=50)
+    clock.now = 130
+    watch.observe("p0", committed=None, highwater=80)
+    assert list(watch.stalled()) == ["p0"]
+
+
+def test_revoked_partitions_are_forgotten(clock: Clock) -> None:
+    watch = CommitWatch(stall_s=120, clock=clock)
+    watch.observe("p0", committed=1, highwater=9)
+    watch.observe("p1", committed=1, highwater=9)
+    clock.now = 200
+    watch.keep(["p1"])  # p0 went to another worker, which commits it now
+    assert list(watch.stalled()) == ["p1"]
+
+
+def test_the_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="stall_s"):
+        CommitWatch(stall_s=0)
