@@ -304,7 +304,7 @@ def read_range(config: dict[str, Any], topic: str, partition: int, offsets: rang
                 records.extend(r for r in batch if r.offset in offsets)
         return records
     finally:
-        consumer.close()
+        quiet_close(consumer)
 
 
 def committed_offsets(config: dict[str, Any], group: str, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
@@ -334,7 +334,27 @@ def committed_offsets(config: dict[str, Any], group: str, topic: str, timeout_s:
             out[tp.partition] = committed if committed is not None else first[tp]
         return out
     finally:
-        consumer.close()
+        quiet_close(consumer)
+
+
+def quiet_close(client: Any) -> None:
+    """Close a kafka-python client with ``kafka.net`` kept out of the log meanwhile.
+
+    kafka-python 3 reads sockets on a network thread of its own, which can race the close and log a traceback for
+    a socket the close has just released: "Error receiving network data" (kafka.net.transport), or "Unhandled
+    exception in task" from re-registering the closed socket (kafka.net.selector; seen once in CI). Harmless, and
+    not an error of the worker's, whose log is expected to hold no traceback. The worker closes such clients after
+    reading ``cluster-signals`` (:class:`Follower`), a hole (:func:`read_range`) and the group's offsets after a
+    rebalance (:func:`committed_offsets`)."""
+    loggers = [logging.getLogger("kafka.net"), logging.getLogger("kafka.net.transport")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        client.close()
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 class Follower:
@@ -386,17 +406,7 @@ class Follower:
     def close(self) -> None:
         if self._consumer is None:
             return
-        # kafka-python 3 reads sockets on a network thread of its own, which can race the close and log a traceback
-        # for a socket the close has just released: "Error receiving network data" (kafka.net.transport), or
-        # "Unhandled exception in task" from re-registering the closed socket (kafka.net.selector; seen once in CI).
-        # Harmless, and not an error of the worker's, so kafka.net is kept out of the log while closing.
-        net = logging.getLogger("kafka.net")
-        levels = {lg: lg.level for lg in (net, logging.getLogger("kafka.net.transport"))}
-        for lg in levels:
-            lg.setLevel(logging.CRITICAL)
         try:
-            self._consumer.close()
+            quiet_close(self._consumer)
         finally:
-            for lg, level in levels.items():
-                lg.setLevel(level)
             self._consumer = None
