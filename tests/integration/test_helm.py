@@ -172,6 +172,25 @@ def test_relative_data_dir_is_refused(helm: str, tmp_path: Path) -> None:
     assert done.returncode != 0 and "absolute path" in done.stderr
 
 
+def test_the_worker_is_probed_on_healthz_and_a_probe_of_a_missing_web_port_is_refused(helm: str,
+                                                                                      tmp_path: Path) -> None:
+    (container,) = one(render(helm, tmp_path), "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "web"}
+    assert "web" in {p["name"] for p in container["ports"]}
+    path = tmp_path / "no-web.yaml"
+    path.write_text(yaml.safe_dump({"env": {"worker": {"web_port": 0}}}))
+    done = run(helm, "template", "dd", str(CHART), "-f", str(path))
+    assert done.returncode != 0 and "worker.livenessProbe asks the web port" in done.stderr, done.stderr
+    path.write_text(yaml.safe_dump({"env": {"worker": {"web_port": 0}},
+                                    "worker": {"livenessProbe": {"httpGet": None, "tcpSocket": {"port": "metrics"}}}}))
+    done = run(helm, "template", "dd", str(CHART), "-f", str(path))
+    assert done.returncode == 0, done.stderr
+    sts = one([d for d in yaml.safe_load_all(done.stdout) if d], "StatefulSet")
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    probe = container["livenessProbe"]
+    assert "httpGet" not in probe and probe["tcpSocket"] == {"port": "metrics"}
+
+
 def test_rate_limiter_has_its_own_kafka_identity(helm: str, tmp_path: Path) -> None:
     docs = render(helm, tmp_path, SEPARATE_IDENTITIES)
     secret = one(docs, "Secret")
