@@ -175,7 +175,12 @@ def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
         except ValueError as exc:
             raise CliError(f"--since: {exc}") from None
     book = _read_book(settings, args.timeout)
-    views = review.select(book.decisions(), actions=actions, cluster=args.cluster, since_ms=since_ms)
+    views = review.select(book.decisions(), actions=actions, cluster=args.cluster, since_ms=since_ms,
+                          accounts=args.account or ())
+    missing = sorted(set(args.account or ()) - {d.account_id for v in views for d in v.accounts})
+    if missing:
+        print(f"review: no record for {', '.join(missing)} on {settings.topics.risk_scores}: allowed (an account "
+              "with no record is allowed)", file=sys.stderr)
     if args.json:
         for v in views:
             print(orjson.dumps(v.to_json()).decode())
@@ -295,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--action", action="append", choices=("allow", "watch", "throttle", "block", "any"),
                    help="list accounts at this action (repeatable; default: throttle and block)")
     v.add_argument("--cluster", help="only this cluster")
+    v.add_argument("--account", action="append", metavar="ID",
+                   help="only this account, at any action (repeatable): why it is limited, or not")
     v.add_argument("--since", help="only records emitted within this long (30m, 6h, 2d)")
     v.add_argument("--per-cluster", type=int, default=5, metavar="N", help="accounts shown per cluster (default 5)")
     v.add_argument("--json", action="store_true", help="one JSON object per cluster, with every member")

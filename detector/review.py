@@ -6,6 +6,7 @@ Grafana shows counts, never account ids (no account id is a metric label). An an
     detector review                               # accounts at throttle or block, by cluster, worst first
     detector review --action watch --since 6h     # or another action, recent records only
     detector review --cluster c_4f1a09 --json     # one cluster, as JSON for other tools
+    detector review --account acct_1              # why is this account limited (or not)?
     detector label attack acct_1 acct_2 --analyst alice --note "ticket SOC-1234"
     detector label benign --cluster c_4f1a09 --analyst alice --yes
 
@@ -99,9 +100,10 @@ class ClusterView:
 
 
 def select(decisions: Iterable[Decision], *, actions: Sequence[str] = DEFAULT_ACTIONS, cluster: str | None = None,
-           since_ms: int | None = None) -> list[ClusterView]:
+           since_ms: int | None = None, accounts: Sequence[str] = ()) -> list[ClusterView]:
     """The decisions at ``actions`` (of ``cluster`` only, emitted at or after ``since_ms`` only), grouped by cluster,
-    the worst cluster first; in a cluster, the worst account first.
+    the worst cluster first; in a cluster, the worst account first. ``accounts``: only these, at any action (an
+    analyst asking why an account is, or is not, limited).
 
     >>> from detector.ratelimit import _example_record, parse_record
     >>> ds = [parse_record(a.encode(), _example_record(a, act, score=s), now_ms=1_775_000_100_000)
@@ -113,8 +115,14 @@ def select(decisions: Iterable[Decision], *, actions: Sequence[str] = DEFAULT_AC
     """
     groups: dict[str | None, ClusterView] = {}
     lone: list[ClusterView] = []
+    wanted = set(accounts)
     for d in decisions:
-        if d.action not in actions or (cluster is not None and d.cluster_id != cluster):
+        if wanted:
+            if d.account_id not in wanted:
+                continue
+        elif d.action not in actions:
+            continue
+        if cluster is not None and d.cluster_id != cluster:
             continue
         if since_ms is not None and d.emitted_at < since_ms:
             continue

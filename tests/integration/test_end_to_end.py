@@ -105,6 +105,7 @@ class Run:
     ordinary_keyed_answer: dict[str, Any] = field(default_factory=dict)  # the ordinary account, with its keys
     records: list[dict[str, Any]] = field(default_factory=list)  # every record of the topic, in order
     review: list[dict[str, Any]] = field(default_factory=list)  # `detector review --json`, at the end
+    review_account: list[dict[str, Any]] = field(default_factory=list)  # `detector review --json --account A`
     cluster_refusal: subprocess.CompletedProcess[str] | None = None  # `label attack --cluster C` without --yes
     benign_answer: dict[str, Any] = field(default_factory=dict)  # the account, after `detector label benign`
     timings: dict[str, float] = field(default_factory=dict)
@@ -301,6 +302,8 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         cli_env = {**env, **settings_env}
         review = _cli(["review", "--json"], cli_env)
         result.review = [orjson.loads(line) for line in review.stdout.splitlines()]
+        one_account = _cli(["review", "--json", "--account", account], cli_env)
+        result.review_account = [orjson.loads(line) for line in one_account.stdout.splitlines()]
         blocked_cluster = next(c["cluster_id"] for c in result.review
                                if any(m["account_id"] == account for m in c["members"]))
         result.cluster_refusal = _cli(["label", "attack", "--cluster", blocked_cluster, "--analyst", "e2e"], cli_env,
@@ -401,6 +404,11 @@ def test_review_lists_the_blocked_account_in_its_cluster_and_not_the_ordinary_on
     blocked = {r["account_id"] for r in run.records if r["action"] in ("throttle", "block")}
     latest = {r["account_id"]: r["action"] for r in run.records}
     assert set(members) == {a for a in blocked if latest[a] in ("throttle", "block")}
+
+
+def test_review_of_one_account_shows_only_it(run: Run) -> None:
+    (cluster,) = run.review_account
+    assert [m["account_id"] for m in cluster["members"]] == [run.account]
 
 
 def test_labelling_a_whole_cluster_needs_yes(run: Run) -> None:

@@ -61,6 +61,13 @@ def test_clusters_worst_first_and_accounts_worst_first_within() -> None:
     assert [v.cluster_id for v in review.select(book.decisions(), cluster=C_SMALL)] == [C_SMALL]
 
 
+def test_accounts_asked_for_are_listed_at_any_action() -> None:
+    book = _book(("a1", _record("a1", "allow", 0.1, C_1)), ("a2", _record("a2", "block", 0.9, C_1)),
+                 ("a3", _record("a3", "watch", 0.4, None)))
+    views = review.select(book.decisions(), accounts=["a1", "a3", "nobody"])
+    assert sorted(d.account_id for v in views for d in v.accounts) == ["a1", "a3"]
+
+
 def test_since_keeps_only_recent_records() -> None:
     book = _book(("old", _record("old", "block", 0.9, C_1, emitted_at=1_774_000_000_000)),
                  ("new", _record("new", "block", 0.9, C_1, emitted_at=1_775_000_000_000)))
