@@ -48,6 +48,10 @@ class Metrics:
                                     "committed offset did not move (a few seconds while every partition is caught up "
                                     "or committing); /healthz answers 503 from DETECTOR_WORKER__COMMIT_STALL_S",
                                     registry=r)
+        self.offset_starts = Counter("detector_offset_starts_total",
+                                     "Reads of the group's committed offsets after a rebalance, where each partition's "
+                                     "offset count starts: read, or unknown (timed out or failed: counted from the "
+                                     "first message instead)", ["result"], registry=r)
         self.latency = Histogram("detector_event_to_score_latency_seconds",
                                  "Time from an event's publication to Kafka (its message timestamp) to its score "
                                  "being published",

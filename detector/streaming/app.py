@@ -95,6 +95,7 @@ SLOT_BYTES = 1024
 SIGNALS_RETRY_S = 10.0
 #: How long reading back the offsets of a hole may take before the worker gives up (and stops, unacked).
 REFILL_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 10.0  # reading the group's committed offsets after a rebalance (Intake.start_of)
 
 
 class _WeightedQueue(ThrowableQueue):  # type: ignore[type-arg]
@@ -277,7 +278,9 @@ class Intake:
         for m in messages:
             generation = m.generation_id or 0
             if not self.guard.started(m.tp, generation):
-                self.guard.start(m.tp, await self.start_of(m.topic, m.partition, generation), generation)
+                start = await self.start_of(m.topic, m.partition, generation)
+                if start is not None:  # else: counted from this message, as before the committed offsets were read
+                    self.guard.start(m.tp, start, generation)
             missing = self.guard.admit(m.tp, m.offset, generation)
             if missing is None:  # delivered twice in this generation
                 self.metrics.redeliveries.inc()
@@ -288,16 +291,28 @@ class Intake:
             last_offsets[m.tp] = m.offset
         return outs, last_offsets
 
-    async def start_of(self, topic: str, partition: int, generation: int) -> int:
+    async def start_of(self, topic: str, partition: int, generation: int) -> int | None:
         """Where the group resumes ``partition`` in ``generation``: its committed offset, read from the broker once
-        per generation and topic (see :mod:`detector.streaming.offsets`). Raises as :meth:`refill` does."""
+        per generation and topic (see :mod:`detector.streaming.offsets`). None if it could not be read within
+        :data:`START_TIMEOUT_S` (logged, counted in ``detector_offset_starts_total{result="unknown"}``): the
+        partition is then counted from its first message, as it was before, and this generation does not ask
+        again. The worker goes on either way: a broker that answers nothing would stop the batch anyway."""
         if self._starts[0] != generation:
             self._starts = (generation, {})
         starts = self._starts[1]
-        if partition not in starts.get(topic, {}):  # a partition added since: read again
-            starts[topic] = await asyncio.to_thread(committed_offsets, self.kafka_config, self.group, topic,
-                                                    REFILL_TIMEOUT_S)
-        return starts[topic][partition]
+        known = starts.get(topic)
+        if known is None or (known and partition not in known):  # a partition added since: read again
+            try:
+                starts[topic] = await asyncio.to_thread(committed_offsets, self.kafka_config, self.group, topic,
+                                                        START_TIMEOUT_S)
+                self.metrics.offset_starts.labels(result="read").inc()
+            except Exception as exc:  # noqa: BLE001 - any failure: fall back to the first message, and say so
+                starts[topic] = {}
+                self.metrics.offset_starts.labels(result="unknown").inc()
+                log.warning("%s: could not read group %s's committed offsets within %.0f s (%s); partitions start "
+                            "at their first message in generation %d", topic, self.group, START_TIMEOUT_S,
+                            _describe_error(exc), generation)
+        return starts[topic].get(partition)
 
     async def refill(self, tp: Any, missing: range) -> list[Output]:
         """Read ``missing`` offsets of ``tp`` from the broker and route them. Raises if the broker cannot be read

@@ -311,7 +311,8 @@ def committed_offsets(config: dict[str, Any], group: str, topic: str, timeout_s:
     """Where consumer group ``group`` resumes each partition of ``topic``: its committed offset, or the partition's
     first offset where it has none (the worker reads from the earliest). ``config``: kafka-python client options
     (:func:`kafka_client_config`). Reads offsets only: it does not join the group. Raises :class:`TimeoutError` if
-    the topic's partitions are not known within ``timeout_s``."""
+    the topic's partitions are not known within ``timeout_s``, and kafka-python's ``KafkaTimeoutError`` if the
+    offsets are not read within it."""
     import time
 
     from kafka import KafkaConsumer, TopicPartition
@@ -327,14 +328,21 @@ def committed_offsets(config: dict[str, Any], group: str, topic: str, timeout_s:
             time.sleep(0.2)
             partitions = consumer.partitions_for_topic(topic)
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        first = consumer.beginning_offsets(tps)
+        # kafka-python retries a retriable error for ever without a timeout: bound each call by what is left.
+        first = consumer.beginning_offsets(tps, timeout_ms=_left_ms(deadline))
         out = {}
         for tp in tps:
-            committed = consumer.committed(tp)
+            committed = consumer.committed(tp, timeout_ms=_left_ms(deadline))
             out[tp.partition] = committed if committed is not None else first[tp]
         return out
     finally:
         quiet_close(consumer)
+
+
+def _left_ms(deadline: float) -> int:
+    import time
+
+    return max(1, int((deadline - time.monotonic()) * 1000))
 
 
 def quiet_close(client: Any) -> None:
