@@ -16,6 +16,8 @@ generated once (:func:`detector.simulate.build`) and kept as bytes; every phase 
               fresh topic, one worker ─▶ p50/p99_latency_ms   envelopes (SDK linger included), paced at 80% of
                                          worker_events_per_s, ts = now; one event per message in
                                          details.latency_single (full run: both again at 25%)
+              fresh topic ─▶ details.warmup   a restarted worker's warm start: the events' cluster signals
+                                              read back from the broker and folded in (warm_up)
               in-process ─▶ replay_events_per_s   decode + Detector.process over the events (replay)
               subprocesses ─▶ bytes_per_account, flood   1M synthetic accounts; a 1M-id flood, max_accounts=100k
 
@@ -840,6 +842,59 @@ def measure_signals(events: Events) -> dict[str, Any]:
     return out
 
 
+def measure_warmup(bootstrap: str, events: Events, run_id: str) -> dict[str, Any]:
+    """A restarted worker's warm start on the real broker: the cluster signals of every event (published as a
+    worker publishes them, one message per batch of 2,000 events) read back and folded into a new detector by
+    :func:`detector.streaming.app.warm_up`, as ``detector worker`` does before it joins its group."""
+    from kafka import KafkaProducer
+
+    from detector.detection import Detector
+    from detector.schemas import decode_event
+    from detector.settings import KafkaSettings, Settings, TopicSettings
+    from detector.signals import encode_batches
+    from detector.streaming.app import warm_up
+    from detector.streaming.routing import Router
+    from detector.streaming.topics import Follower, ensure_topics, kafka_client_config
+
+    topic = f"{run_id}-warm.cluster-signals"
+    settings = Settings(kafka=KafkaSettings(bootstrap=bootstrap), topics=TopicSettings(cluster_signals=topic))
+    ensure_topics(settings)
+    old = Detector(share_clusters=True)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5, max_request_size=2 * 1024 * 1024)
+    messages = 0
+    signal_bytes = 0
+    try:
+        for i, raw in enumerate(events.values):
+            old.process(decode_event(raw))
+            if i % 2000 == 1999 or i == len(events) - 1:
+                for msg in encode_batches("bench-old", old.drain_signals()):
+                    producer.send(topic, key=b"bench-old", value=msg)
+                    messages += 1
+                    signal_bytes += len(msg)
+        producer.flush()
+    finally:
+        producer.close()
+    del old
+    gc.collect()
+    router = Router(Detector(share_clusters=True), settings, worker_id="bench-new")
+    follower = Follower(kafka_client_config(settings.kafka), topic)
+    cpu, wall = time.process_time(), time.perf_counter()
+    try:
+        got = warm_up(follower, router, lookback_s=86_400, max_s=600, dead=[])
+    finally:
+        follower.close()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    out = {"signals": got["signals"], "messages": got["messages"], "left": got["left"], "bytes": signal_bytes,
+           "seconds": wall, "signals_per_s": got["signals"] / wall if wall else None,
+           "cpu_us_per_signal": 1e6 * cpu / got["signals"] if got["signals"] else None,
+           "method": "the events' cluster signals (a Detector with share_clusters, drained every 2,000 events) "
+                     "published to a fresh one-partition topic; then warm_up (Follower + Router.on_signals into a "
+                     "new Detector) reads them back from the broker; wall and CPU time of that call."}
+    say(f"warm start: {out['signals']:,} signals from {out['messages']:,} messages in {wall:.1f}s "
+        f"({out['signals_per_s']:,.0f} signals/s, {out['cpu_us_per_signal']:.0f} us of CPU each)")
+    return out
+
+
 # ==== memory (runs in a fresh subprocess: python -m bench.run --memory-probe ...) ========================
 
 
@@ -1006,6 +1061,10 @@ def notes(r: dict[str, Any]) -> str:
     if rep:
         lines.append(f"replay: {rep['events_per_cpu_s']:,.0f} events per CPU-second; decode_event alone "
                      f"{rep['decode_only_events_per_s']:,.0f}/s ({100 * rep['decode_share']:.0f}% of replay time)")
+    warm = d.get("warmup")
+    if warm:
+        lines.append(f"warm start: {warm['signals']:,} cluster signals read back and folded in, "
+                     f"{warm['signals_per_s']:,.0f} signals/s ({warm['cpu_us_per_signal']:.0f} us of CPU each)")
     sig = d.get("signals")
     if sig:
         lines.append(f"cluster signals: an own event {sig['own_event_us']:.0f} us of CPU "
@@ -1038,9 +1097,9 @@ def run(plan: Plan, phases: set[str], out: Path, seed: int, cache_dir: Path | No
     run_id = f"bench-{int(time.time())}"
     tmp = Path(tempfile.mkdtemp(prefix="detector-bench-"))
     raw = drain1 = drain2 = env1 = env2 = env2_alone = latency = low_latency = None
-    latency_single = low_latency_single = replay_r = memory = signals_r = None
+    latency_single = low_latency_single = replay_r = memory = signals_r = warmup = None
     try:
-        if phases & {"throughput", "latency"}:
+        if phases & {"throughput", "latency", "warmup"}:
             broker.ensure_jars()
             say("broker: starting a local Kafka broker")
             handle = start_broker(tmp / "broker")
@@ -1088,6 +1147,8 @@ def run(plan: Plan, phases: set[str], out: Path, seed: int, cache_dir: Path | No
                     if plan.low_load_share:  # below capacity: what the pipeline adds when the worker keeps up
                         low_latency = latency_at(plan.low_load_share, True, "low-env", plan.low_load_s)
                         low_latency_single = latency_at(plan.low_load_share, False, "low", plan.low_load_s)
+                if "warmup" in phases:
+                    warmup = measure_warmup(bootstrap, events, run_id)
             finally:
                 say("broker: stopping")
                 broker.stop(tmp / "broker")
@@ -1149,7 +1210,7 @@ def run(plan: Plan, phases: set[str], out: Path, seed: int, cache_dir: Path | No
                                        "p99_latency_ms": _headline(latency_single, "p99")},
                     "latency": latency, "latency_low_load": low_latency,
                     "latency_single": latency_single, "latency_low_load_single": low_latency_single,
-                    "replay": replay_r, "signals": signals_r, "memory": memory},
+                    "replay": replay_r, "signals": signals_r, "warmup": warmup, "memory": memory},
     })
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
@@ -1160,8 +1221,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smaller run (2-3 minutes)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default: {DEFAULT_OUT})")
-    p.add_argument("--phases", default="throughput,latency,replay,memory",
-                   help="comma-separated subset of throughput,latency,replay,memory")
+    p.add_argument("--phases", default="throughput,latency,warmup,replay,memory",
+                   help="comma-separated subset of throughput,latency,warmup,replay,memory")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="keep the generated events here and reuse them on the next run (same scenario/scale/seed)")
@@ -1186,7 +1247,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # kafka-python 3 on plain serializer callables
     phases = {x.strip() for x in args.phases.split(",") if x.strip()}
-    unknown = phases - {"throughput", "latency", "replay", "memory"}
+    unknown = phases - {"throughput", "latency", "warmup", "replay", "memory"}
     if unknown:
         p.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
     try:

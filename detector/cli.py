@@ -144,7 +144,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
     return run_evaluation(settings, scenarios=args.scenario, models=args.models, scale=args.scale,
                           out_dir=args.out_dir, seed=args.seed, compare_all=args.compare_all,
-                          workers=tuple(args.workers))
+                          workers=tuple(args.workers), restart_at_h=args.restart_at)
 
 
 def _worker_counts(text: str) -> tuple[int, ...]:
@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=_worker_counts, default=(2, 4), metavar="N,M",
                    help="also run the first scenario with the accounts split over N (and M...) workers, as that many "
                         "workers would hold them; 0 to skip (default: 2,4)")
+    e.add_argument("--restart-at", type=float, default=36.0, metavar="HOURS",
+                   help="also run the first scenario with the worker restarted HOURS in, cold and warm (the warm "
+                        "start from cluster-signals); 0 to skip (default: 36)")
     e.set_defaults(func=cmd_evaluate)
 
     v = sub.add_parser("review", help="SOC: accounts the detector throttles or blocks, by cluster, with reasons "

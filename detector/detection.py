@@ -419,7 +419,9 @@ class Detector:
         # linked, by the event time they were last seen (evicted as idle as own accounts are).
         self._signals: list[Signal] | None = [] if share_clusters else None
         self._foreign: OrderedDict[str, int] = OrderedDict()
-        self._foreign_caught_ids: set[str] = set()  # other workers' accounts caught: their prompts feed caught_content
+        # Other workers' accounts caught (their prompts feed caught_content), with the levels (THROTTLED, BLOCKED)
+        # counted in their clusters' tallies: an account that becomes this detector's keeps them counted.
+        self._foreign_caught_ids: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------------------------
     def process(self, event: dict[str, Any], emitted_at: int | None = None,
@@ -466,7 +468,7 @@ class Detector:
             acct = self.accounts[aid] = _Account(event["billing"].get("account_created_ts"))
             if self._foreign:
                 self._foreign.pop(aid, None)  # another worker's account until a rebalance brought it here
-                self._foreign_caught_ids.discard(aid)
+                self._adopt_counts(acct, self._foreign_caught_ids.pop(aid, 0))
         else:
             self.accounts[aid] = self.accounts.pop(aid)  # now the most recently active
             self._evict_ahead.pop(aid, None)
@@ -643,9 +645,10 @@ class Detector:
                 # Another worker's analyst verdict: learn from the evidence its account showed (known terms only).
                 self.fusion.learn_one({k: float(v) for k, v in s[4].items() if k in PRIOR_WEIGHTS}, bool(s[3]))
             elif self.linker.knows(aid):
+                counted = self._foreign_caught(aid, s[3])
                 if s[3] & (THROTTLED | BLOCKED):
-                    self._foreign_caught_ids.add(aid)
-                self._foreign_caught(aid, s[3])
+                    levels = self._foreign_caught_ids.get(aid, 0)
+                    self._foreign_caught_ids[aid] = levels | (s[3] & (THROTTLED | BLOCKED) if counted else 0)
         if sketch_keys:
             content.add_many(sketch_keys)
 
@@ -667,16 +670,27 @@ class Detector:
                     max_len=bool(flags & MAX_LEN), new_account=bool(flags & NEW_ACCOUNT),
                     machine=bool(flags & MACHINE), new_model=bool(flags & NEW_MODEL), org=org)
 
-    def _foreign_caught(self, aid: str, level: int) -> None:
+    def _foreign_caught(self, aid: str, level: int) -> bool:
+        """Count another worker's account caught in its cluster's tallies; False if it is in no cluster here."""
         root = self.linker.root(aid)
         cluster = self.clusters.get(root)
         if cluster is None:
-            return
+            return False
         cluster.throttled_members += bool(level & THROTTLED)
         cluster.blocked_members += bool(level & BLOCKED)
         if not cluster.blocked and (level & CLUSTER_BLOCKED or _blocks(cluster, self.linker.size(root))):
             cluster.blocked = True
             self._blocked_roots.add(root)
+        return True
+
+    @staticmethod
+    def _adopt_counts(acct: _Account, levels: int) -> None:
+        """An account that was another worker's comes here (a rebalance, a restore, or a warm start): it stays
+        counted in its cluster's tallies at the levels its old owner's signals counted, not counted twice."""
+        if levels & THROTTLED:
+            acct.throttled_counted = True
+        if levels & BLOCKED:
+            acct.blocked_counted = True
 
     def _evict_foreign(self, now: int) -> None:
         """Forget other workers' accounts idle for ``idle_evict_s`` and the least recently seen beyond
@@ -689,7 +703,7 @@ class Detector:
             if len(foreign) < self.settings.max_accounts and last >= horizon:
                 break
             del foreign[aid]
-            self._foreign_caught_ids.discard(aid)
+            self._foreign_caught_ids.pop(aid, None)
             if aid not in self.accounts:
                 gone.append(aid)
         if gone:
@@ -1063,6 +1077,9 @@ class Detector:
         restored: dict[str, _Account] = {}
         for _, aid, acct in reversed(loaded):
             restored.setdefault(aid, acct)
+        if self._foreign_caught_ids:
+            for aid, acct in restored.items():
+                self._adopt_counts(acct, self._foreign_caught_ids.pop(aid, 0))
         tracked = list(self.accounts.items())
         self.accounts.clear()
         self.accounts.update(restored)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,19 @@ class Limiter:
         self.secret = secret
         self.book = KeyBook()
         self.allowed: set[str] = set()  # accounts whose latest record is "allow"
+        self._applied: list[tuple[str, bytes]] = []  # the key-block records, in order (for clone)
+
+    def clone(self) -> Limiter:
+        """A limiter with this one's decisions and key blocks (a restarted worker's limiter keeps them)."""
+        other = Limiter(self.secret)
+        other.allowed = set(self.allowed)
+        for key_id, value in self._applied:
+            other._keep(key_id, value)
+        return other
+
+    def _keep(self, key_id: str, value: bytes) -> None:
+        self._applied.append((key_id, value))
+        self.book.apply(key_id, value)
 
     def refuses(self, ev: dict[str, Any], before: str) -> bool:
         if before in CAUGHT or ev["account_id"] in self.allowed:
@@ -104,7 +118,7 @@ class Limiter:
             else:
                 self.allowed.discard(record["account_id"])
         for kb in det.drain_key_blocks():
-            self.book.apply(kb["key_id"], orjson.dumps(kb))
+            self._keep(kb["key_id"], orjson.dumps(kb))
 
 
 def metrics(outcome: Outcome, labels: dict[str, Any]) -> dict[str, Any]:
@@ -166,10 +180,7 @@ def evaluate_scenario(scenario: str, models: list[str], settings: Settings, *, s
     in_flight: list[deque[tuple[int, int, list[Any]]]] = [deque() for _ in models]  # (due ts, from shard, signals)
     limiters = [Limiter(secret) for _ in models]  # one limiter reads every worker's key blocks
     outcomes = [Outcome(model=m) for m in models]
-    prog = Progress(f"evaluate {scenario}" + (f" over {workers} workers" if workers > 1 else ""),
-                    total=sim.count_hint())
-    n = 0
-    for ev in sim.events():
+    for ev in _events(sim, f"evaluate {scenario}" + (f" over {workers} workers" if workers > 1 else "")):
         lab = labels.get(ev["account_id"])
         campaign = lab.campaign if lab is not None and lab.attack else None
         shard = account_partition(ev["account_id"], workers) if workers > 1 else 0
@@ -192,11 +203,79 @@ def evaluate_scenario(scenario: str, models: list[str], settings: Settings, *, s
             out.seconds += time.perf_counter() - t
             limiter.take(det, record)
             out.observe(ev, det, before, campaign, refused)
+    return sim, outcomes
+
+
+def _events(sim: Any, label: str) -> Iterator[dict[str, Any]]:
+    """The scenario's events, with a progress line every 5,000."""
+    prog = Progress(label, total=sim.count_hint())
+    n = 0
+    for ev in sim.events():
+        yield ev
         n += 1
         if n % 5000 == 0:
             prog.update(n)
     prog.update(n)
     prog.close()
+
+
+def evaluate_restart(scenario: str, model: str, settings: Settings, *, at_h: float, scale: float = 1.0,
+                     seed: int = 7, lookback_h: float = 24.0) -> tuple[Any, dict[str, Outcome]]:
+    """One worker holding every account restarts ``at_h`` hours into ``scenario``; three runs in one pass.
+
+    ``running``: no restart. At the restart the others take the accounts back from their snapshots
+    (:func:`~detector.detection.dump_account`, as the changelog holds them) into a new detector, with a new
+    anomaly model and fusion at its priors; the rate limiter keeps its decisions and key blocks (compacted
+    topics). ``cold``: nothing else, the cross-account state is rebuilt from the stream (the worker before
+    the warm start). ``warm``: the new detector first folds in the old one's cluster signals of the last
+    ``lookback_h`` hours, as :func:`detector.streaming.app.warm_up` reads them from ``cluster-signals``."""
+    import copy
+
+    from detector import simulate
+    from detector.detection import dump_account
+
+    sim = simulate.build(scenario, seed=seed, scale=scale, fingerprint_key=settings.fingerprint_key.reveal().encode())
+    secret = settings.fingerprint_key.reveal().encode()
+
+    def fresh() -> Detector:
+        return Detector(settings.detection, anomaly_model=model, key_secret=secret, share_clusters=True)
+
+    dets, limiters, outcomes = {"running": fresh()}, {"running": Limiter(secret)}, {"running": Outcome(model=model)}
+    sent: deque[tuple[int, list[Any]]] = deque()  # (ts, signals) of the last lookback_h, as cluster-signals keeps
+    restart_ts: int | None = None
+    lookback_ms = int(lookback_h * 3_600_000)
+    for ev in _events(sim, f"evaluate {scenario}, a restart at {at_h:g} h"):
+        ts = ev["ts"]
+        if restart_ts is None:
+            restart_ts = ts + int(at_h * 3_600_000)
+        if len(dets) == 1 and ts >= restart_ts:
+            old = dets["running"]
+            snapshots = [(aid, dump_account(acct, aid in old.allowlist)) for aid, acct in old.accounts.items()]
+            for name in ("cold", "warm"):
+                det = dets[name] = fresh()
+                if name == "warm":
+                    for _, signals in sent:
+                        det.apply_signals(signals)
+                det.restore(snapshots)
+                limiters[name] = limiters["running"].clone()
+                outcomes[name] = copy.deepcopy(outcomes["running"])
+            sent.clear()
+        lab = sim.labels.get(ev["account_id"])
+        campaign = lab.campaign if lab is not None and lab.attack else None
+        for name, det in dets.items():
+            acct = det.accounts.get(ev["account_id"])
+            before = acct.action if acct is not None else "allow"
+            refused = limiters[name].refuses(ev, before)
+            t = time.perf_counter()
+            record = det.process(ev, emitted_at=ts)
+            signals = det.drain_signals()
+            outcomes[name].seconds += time.perf_counter() - t
+            if name == "running" and len(dets) == 1 and signals:
+                sent.append((ts, signals))
+                while sent and sent[0][0] < ts - lookback_ms:
+                    sent.popleft()
+            limiters[name].take(det, record)
+            outcomes[name].observe(ev, det, before, campaign, refused)
     return sim, outcomes
 
 
@@ -291,12 +370,15 @@ def _fmt_hours(h: float | None) -> str:
 
 
 def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: str, scale: float,
-                   out_dir: Path, seed: int = 7, compare_all: bool = False, workers: tuple[int, ...] = ()) -> int:
+                   out_dir: Path, seed: int = 7, compare_all: bool = False, workers: tuple[int, ...] = (),
+                   restart_at_h: float = 0.0) -> int:
     """Run the suite, print a table per scenario, write ``EVALUATION.md`` and plots under ``docs/eval``.
 
     The candidate models are compared on the first scenario; the chosen one alone runs the rest (each
     model costs a full pass), unless ``compare_all``. ``workers``: worker counts for which the chosen model
     also runs the first scenario with the accounts split over that many detectors (one pass each).
+    ``restart_at_h`` (0: not): the chosen model also runs the first scenario with the worker restarted that many
+    hours in, cold and warm (:func:`evaluate_restart`).
     """
     from detector import simulate
 
@@ -354,6 +436,8 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
         lines.append("")
     if workers and summary:
         lines += _scale_out(names[0], summary[0][1], workers, settings, scale, seed)
+    if restart_at_h and summary:
+        lines += _restart_section(names[0], summary[0][1]["model"], restart_at_h, settings, scale, seed)
     lines[8:8] = _summary_table(summary)
     (out_dir / "EVALUATION.md").write_text("\n".join(lines) + "\n")
     print(f"evaluate: wrote {out_dir / 'EVALUATION.md'} and plots in {plot_dir}", file=sys.stderr)
@@ -388,6 +472,33 @@ def _scale_out(scenario: str, one: dict[str, Any], workers: tuple[int, ...], set
         how = "one worker" if n == 1 else "shared" if share else "not shared"
         lines.append(f"| {n} | {how} | {r['recall']:.3f} | {r['fpr']:.4%} | {r['fp']} / {r['ordinary_accounts']} | "
                      f"{r['first_detect_share']:.3%} | {r['served_share']:.2%} | {per} |")
+    return lines + [""]
+
+
+def _restart_section(scenario: str, model: str, at_h: float, settings: Settings, scale: float,
+                     seed: int) -> list[str]:
+    """The section on a worker restart: running on, cold, and warm from the cluster signals."""
+    lookback_h = settings.worker.signals_lookback_s / 3600
+    lines = [f"## {scenario}, the worker restarted at {at_h:g} h", "",
+             f"One worker holds every account and restarts {at_h:g} hours into the scenario. Both restarts take the "
+             "accounts back from their snapshots (the changelog: windows, decisions) into a new detector with a new "
+             "anomaly model; the rate limiter keeps its decisions and key blocks. *Cold*: the cross-account state "
+             "(content index, cluster links and windows, blocked clusters, caught prompts) is rebuilt from the "
+             f"stream. *Warm*: the new detector first folds in the last {lookback_h:g} h of the old one's "
+             "`cluster-signals` (the warm start, `detector.streaming.app.warm_up`). Same traffic, model "
+             f"{model} (`detector evaluate --restart-at {at_h:g}`).", "",
+             "| run | recall | FPR | FP / ordinary | first-detect share | served share | per campaign: served share |",
+             "|---|---|---|---|---|---|---|"]
+    sim, outcomes = evaluate_restart(scenario, model, settings, at_h=at_h, scale=scale, seed=seed,
+                                     lookback_h=lookback_h)
+    for name, outcome in outcomes.items():
+        r = metrics(outcome, sim.labels)
+        per = ", ".join(f"{c_name} {c['served_share']:.2%}" for c_name, c in r["campaigns"].items())
+        how = {"running": "no restart", "cold": "restarted cold", "warm": "restarted warm"}[name]
+        lines.append(f"| {how} | {r['recall']:.3f} | {r['fpr']:.4%} | {r['fp']} / {r['ordinary_accounts']} | "
+                     f"{r['first_detect_share']:.3%} | {r['served_share']:.2%} | {per} |")
+        print(f"{scenario:<14} {model:<10} {how}: recall={r['recall']:.3f} fpr={r['fpr']:.4%} "
+              f"first_detect={r['first_detect_share']:.3%} served={r['served_share']:.2%}")
     return lines + [""]
 
 

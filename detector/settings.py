@@ -112,6 +112,13 @@ class WorkerSettings:
     # detector_commit_stalled_seconds shows it (detector.streaming.health). Rebalances and recoveries pause commits
     # for seconds to tens of seconds (a broker restart: up to 21 s in the chaos runs).
     commit_stall_s: float = 120.0
+    # Warm start (share_clusters): before it joins the group, a starting worker folds in the last
+    # signals_lookback_s of cluster-signals, its own previous run's signals included, so the cross-account state
+    # (content index, clusters, blocked clusters, caught prompts, verdicts) survives a restart; cluster-signals
+    # is kept that long plus an hour. It waits at most signals_warmup_max_s for this and folds in the rest while
+    # it runs. A lookback under a minute may miss what other workers published while this one started.
+    signals_lookback_s: float = 86_400.0
+    signals_warmup_max_s: float = 45.0
 
 
 @dataclass(frozen=True)
@@ -225,6 +232,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     d = settings.detection
     if not 0 < d.watch_at < d.throttle_at < d.block_at <= 1:
         raise SettingsError("need 0 < DETECTION__WATCH_AT < THROTTLE_AT < BLOCK_AT <= 1")
+    w = settings.worker
+    if w.signals_lookback_s < 0 or w.signals_warmup_max_s < 0:
+        raise SettingsError("WORKER__SIGNALS_LOOKBACK_S and __SIGNALS_WARMUP_MAX_S must be >= 0")
     if d.anomaly_model not in ("population", "hst", "loda"):
         raise SettingsError(f"DETECTION__ANOMALY_MODEL must be population, hst or loda, not {d.anomaly_model!r}")
     return settings

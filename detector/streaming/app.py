@@ -93,6 +93,8 @@ CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
 SLOT_BYTES = 1024
 #: How long the worker waits before trying again to follow cluster-signals (e.g. the topic is missing, or an ACL).
 SIGNALS_RETRY_S = 10.0
+#: How often the warm start (:func:`warm_up`) logs its progress.
+WARMUP_PROGRESS_S = 5.0
 #: How long reading back the offsets of a hole may take before the worker gives up (and stops, unacked).
 REFILL_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 10.0  # reading the group's committed offsets after a rebalance (Intake.start_of)
@@ -389,7 +391,63 @@ def create_app(settings: Settings, detector: DetectorLike | None = None) -> faus
     return _build(settings, detector)[0]
 
 
-def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App, Router]:
+def warm_up(follower: Follower, router: Router, lookback_s: float, max_s: float, dead: list[Output],
+            clock: Callable[[], float] = time.monotonic) -> dict[str, int]:
+    """The warm start: fold the last ``lookback_s`` of ``cluster-signals`` into the router's detector before the
+    worker joins its group, its own previous run's signals included (a new run has a new worker id).
+
+    Account state comes back from the changelog, but the cross-account state lives only in memory: the content
+    index, the cluster links and windows, the blocked clusters, the caught accounts' prompts, the verdicts the
+    fusion model learned. ``cluster-signals`` holds what every event did to it. Folding it in before the
+    partitions are assigned treats every account as another worker's, as on a worker that takes over partitions
+    (:meth:`~detector.detection.Detector.apply_signals`); restored accounts then count their own events again.
+    The events after the last commit were signalled by the old run and are read again, so they count twice in
+    the clusters' windows (seconds of traffic).
+
+    Stops after ``max_s`` seconds; the follower then goes on from where it stopped while the worker runs. Never
+    raises: if the topic cannot be read, the worker starts as before, cold, and follows from a minute before.
+    The dead letters of messages that do not decode go to ``dead``, for the worker to send once it runs. Logs
+    its progress every :data:`WARMUP_PROGRESS_S`; returns ``messages``, ``signals``, ``invalid`` and ``left``.
+    """
+    start = clock()
+    applied, out = router.stats["signals_applied"], {"messages": 0, "signals": 0, "invalid": 0, "left": 0}
+    try:
+        follower.open(lookback_s)
+        total = left = follower.left()
+        log.info("warm start: folding in %d messages of %s (the last %g s)", total, follower.topic, lookback_s)
+        shown = start
+        while left > 0 and clock() - start < max_s:
+            for r in follower.poll(timeout_ms=200):
+                out["messages"] += 1
+                letter = router.on_signals(r.value, r.key, Source(r.topic, r.partition, r.offset))
+                if letter is not None:
+                    out["invalid"] += 1
+                    dead.append(letter)
+            left = follower.left()
+            if clock() - shown >= WARMUP_PROGRESS_S:
+                shown = clock()
+                log.info("warm start: %d of %d messages, %d signals folded in (%.0f s)", total - left, total,
+                         router.stats["signals_applied"] - applied, shown - start)
+    except Exception as exc:  # noqa: BLE001 - a cold start is what the worker did before the warm start
+        log.error("warm start: cannot read %s (%s); starting cold: the clusters are rebuilt from the stream",
+                  follower.topic, _describe_error(exc))
+        follower.close()
+        return out
+    out["signals"], out["left"] = router.stats["signals_applied"] - applied, left
+    router.stats["warmup_signals"] = out["signals"]
+    if out["invalid"]:
+        log.warning("warm start: %d messages of %s did not decode; dead-lettered once the worker runs",
+                    out["invalid"], follower.topic)
+    if left:
+        log.warning("warm start: stopped after %.0f s (DETECTOR_WORKER__SIGNALS_WARMUP_MAX_S) with %d messages "
+                    "left; they are folded in while the worker runs", max_s, left)
+    log.info("warm start: %d signals from %d messages folded in, in %.1f s", out["signals"], out["messages"],
+             clock() - start)
+    return out
+
+
+def _build(settings: Settings, detector: DetectorLike | None
+           ) -> tuple[faust.App, Router, Callable[[], dict[str, int]] | None]:
     w, t = settings.worker, settings.topics
     det = detector if detector is not None else Detector(settings.detection, track_changes=True,
                                                          key_secret=settings.fingerprint_key.reveal().encode(),
@@ -527,23 +585,32 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
                     + router.take_signals())
             await asyncio.gather(*[await send(o) for o in outs])
 
+    warm: Callable[[], dict[str, int]] | None = None
     if w.share_clusters and durable is not None:
-        follower = Follower(kafka_client_config(settings.kafka), t.cluster_signals)
+        signals = Follower(kafka_client_config(settings.kafka), t.cluster_signals)
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-signals")  # one thread: kafka-python
+        held: list[Output] = []  # the warm start's dead letters, sent once the worker runs
+
+        def warm() -> dict[str, int]:
+            return warm_up(signals, router, w.signals_lookback_s, w.signals_warmup_max_s, held)
 
         @app.task
         async def follow_signals() -> None:
-            # The other workers' cluster signals, from the end of cluster-signals at start (the clusters, like all
-            # cross-account state, are rebuilt from the stream after a restart). Runs on the agents' event loop,
-            # between their awaits, so the detector is never used by two coroutines at once.
+            # The other workers' cluster signals, from where the warm start (warm_up) left off, else from a minute
+            # before. Runs on the agents' event loop, between their awaits, so the detector is never used by two
+            # coroutines at once.
             loop = asyncio.get_running_loop()
+            for letter in held:
+                await send(letter)
+            held.clear()
             try:
                 while True:
                     try:
-                        await loop.run_in_executor(reader, follower.open)
+                        if not signals.is_open:
+                            await loop.run_in_executor(reader, signals.open)
                         log.info("following %s as worker %s", t.cluster_signals, worker_id)
                         while True:
-                            records = await loop.run_in_executor(reader, follower.poll)
+                            records = await loop.run_in_executor(reader, signals.poll)
                             outs = [out for r in records if (out := router.on_signals(
                                 r.value, r.key, Source(r.topic, r.partition, r.offset, r.timestamp / 1000)))
                                 is not None]
@@ -552,10 +619,10 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
                     except Exception as exc:  # noqa: BLE001 - the worker goes on with the clusters of its own accounts
                         log.error("cannot follow %s (%s); retrying in %.0f s: until then this worker's clusters miss "
                                   "the other workers' events", t.cluster_signals, _describe_error(exc), SIGNALS_RETRY_S)
-                        await loop.run_in_executor(reader, follower.close)
+                        await loop.run_in_executor(reader, signals.close)
                         await asyncio.sleep(SIGNALS_RETRY_S)
             finally:
-                reader.submit(follower.close)
+                reader.submit(signals.close)
                 reader.shutdown(wait=False)
 
     watch = CommitWatch(w.commit_stall_s)
@@ -600,7 +667,7 @@ def _build(settings: Settings, detector: DetectorLike | None) -> tuple[faust.App
 
     app.on_partitions_assigned.connect(count_rebalance)
 
-    return app, router
+    return app, router, warm
 
 
 def _record_lag(app: faust.App, metrics: Metrics, last_offsets: dict[Any, int]) -> None:
@@ -626,10 +693,12 @@ def run_worker(settings: Settings, detector: DetectorLike | None = None) -> None
     Path(settings.worker.data_dir).mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    app, router = _build(settings, detector)
+    app, router, warm = _build(settings, detector)
     if settings.worker.metrics_port:
         router.metrics.serve(settings.worker.metrics_port)
     router.metrics.up.set(1)
+    if warm is not None and settings.worker.signals_lookback_s > 0:
+        warm()  # before the worker joins its group (OPERATIONS.md, What is durable)
     worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True, override_logging=False,
                           redirect_stdouts=False)
     worker.spinner = None  # logs "Ready" instead of drawing on the terminal

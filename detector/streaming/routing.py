@@ -203,7 +203,8 @@ class Router:
             "dead_letters": 0,
             "invalid_ratio_alerts": 0,
             "signals_published": 0,  # cluster signals of this worker's events (detector.signals)
-            "signals_applied": 0,  # other workers' cluster signals folded in
+            "signals_applied": 0,  # other workers' cluster signals folded in (the warm start's included)
+            "warmup_signals": 0,  # of them, folded in by the warm start (detector.streaming.app.warm_up)
             "signal_batches_invalid": 0,  # cluster-signals messages dead-lettered
         }
         self.invalid_by_reason: dict[str, int] = {}

@@ -29,9 +29,14 @@ from detector.settings import KafkaSettings, Settings, SettingsError
 log = logging.getLogger(__name__)
 
 _PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-#: How long ``cluster-signals`` keeps messages: a worker reads it from the end when it starts, so only workers
-#: running behind need any of it.
-SIGNALS_RETENTION_MS = 3_600_000
+def signals_retention_ms(settings: Settings) -> int:
+    """How long ``cluster-signals`` keeps messages: a starting worker reads back ``signals_lookback_s`` of it (its
+    warm start), plus an hour for workers running behind.
+
+    >>> signals_retention_ms(Settings())  # 25 h
+    90000000
+    """
+    return int((settings.worker.signals_lookback_s + 3600) * 1000)
 
 
 def kafka_client_config(kafka: KafkaSettings) -> dict[str, Any]:
@@ -169,9 +174,9 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, Any]]:
         t.dead_letters: plain,
         t.risk_scores: {**plain, "configs": {"cleanup.policy": "compact"}},
         t.blocked_keys: {**plain, "configs": {"cleanup.policy": "compact"}},
-        # Read whole by every worker, from its end when the worker starts: one partition, kept an hour.
+        # Read whole by every worker, the last signals_lookback_s of it when the worker starts: one partition.
         t.cluster_signals: {"num_partitions": 1, "replication_factor": -1,
-                            "configs": {"retention.ms": str(SIGNALS_RETENTION_MS)}},
+                            "configs": {"retention.ms": str(signals_retention_ms(settings))}},
     }
 
 
@@ -368,18 +373,32 @@ def quiet_close(client: Any) -> None:
 class Follower:
     """Reads every partition of ``topic`` from ``lookback_s`` seconds before :meth:`open` runs, with no consumer
     group and nothing committed: how each worker follows ``cluster-signals`` (:mod:`detector.signals`), so the
-    messages published while it was starting or rebalancing are not missed. kafka-python is not thread-safe: call
-    its methods from one thread at a time (the worker runs them on one executor thread).
+    messages published while it was starting or rebalancing are not missed, and a starting worker can fold in
+    the last day (:func:`detector.streaming.app.warm_up`). kafka-python is not thread-safe: call its methods from
+    one thread at a time (the worker runs them on one executor thread, after the warm start on the main one).
     """
 
     def __init__(self, config: dict[str, Any], topic: str, timeout_s: float = 30.0, lookback_s: float = 60.0) -> None:
         self.config, self.topic, self.timeout_s, self.lookback_s = config, topic, timeout_s, lookback_s
         self._consumer: Any = None
+        self._ends: dict[Any, int] = {}
 
-    def open(self) -> None:
-        """Connect, take every partition, and go to the first message of the last ``lookback_s`` seconds (the end
-        if none). Raises :class:`TimeoutError` if the topic's partitions are not known within ``timeout_s``."""
+    @property
+    def is_open(self) -> bool:
+        return self._consumer is not None
+
+    def left(self) -> int:
+        """How many messages lie between the read position and the end the topic had at :meth:`open`."""
+        consumer = self._consumer
+        return sum(max(0, end - consumer.position(tp)) for tp, end in self._ends.items())
+
+    def open(self, lookback_s: float | None = None) -> None:
+        """Connect, take every partition, and go to the first message of the last ``lookback_s`` seconds
+        (default: the follower's; the end if none). Raises :class:`TimeoutError` if the topic's partitions are not
+        known within ``timeout_s``."""
         import time
+
+        lookback_s = self.lookback_s if lookback_s is None else lookback_s
 
         from kafka import KafkaConsumer, TopicPartition
 
@@ -397,13 +416,14 @@ class Follower:
             partitions = consumer.partitions_for_topic(self.topic)
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
-        since = consumer.offsets_for_times({tp: int((time.time() - self.lookback_s) * 1000) for tp in tps})
+        since = consumer.offsets_for_times({tp: int((time.time() - lookback_s) * 1000) for tp in tps})
         for tp in tps:
             if since.get(tp) is not None:
                 consumer.seek(tp, since[tp].offset)
             else:
                 consumer.seek_to_end(tp)
                 consumer.position(tp)  # resolve "the end" now, not at the first poll
+        self._ends = consumer.end_offsets(tps)
         self._consumer = consumer
 
     def poll(self, timeout_ms: int = 500) -> list[Any]:

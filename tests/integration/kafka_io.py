@@ -88,3 +88,18 @@ def wait_for_worker(what: str, probe: Callable[[], Any], proc: subprocess.Popen[
             pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; log tail:\n{log_tail(log, tail_lines)}")
         time.sleep(poll_s)
     return got
+
+
+def stop_worker(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int | None:
+    """SIGTERM a worker subprocess (if it still runs) and wait for it; killed if it has not stopped within
+    ``timeout_s``. Returns its exit code."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

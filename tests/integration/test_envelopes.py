@@ -17,7 +17,6 @@ accounts have more events than the 8 recent ids an account remembers) and the co
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -39,7 +38,7 @@ from detector.settings import load_settings
 from detector.streaming.app import ACCOUNT_TABLE
 from detector.streaming.topics import ensure_topics, read_to_end
 from tests.integration.conftest import create_topic
-from tests.integration.kafka_io import wait_for_worker, worker_stats
+from tests.integration.kafka_io import stop_worker, wait_for_worker, worker_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 2
@@ -79,13 +78,7 @@ class _Worker:
         wait_for_worker(what, done, self.proc, self.log, WAIT_S, tail_lines=40)
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_worker(self.proc)
         return self.log.read_text(errors="replace")
 
 

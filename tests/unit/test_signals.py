@@ -304,3 +304,53 @@ def test_prompts_of_the_other_workers_caught_accounts_count_as_echoes_here():
         assert len(reworded) > 20
         assert echoed(shared[here], reworded) > len(reworded) // 2
         assert echoed(alone[here], reworded) < len(reworded) // 10
+
+
+def _restarted(events, *, warm: bool):
+    """A worker that held every account of ``events`` restarts: its accounts come back from their snapshots (the
+    changelog) and, with ``warm``, its cross-account state from its own signals (the warm start, which folds
+    them in before the accounts are restored)."""
+    old = Detector(track_changes=True, share_clusters=True)
+    for e in events:
+        old.process(e)
+    snapshots = [(aid, blob) for aid, _, blob in old.drain_changes() if blob is not None]
+    new = Detector(share_clusters=True)
+    if warm:
+        new.apply_signals(old.drain_signals())
+    assert new.restore(snapshots) == len(old.accounts)
+    return old, new
+
+
+def test_a_warm_start_keeps_a_blocked_cluster_blocking_newcomers_a_cold_one_does_not():
+    events = campaign_and_ordinary()
+    last = events[-1]["ts"]
+    ev = event("acct_new", last + 1000, "Tell me a joke",
+               billing={"payment_fp": "pm_shared_1", "tier": "build", "account_created_ts": last},
+               client={"ip": "198.51.100.200", "asn": 64512, "country": "DE", "user_agent": "curl/8",
+                       "tls_fp": "t13d_other"})
+    for warm in (True, False):
+        old, new = _restarted(events, warm=warm)
+        assert caught([new], "acct_x") == caught([old], "acct_x") != set()  # the accounts' own state: both
+        rec = new.process(ev)
+        if warm:
+            assert rec is not None and rec["action"] == "block"
+            assert any(r["code"] == "linked_to_blocked" for r in rec["reasons"])
+        else:
+            assert rec is None or rec["action"] not in CAUGHT
+
+
+def test_after_a_warm_start_a_caught_account_is_not_counted_twice_in_its_cluster():
+    events = campaign_and_ordinary()
+    old, new = _restarted(events, warm=True)
+    x = next(a for a in sorted(old.accounts) if a.startswith("acct_x") and old.accounts[a].action == "block")
+
+    def tallies(det):
+        cluster = det.clusters[det.linker.root(x)]
+        return cluster.throttled_members, cluster.blocked_members
+
+    assert tallies(new) == tallies(old)
+    last = next(e for e in reversed(events) if e["account_id"] == x)
+    again = {**last, "event_id": "again", "ts": events[-1]["ts"] + 5}
+    old.process(dict(again))
+    new.process(dict(again))
+    assert tallies(new) == tallies(old)

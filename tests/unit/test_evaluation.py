@@ -1,0 +1,55 @@
+"""``detector evaluate`` on a small scale: the report's sections, and the restart runs against the plain run."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from detector.evaluation import Limiter, evaluate_restart, evaluate_scenario, metrics, run_evaluation
+from detector.settings import Settings
+from tests.factory import BASE_TS
+
+SCALE = 0.02
+
+
+@pytest.fixture(scope="module")
+def restart():
+    sim, outcomes = evaluate_restart("default", "population", Settings(), at_h=36, scale=SCALE)
+    return sim, {name: metrics(o, sim.labels) for name, o in outcomes.items()}
+
+
+def test_the_run_without_a_restart_is_the_plain_run(restart):
+    sim, results = restart
+    plain_sim, [plain] = evaluate_scenario("default", ["population"], Settings(), scale=SCALE)
+    ours, theirs = results["running"], metrics(plain, plain_sim.labels)
+    for key in ("recall", "fpr", "fp", "first_detect_share", "served_share"):
+        assert ours[key] == theirs[key], key
+
+
+def test_the_restarted_runs_share_everything_before_the_restart(restart):
+    sim, results = restart
+    assert set(results) == {"running", "cold", "warm"}
+    for name in ("cold", "warm"):
+        # Each counts every event of the scenario, the ones before the restart from the same history.
+        assert results[name]["attack_accounts"] == results["running"]["attack_accounts"]
+        for campaign, c in results[name]["campaigns"].items():
+            assert c["events"] == results["running"]["campaigns"][campaign]["events"]
+
+
+def test_a_cloned_limiter_keeps_the_key_blocks():
+    limiter = Limiter(b"k")
+    limiter._keep("pay:abc", b'{"key_id": "pay:abc", "kind": "pay", "expires_at": %d}' % (BASE_TS + 10**9))
+    limiter.allowed.add("acct_a")
+    other = limiter.clone()
+    assert other.allowed == {"acct_a"} and other.allowed is not limiter.allowed
+    assert other._applied == limiter._applied and other.book is not limiter.book
+
+
+def test_the_report_has_the_restart_section(tmp_path):
+    assert run_evaluation(Settings(), scenarios=["default"], models="population", scale=SCALE, out_dir=tmp_path,
+                          restart_at_h=36) == 0
+    text = (tmp_path / "EVALUATION.md").read_text()
+    assert "## default, the worker restarted at 36 h" in text
+    for row in ("no restart", "restarted cold", "restarted warm"):
+        assert re.search(rf"^\| {row} \| \d\.\d{{3}} \|", text, re.M), row
