@@ -68,7 +68,7 @@ from mode.utils.queues import ThrowableQueue
 from detector.detection import Detector
 from detector.metrics import Metrics
 from detector.settings import KafkaSettings, Settings
-from detector.streaming.health import CommitWatch
+from detector.streaming.health import CommitWatch, positions
 from detector.streaming.offsets import OffsetGuard
 from detector.streaming.routing import DetectorLike, Output, Router, Source
 from detector.streaming.topics import Follower, committed_offsets, ensure_topics, kafka_client_config, read_range
@@ -305,8 +305,8 @@ class Intake:
         known = starts.get(topic)
         if known is None or (known and partition not in known):  # a partition added since: read again
             try:
-                starts[topic] = await asyncio.to_thread(committed_offsets, self.kafka_config, self.group, topic,
-                                                        START_TIMEOUT_S)
+                starts[topic] = await _in_thread(START_TIMEOUT_S, committed_offsets, self.kafka_config, self.group,
+                                                 topic, START_TIMEOUT_S)
                 self.metrics.offset_starts.labels(result="read").inc()
             except Exception as exc:  # noqa: BLE001 - any failure: fall back to the first message, and say so
                 starts[topic] = {}
@@ -320,8 +320,8 @@ class Intake:
         """Read ``missing`` offsets of ``tp`` from the broker and route them. Raises if the broker cannot be read
         within :data:`REFILL_TIMEOUT_S`: the worker then stops before acking the batch, and its replacement
         reads from the last commit, which is before the hole (nothing after it was acked)."""
-        records = await asyncio.to_thread(read_range, self.kafka_config, tp.topic, tp.partition, missing,
-                                          REFILL_TIMEOUT_S)
+        records = await _in_thread(REFILL_TIMEOUT_S, read_range, self.kafka_config, tp.topic, tp.partition, missing,
+                                   REFILL_TIMEOUT_S)
         self.metrics.offset_holes.labels(result="refilled" if records else "empty").inc()
         log.warning("%s[%d]: offsets %d..%d never reached the agent; read %d record(s) back from the broker",
                     tp.topic, tp.partition, missing.start, missing.stop - 1, len(records))
@@ -331,6 +331,19 @@ class Intake:
         if self.on_refilled is not None:
             await self.on_refilled(tp, missing)
         return outs
+
+
+async def _in_thread(timeout_s: float, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on a thread, given up on (:class:`TimeoutError`) 5 s after ``timeout_s``. The kafka-python
+    calls the intake makes take a timeout, but some of its blocking steps (a metadata fetch, finding the group
+    coordinator) wait without one; the worker must not wait with them. A thread given up on is left to finish
+    on its own."""
+    call = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    done, _ = await asyncio.wait({call}, timeout=timeout_s + 5)
+    if not done:
+        call.cancel()
+        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not return within {timeout_s + 5:.0f} s")
+    return call.result()
 
 
 def _faust_gap(app: faust.App) -> Callable[[Any, range], Awaitable[None]]:
@@ -629,12 +642,20 @@ def _build(settings: Settings, detector: DetectorLike | None
 
     @app.timer(HEALTH_INTERVAL_S)
     async def watch_commits() -> None:
-        # Faust's own record of what it committed (no broker round trip) and the last fetch's high-water mark.
+        # Faust's own record of what it committed and the last fetch's high-water mark; the broker's first and end
+        # offsets where the consumer knows none (health.positions).
         consumer = app.consumer
         held = [tp for tp in consumer.assignment() if tp.topic == t.api_calls]
         watch.keep(held)
-        for tp in held:
-            watch.observe(tp, consumer._committed_offset.get(tp), consumer.highwater(tp))  # type: ignore[attr-defined]
+        try:
+            seen = await asyncio.wait_for(positions(
+                held, consumer._committed_offset.get, consumer.highwater,  # type: ignore[attr-defined]
+                consumer.earliest_offsets, consumer.highwaters), HEALTH_INTERVAL_S)
+        except Exception as exc:  # noqa: BLE001 - the broker did not answer: what the consumer knows, as before
+            log.debug("commit watch: broker offsets unknown (%s)", _describe_error(exc))
+            seen = {tp: (consumer._committed_offset.get(tp), consumer.highwater(tp)) for tp in held}  # type: ignore[attr-defined]
+        for tp, (committed, highwater) in seen.items():
+            watch.observe(tp, committed, highwater)
         metrics.commit_stalled.set(max(watch.behind().values(), default=0.0))
 
     @app.page(HEALTH_PATH)

@@ -19,7 +19,8 @@ replacement resumes from the last commit, and the changelog makes the events it 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from typing import Any
 
 
 class CommitWatch:
@@ -83,3 +84,35 @@ def _name(partition: Hashable) -> str:
     """A Kafka ``TP``'s partition number, or the key itself."""
     number = getattr(partition, "partition", None)
     return str(number) if isinstance(number, int) else str(partition)
+
+
+async def positions(partitions: Iterable[Any], committed: Callable[[Any], int | None],
+                    highwater: Callable[[Any], int | None],
+                    earliest: Callable[..., Awaitable[Mapping[Any, int]]],
+                    ends: Callable[..., Awaitable[Mapping[Any, int]]]
+                    ) -> dict[Hashable, tuple[int | None, int | None]]:
+    """``(committed, highwater)`` of each partition, for :meth:`CommitWatch.observe`, with what the consumer does
+    not know asked of the broker. ``committed`` and ``highwater`` are the consumer's own (no round trip);
+    ``earliest`` and ``ends`` ask the broker for the partitions' first and end offsets.
+
+    The consumer's high-water mark comes from its fetches: a consumer that never fetched (a Faust fetcher hung
+    after a restart, seen in tests/integration/test_envelopes.py) has none, and would look idle for ever. A
+    partition with no committed offset (a new group, or one rewound to 0: Faust keeps 0 as none) counts from its
+    first offset, so that it is stalled if it has events and none is committed, and idle if it has none (even
+    when retention deleted them all). What the broker cannot tell either stays None.
+
+    >>> import asyncio
+    >>> async def first(*tps): return {tp: 0 for tp in tps}
+    >>> async def end(*tps): return {tp: 1504 for tp in tps}
+    >>> asyncio.run(positions(["p0", "p1"], {"p0": 700}.get, {"p0": 900}.get, first, end))
+    {'p0': (700, 900), 'p1': (0, 1504)}
+    """
+    held = list(partitions)
+    known_committed = {p: committed(p) for p in held}
+    known_highwater = {p: highwater(p) for p in held}
+    no_commit = [p for p in held if known_committed[p] is None]
+    no_highwater = [p for p in held if known_highwater[p] is None]
+    first = dict(await earliest(*no_commit)) if no_commit else {}
+    last = dict(await ends(*no_highwater)) if no_highwater else {}
+    return {p: (known_committed[p] if known_committed[p] is not None else first.get(p),
+                known_highwater[p] if known_highwater[p] is not None else last.get(p)) for p in held}

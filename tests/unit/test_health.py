@@ -65,3 +65,43 @@ def test_revoked_partitions_are_forgotten(clock: Clock) -> None:
 def test_the_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="stall_s"):
         CommitWatch(stall_s=0)
+
+
+def _offsets(value: int):
+    async def ask(*partitions: str) -> dict[str, int]:
+        return {p: value for p in partitions}
+    return ask
+
+
+def test_a_consumer_that_never_fetched_after_a_rewind_is_stalled_not_idle(clock: Clock) -> None:
+    # The group was rewound to 0 (Faust keeps 0 as no committed offset) and the fetcher never fetched (no
+    # high-water mark): the broker's first and end offsets say there are 1,504 events to read.
+    import asyncio
+
+    from detector.streaming.health import positions
+
+    watch = CommitWatch(stall_s=120, clock=clock)
+    for t in range(0, 125, 5):
+        clock.now = t
+        seen = asyncio.run(positions(["p0"], {}.get, {}.get, _offsets(0), _offsets(1504)))
+        watch.observe("p0", *seen["p0"])
+    assert watch.report() == {"p0": {"seconds": 120.0, "committed": 0, "highwater": 1504}}
+    # What the consumer alone knew (None, None) looked idle for ever.
+    blind = CommitWatch(stall_s=120, clock=clock)
+    for t in range(0, 300, 5):
+        clock.now = t
+        blind.observe("p0", None, None)
+    assert blind.stalled() == {}
+
+
+def test_a_partition_whose_events_all_expired_is_idle(clock: Clock) -> None:
+    import asyncio
+
+    from detector.streaming.health import positions
+
+    watch = CommitWatch(stall_s=120, clock=clock)
+    for t in range(0, 300, 5):
+        clock.now = t
+        seen = asyncio.run(positions(["p0"], {}.get, {"p0": 800}.get, _offsets(800), _offsets(800)))
+        watch.observe("p0", *seen["p0"])
+    assert watch.stalled() == {}

@@ -5,6 +5,7 @@ Against the real broker: tests/integration/test_offsets.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -59,3 +60,19 @@ def test_the_committed_offset_starts_the_count(monkeypatch: pytest.MonkeyPatch) 
     asyncio.run(intake.route([_message(7)]))
     assert refilled == [range(5, 7)]  # 5 and 6 are read back before 7
     assert intake.metrics.offset_starts.labels(result="read")._value.get() == 1
+
+
+def test_a_read_that_never_returns_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kafka-python can block without a timeout (a metadata fetch, finding the coordinator): the intake gives up on
+    # the thread and counts from the first message, as for a read that failed.
+    def hangs(*args: Any) -> dict[int, int]:
+        time.sleep(1.5)  # (asyncio.run waits for the thread at its end)
+        return {0: 0}
+
+    monkeypatch.setattr(app_module, "committed_offsets", hangs)
+    monkeypatch.setattr(app_module, "START_TIMEOUT_S", -4.8)  # given up on after 0.2 s (timeout + 5 s)
+    intake = _intake()
+    outs, last = asyncio.run(intake.route([_message(7), _message(8)]))
+    assert last == {("api-calls", 0): 8} and intake.router.detector.stats["events"] == 2  # type: ignore[attr-defined]
+    assert intake.metrics.offset_starts.labels(result="unknown")._value.get() == 1
+    assert intake.metrics.offset_starts.labels(result="read")._value.get() == 0  # its late answer is not taken
