@@ -80,6 +80,8 @@ STATS_PATH = "/detector/stats/"
 #: Path of the worker's health on its web server: 503 while a partition's commit is stalled (detector.streaming.health).
 HEALTH_PATH = "/healthz"
 HEALTH_INTERVAL_S = 5.0
+#: A partition's commit behind this long with events to read logs the consumer's state (then once per this long).
+CONSUMER_STATE_LOG_S = 30.0
 STATS_LOG_INTERVAL_S = 30.0
 #: How often the state gauges (accounts by action, clusters blocked, model warm-up) are refreshed; each
 #: refresh walks every tracked account once.
@@ -331,6 +333,20 @@ class Intake:
         if self.on_refilled is not None:
             await self.on_refilled(tp, missing)
         return outs
+
+
+def _consumer_state(consumer: Any, held: list[Any]) -> str:
+    """What Faust's consumer says of the partitions it holds, for a log line when their commit does not move: is
+    its flow on, which partitions are paused or not active, and per partition the read and committed offsets and
+    the high-water mark of its last fetch (None: it never fetched). Private attributes, read defensively."""
+    paused: set[Any] = getattr(consumer, "_paused_partitions", set())
+    active = getattr(consumer, "_active_partitions", None)
+    read = getattr(consumer, "_read_offset", {})
+    committed = getattr(consumer, "_committed_offset", {})
+    parts = [f"{tp.partition}: read {read.get(tp)}, committed {committed.get(tp)}, highwater {consumer.highwater(tp)}"
+             f"{', paused' if tp in paused else ''}{', not active' if active is not None and tp not in active else ''}"
+             for tp in held]
+    return f"consumer flow {'on' if getattr(consumer, 'flow_active', None) else 'off'}; " + "; ".join(parts)
 
 
 async def _in_thread(timeout_s: float, fn: Callable[..., Any], *args: Any) -> Any:
@@ -639,6 +655,7 @@ def _build(settings: Settings, detector: DetectorLike | None
                 reader.shutdown(wait=False)
 
     watch = CommitWatch(w.commit_stall_s)
+    state_logged = [0.0]  # when the consumer's state was last logged (monotonic)
 
     @app.timer(HEALTH_INTERVAL_S)
     async def watch_commits() -> None:
@@ -656,6 +673,11 @@ def _build(settings: Settings, detector: DetectorLike | None
             seen = {tp: (consumer._committed_offset.get(tp), consumer.highwater(tp)) for tp in held}  # type: ignore[attr-defined]
         for tp, (committed, highwater) in seen.items():
             watch.observe(tp, committed, highwater)
+        behind = max(watch.behind().values(), default=0.0)
+        if behind >= CONSUMER_STATE_LOG_S and time.monotonic() - state_logged[0] >= CONSUMER_STATE_LOG_S:
+            state_logged[0] = time.monotonic()
+            log.warning("commit watch: a partition with events to read has not been committed for %.0f s; %s",
+                        behind, _consumer_state(consumer, held))
         metrics.commit_stalled.set(max(watch.behind().values(), default=0.0))
 
     @app.page(HEALTH_PATH)

@@ -105,3 +105,18 @@ def test_a_partition_whose_events_all_expired_is_idle(clock: Clock) -> None:
         seen = asyncio.run(positions(["p0"], {}.get, {"p0": 800}.get, _offsets(800), _offsets(800)))
         watch.observe("p0", *seen["p0"])
     assert watch.stalled() == {}
+
+
+def test_the_consumer_state_logged_for_a_stalled_commit_names_what_is_wrong() -> None:
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from detector.streaming.app import _consumer_state
+
+    tp0, tp1 = TP("api-calls", 0), TP("api-calls", 1)
+    consumer = SimpleNamespace(flow_active=False, _paused_partitions={tp1}, _active_partitions={tp0},
+                               _read_offset={tp0: 0}, _committed_offset={}, highwater={tp0: 1504}.get)
+    assert _consumer_state(consumer, [tp0, tp1]) == (
+        "consumer flow off; 0: read 0, committed None, highwater 1504; "
+        "1: read None, committed None, highwater None, paused, not active")
