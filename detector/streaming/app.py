@@ -335,6 +335,16 @@ class Intake:
         return outs
 
 
+def _app_state(app: Any) -> str:
+    """The app-wide gates every fetched message passes (Faust's ``Conductor.on_message``): its flow control and
+    its producer buffer, and the agents' stream buffers (messages waiting for an agent)."""
+    flow = getattr(app, "flow_control", None)
+    buffer = getattr(getattr(app, "producer", None), "buffer", None)
+    queues = [f"{q.qsize()}/{q.maxsize}" for q in getattr(flow, "_queues", ())]
+    return (f"app flow control {'on' if flow is not None and flow.is_active() else 'off'}, producer buffer "
+            f"{buffer.size() if buffer is not None else None}, stream buffers {', '.join(queues) or 'none'}")
+
+
 def _consumer_state(consumer: Any, held: list[Any]) -> str:
     """What Faust's consumer says of the partitions it holds, for a log line when their commit does not move: is
     its flow on, which partitions are paused or not active, and per partition the read and committed offsets and
@@ -676,8 +686,8 @@ def _build(settings: Settings, detector: DetectorLike | None
         behind = max(watch.behind().values(), default=0.0)
         if behind >= CONSUMER_STATE_LOG_S and time.monotonic() - state_logged[0] >= CONSUMER_STATE_LOG_S:
             state_logged[0] = time.monotonic()
-            log.warning("commit watch: a partition with events to read has not been committed for %.0f s; %s",
-                        behind, _consumer_state(consumer, held))
+            log.warning("commit watch: a partition with events to read has not been committed for %.0f s; %s; %s",
+                        behind, _consumer_state(consumer, held), _app_state(app))
         metrics.commit_stalled.set(max(watch.behind().values(), default=0.0))
 
     @app.page(HEALTH_PATH)
