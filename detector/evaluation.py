@@ -190,20 +190,27 @@ def evaluate_scenario(scenario: str, models: list[str], settings: Settings, *, s
                 for i, other in enumerate(dets):
                     if i != origin:
                         other.apply_signals(signals)
-            det = dets[shard]
-            acct = det.accounts.get(ev["account_id"])
-            before = acct.action if acct is not None else "allow"
-            refused = limiter.refuses(ev, before)
-            t = time.perf_counter()
-            record = det.process(ev, emitted_at=ev["ts"])
-            if sharing:
-                signals = det.drain_signals()
-                if signals:
-                    flight.append((ev["ts"] + signal_lag_ms, shard, signals))
-            out.seconds += time.perf_counter() - t
-            limiter.take(det, record)
-            out.observe(ev, det, before, campaign, refused)
+            signals = _step(dets[shard], limiter, out, ev, campaign, drain=sharing)
+            if signals:
+                flight.append((ev["ts"] + signal_lag_ms, shard, signals))
     return sim, outcomes
+
+
+def _step(det: Detector, limiter: Limiter, out: Outcome, ev: dict[str, Any], campaign: str | None, *,
+          drain: bool) -> list[Any]:
+    """One event through ``det`` as the gateway and the worker see it: refused by the limiter or served,
+    scored, its records taken by the limiter, counted in ``out`` (CPU time included). Returns the detector's
+    cluster signals when ``drain`` (none otherwise)."""
+    acct = det.accounts.get(ev["account_id"])
+    before = acct.action if acct is not None else "allow"
+    refused = limiter.refuses(ev, before)
+    t = time.perf_counter()
+    record = det.process(ev, emitted_at=ev["ts"])
+    signals = det.drain_signals() if drain else []
+    out.seconds += time.perf_counter() - t
+    limiter.take(det, record)
+    out.observe(ev, det, before, campaign, refused)
+    return signals
 
 
 def _events(sim: Any, label: str) -> Iterator[dict[str, Any]]:
@@ -263,19 +270,11 @@ def evaluate_restart(scenario: str, model: str, settings: Settings, *, at_h: flo
         lab = sim.labels.get(ev["account_id"])
         campaign = lab.campaign if lab is not None and lab.attack else None
         for name, det in dets.items():
-            acct = det.accounts.get(ev["account_id"])
-            before = acct.action if acct is not None else "allow"
-            refused = limiters[name].refuses(ev, before)
-            t = time.perf_counter()
-            record = det.process(ev, emitted_at=ts)
-            signals = det.drain_signals()
-            outcomes[name].seconds += time.perf_counter() - t
+            signals = _step(det, limiters[name], outcomes[name], ev, campaign, drain=True)
             if name == "running" and len(dets) == 1 and signals:
                 sent.append((ts, signals))
                 while sent and sent[0][0] < ts - lookback_ms:
                     sent.popleft()
-            limiters[name].take(det, record)
-            outcomes[name].observe(ev, det, before, campaign, refused)
     return sim, outcomes
 
 

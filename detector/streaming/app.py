@@ -688,7 +688,7 @@ def _build(settings: Settings, detector: DetectorLike | None
             state_logged[0] = time.monotonic()
             log.warning("commit watch: a partition with events to read has not been committed for %.0f s; %s; %s",
                         behind, _consumer_state(consumer, held), _app_state(app))
-        metrics.commit_stalled.set(max(watch.behind().values(), default=0.0))
+        metrics.commit_stalled.set(behind)
 
     @app.page(HEALTH_PATH)
     async def health(web: Any, request: Any) -> Any:

@@ -29,6 +29,8 @@ from detector.settings import KafkaSettings, Settings, SettingsError
 log = logging.getLogger(__name__)
 
 _PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+
+
 def signals_retention_ms(settings: Settings) -> int:
     """How long ``cluster-signals`` keeps messages: a starting worker reads back ``signals_lookback_s`` of it (its
     warm start), plus an hour for workers running behind.
