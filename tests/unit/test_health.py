@@ -120,3 +120,34 @@ def test_the_consumer_state_logged_for_a_stalled_commit_names_what_is_wrong() ->
     assert _consumer_state(consumer, [tp0, tp1]) == (
         "consumer flow off; 0: read 0, committed None, highwater 1504; "
         "1: read None, committed None, highwater None, paused, not active")
+
+
+def test_the_app_state_logged_beside_it_reads_a_real_faust_app() -> None:
+    # A real (unstarted) app: its flow control, producer buffer and one stream buffer. The worker crashed on
+    # this line once (the buffer's size is a property), so it is read from Faust's own objects, not a stand-in.
+    import faust
+
+    from detector.streaming.app import _app_state
+
+    app = faust.App("state-test", broker="kafka://127.0.0.1:1")
+    queue = app.FlowControlQueue(maxsize=8, clear_on_resume=True)  # as Faust makes a stream buffer
+    assert _app_state(app) == "app flow control off, producer buffer 0, stream buffers 0/8"  # until the worker starts
+    app.flow_control.resume()
+    queue.put_nowait(b"one")
+    assert _app_state(app) == "app flow control on, producer buffer 0, stream buffers 1/8"
+
+
+def test_resuming_the_worker_flow_control_keeps_what_the_stream_buffers_hold() -> None:
+    # Faust resumes flow control at the end of a recovery, after records of the just-seeked partitions may already
+    # be in a stream buffer; mode's resume() emptied it and those records were never processed on a quiet topic.
+    # An explicit clear() (Faust's on a revocation) still empties it.
+    from detector.streaming.app import _App
+
+    app = _App("flow-test", broker="kafka://127.0.0.1:1")
+    queue = app.FlowControlQueue(maxsize=8, clear_on_resume=True)  # as Faust makes every stream buffer
+    queue.put_nowait(b"fetched after the seek")
+    app.flow_control.resume()
+    assert queue.qsize() == 1 and app.flow_control.is_active()
+    app.flow_control.suspend()
+    app.flow_control.clear()
+    assert queue.qsize() == 0 and not app.flow_control.is_active()
