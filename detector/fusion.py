@@ -49,7 +49,10 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "harvest": 1.0,  # pulls long answers at a high rate, kept up for hours (a content pipeline can too)
     "cluster_harvest": 7.0,  # the same from an account linked to others (scaled by the cluster's size)
     "harvest_new_model": 3.0,  # the harvest moved to a model released within the last day
-    "harvest_cross_org": 3.0,  # the harvest fills private templates another organisation fills too
+    # The harvest fills private templates another organisation fills too: coordination seen in content, as
+    # strong as cluster_harvest's link at its fullest (EVALUATION.md: the paraphrasing reseller, caught after
+    # 12.5 h at 3.0, is caught after 3.9 h at 7.0; no ordinary account of any scenario moved).
+    "harvest_cross_org": 7.0,
     "shared_payment": 2.0,  # one payment method on many accounts outside any organisation
     "network_rotation": 1.5,  # calls from many networks (ASNs) within a day or two: rotating proxies
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
