@@ -245,21 +245,24 @@ class _FetchWaitTransport(faust_aiokafka.Transport):
 
 
 class _FlowControl(FlowControlEvent):
-    """Faust's flow control, except that resuming it keeps what the stream buffers hold.
+    """Faust's flow control, except that resuming it empties the stream buffers only if it was suspended.
 
-    Mode's ``FlowControlEvent.resume()`` empties every stream buffer. Faust resumes it at the end of a recovery,
-    after it has resumed and seeked the stream partitions while its fetcher was already running (it runs
-    through the changelog recovery): records fetched in that window were emptied out of the buffer with the
-    consumer's read offset already past them, so nothing fetched them again (faust-streaming#596). With traffic
-    flowing, the intake saw the hole at the next record and read it back; on a quiet topic there was no next
-    record, and a restarted worker sat on events it never processed (``tests/integration/test_envelopes.py``,
-    about 1 run in 15, before this class). Faust still empties the buffers itself when partitions are
-    revoked (``flow_control.clear()``); a record that is stale or delivered twice is skipped by the intake and
-    the detector by its position."""
+    mode's ``FlowControlEvent.resume()`` always empties every stream buffer, to drop what was put while the flow
+    was suspended (a rebalance). Faust resumes it twice: when a recovery starts (suspended since the rebalance:
+    that clear is kept) and when it ends, by which time it has resumed and seeked the stream partitions with its
+    fetcher already running (it runs through the changelog recovery). Records fetched in that window were
+    emptied out of the buffer with the consumer's read offset already past them, so nothing fetched them again
+    (faust-streaming#596). With traffic flowing, the intake saw the hole at the next record and read it back;
+    on a quiet topic there was no next record, and a restarted worker sat on events it never processed
+    (``tests/integration/test_envelopes.py``, about 1 run in 15, before this class). Faust still empties the
+    buffers itself when partitions are revoked (``flow_control.clear()``)."""
 
     def resume(self) -> None:
+        suspended = self._suspend.is_set()
         self._suspend.clear()
         self._resume.set()
+        if suspended:
+            self.clear()
 
 
 class _App(faust.App):

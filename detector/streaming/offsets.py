@@ -3,8 +3,8 @@
 Plain Python; no Faust, no Kafka. Kafka's delivery is at least once only if the consumer processes every
 offset it commits past. Faust can lose a fetched message between the fetch and the agent (its fetch loop
 drops a record it has already moved its read offset past, and a put cancelled when flow control resumes
-drops it too; so did emptying the stream buffers on resume, which the worker no longer does, see
-``app._FlowControl``), and its commit then passes over the hole: it treats offsets it
+drops it too; so did emptying the stream buffers on the resume that ends a recovery, which the worker no
+longer does, see ``app._FlowControl``), and its commit then passes over the hole: it treats offsets it
 did not see as missing from the log (as a transaction marker is), and it accepts an unacked offset just
 at the committed position. ``detector chaos --envelope`` lost one event of 14,517 that way (the commit
 stalled at the missing offset, then jumped it). The worker's agent therefore checks each message against

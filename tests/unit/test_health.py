@@ -140,14 +140,16 @@ def test_the_app_state_logged_beside_it_reads_a_real_faust_app() -> None:
 def test_resuming_the_worker_flow_control_keeps_what_the_stream_buffers_hold() -> None:
     # Faust resumes flow control at the end of a recovery, after records of the just-seeked partitions may already
     # be in a stream buffer; mode's resume() emptied it and those records were never processed on a quiet topic.
-    # An explicit clear() (Faust's on a revocation) still empties it.
+    # A resume after a suspension still empties it.
     from detector.streaming.app import _App
 
     app = _App("flow-test", broker="kafka://127.0.0.1:1")
     queue = app.FlowControlQueue(maxsize=8, clear_on_resume=True)  # as Faust makes every stream buffer
+    app.flow_control.resume()  # a recovery starts
     queue.put_nowait(b"fetched after the seek")
-    app.flow_control.resume()
+    app.flow_control.resume()  # the recovery ends
     assert queue.qsize() == 1 and app.flow_control.is_active()
-    app.flow_control.suspend()
-    app.flow_control.clear()
-    assert queue.qsize() == 0 and not app.flow_control.is_active()
+    app.flow_control.suspend()  # a rebalance: what is put while suspended is dropped when the flow resumes
+    queue.put_nowait(b"fetched before the revocation")
+    app.flow_control.resume()
+    assert queue.qsize() == 0 and app.flow_control.is_active()
