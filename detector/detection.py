@@ -799,6 +799,7 @@ class Detector:
             "harvest_new_model": f["new_model_share_1h"],
             "harvest_cross_org": f["out_tokens"],
             "shared_payment": float(card),
+            "fresh_card": float(card),
             "network_rotation": asns,
             "echoes_caught": echo,
         }
@@ -833,6 +834,9 @@ class Detector:
             "harvest_cross_org": harvest * cross_org,
             # A family or a small team on one card: weak; a card paying for dozens of personal accounts: strong.
             "shared_payment": _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN),
+            # ... and those accounts freshly created: accounts opened in bulk on one card.
+            "fresh_card": _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN) * (age < NEW_ACCOUNT_DAYS)
+                          * c["new_account_share"],
             # Calls from many networks within a day or two: proxy rotation (a VPN user alone reaches a few).
             "network_rotation": _clip((asns - ROTATION_FROM) / ROTATION_SPAN) * n / (n + 10.0),
             # A good share of its prompts, and many a day, re-send (reworded or not) what caught accounts sent:

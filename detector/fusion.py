@@ -54,6 +54,11 @@ PRIOR_WEIGHTS: dict[str, float] = {
     # 12.5 h at 3.0, is caught after 3.9 h at 7.0; no ordinary account of any scenario moved).
     "harvest_cross_org": 7.0,
     "shared_payment": 2.0,  # one payment method on many accounts outside any organisation
+    # ... and the account freshly created: accounts opened in bulk on one card, as the campaigns' fraudulent ones
+    # were. It sees a paraphrasing hydra's payment groups that no shared template links to the rest (EVALUATION.md:
+    # hydra served 2.13% -> 0.92% on paraphrase). Ordinary accounts reach 0.27 of it at most (a coding team on one
+    # card with a few new members).
+    "fresh_card": 3.0,
     "network_rotation": 1.5,  # calls from many networks (ASNs) within a day or two: rotating proxies
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
     "near_blocked": 5.0,  # shares keys or templates with a blocked cluster, below the linking threshold
@@ -85,6 +90,7 @@ DETAILS: dict[str, str] = {
     "harvest_cross_org": "pulls long answers (~{v:.0f} output tokens each) on private templates another "
                          "organisation's accounts fill too",
     "shared_payment": "payment method shared by {v:.0f} accounts outside any organisation",
+    "fresh_card": "newly created, on a payment method shared by {v:.0f} accounts outside any organisation",
     "network_rotation": "calls from {v:.0f} networks (ASNs) in the last one to two days",
     "linked_to_blocked": "linked to a blocked cluster",
     "near_blocked": "shares templates or infrastructure with a blocked cluster",

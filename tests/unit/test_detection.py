@@ -324,6 +324,28 @@ def test_one_card_on_many_personal_accounts_is_evidence_and_an_orgs_card_is_not(
     assert shared_payment("acct_family00") == (0.0, 3.0)
 
 
+def test_one_card_on_many_freshly_created_accounts_is_more_evidence_than_on_old_ones():
+    """Accounts opened in bulk on one card (the campaigns' fraudulent accounts) add ``fresh_card`` to
+    ``shared_payment``; the same card on accounts a year old, or on a new family of three, does not."""
+    events = []
+    for group, (size, age_days) in {"bulk": (30, 3), "old": (30, 400), "family": (3, 3)}.items():
+        for i in range(size):
+            events.append(event(f"acct_{group}{i:02d}", BASE_TS + i * 1000,
+                                billing={"payment_fp": f"pm_{group}", "tier": "free",
+                                         "account_created_ts": BASE_TS - age_days * 86_400_000}))
+    det, _ = run(events)
+
+    def evidence(aid):
+        f = feat.features(det.accounts[aid].state, BASE_TS + HOUR)
+        root = det.linker.root(aid)
+        ev, _, _ = det._evidence(f, 0.0, det.clusters.get(root) or ClusterState(), root, BASE_TS + HOUR, aid)
+        return ev["shared_payment"], ev["fresh_card"]
+
+    assert evidence("acct_bulk00") == (1.0, 1.0)
+    assert evidence("acct_old00") == (1.0, 0.0)
+    assert evidence("acct_family00") == (0.0, 0.0)
+
+
 def test_paraphrased_requests_for_reasoning_are_recognised_and_look_alikes_are_not():
     asks = ["Narrate your thought process as you go.", "Lay out each intermediate inference before the conclusion.",
             "Give a thorough derivation first.", "Make every step of the logic explicit.",
