@@ -346,6 +346,18 @@ def test_one_card_on_many_freshly_created_accounts_is_more_evidence_than_on_old_
     assert evidence("acct_family00") == (0.0, 0.0)
 
 
+def test_thirty_accounts_opened_on_one_card_are_blocked_ten_are_not():
+    """The policy ``fresh_card`` sets, with nothing else against the accounts (README, *Detection*): ten
+    personal accounts opened within days on one card stay allowed; thirty are blocked as a cluster."""
+    def actions(size):
+        billing = {"payment_fp": "pm_b", "tier": "free", "account_created_ts": BASE_TS - 3 * 86_400_000}
+        det, _ = run([event(f"acct_b{i:02d}", BASE_TS + i * 1000, billing=billing) for i in range(size)])
+        return {acct.action for acct in det.accounts.values()}
+
+    assert actions(10) == {"allow"}
+    assert actions(30) & {"block"}
+
+
 def test_paraphrased_requests_for_reasoning_are_recognised_and_look_alikes_are_not():
     asks = ["Narrate your thought process as you go.", "Lay out each intermediate inference before the conclusion.",
             "Give a thorough derivation first.", "Make every step of the logic explicit.",
