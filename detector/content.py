@@ -118,6 +118,7 @@ class ContentIndex(_TwoGenerations[array]):
             raise ValueError("width must be a power of two")
         self.width = width
         self.depth = depth
+        self._rows = tuple(r * width for r in range(depth))  # where each row starts in the flat arrays
         self.window_ms = window_ms
         # Flat arrays of rows (row r starts at r * width): indexing a stdlib array from Python is several
         # times cheaper than indexing a numpy array one scalar at a time.
@@ -155,33 +156,40 @@ class ContentIndex(_TwoGenerations[array]):
         this exact prompt before.
 
         The hot loop of the detector (9 keys per event): the filter's bits are read once and written once
-        (each key added with :func:`_bloom_add`, as :func:`seen_add` adds one), and
-        :meth:`_estimate_and_add` is written out inline, with the same arithmetic (``% width`` as a mask, the
-        width being a power of two).
+        (each band added as :func:`_bloom_add` adds a key, written out), and :meth:`_estimate_and_add` is
+        written out inline, with the same arithmetic (``% width`` as a mask, the width being a power of two).
         """
         self._rotate(ts)
         template_accounts, top_band = 0, 0
         self_repeat = False
         added, bit = 0, 1
         bits = seen.bits
-        w, wmask, depth = self.width, self.width - 1, self.depth
-        new, old = self._new, self._old
+        wmask, half = self.width - 1, SeenFilter.SIZE // 2
+        new, old, rows = self._new, self._old, self._rows
         for band in bands:
             h1 = (band * _M1) & _MASK  # the Bloom filter's hash is the sketch's first hash
-            bits, was_seen = _bloom_add(bits, h1)
-            if not was_seen:
+            # _bloom_add, written out (a call per band is a tenth of this loop)
+            m = (1 << (h1 & 1023)) | (1 << ((h1 >> 10) & 1023))
+            was_seen = bits & m == m
+            if was_seen:
+                self_repeat = True
+            else:
+                if bits.bit_count() > half:
+                    bits = 0
+                bits |= m
                 added |= bit
             bit <<= 1
-            self_repeat = self_repeat or was_seen
             h2 = ((band ^ (band >> 29)) * _M2) & _MASK | 1
             count = 1 << 32
-            for r in range(depth):
-                c = r * w + ((h1 + r * h2) & wmask)
+            r = 0
+            for row in rows:
+                c = row + ((h1 + r * h2) & wmask)
                 if not was_seen:
                     new[c] += 1
                 v = new[c] + old[c]
                 if v < count:
                     count = v
+                r += 1
             if count > template_accounts:
                 template_accounts, top_band = count, band
         exact_key = exact ^ 0x5EED
