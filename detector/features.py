@@ -442,7 +442,33 @@ def _entropy(values: list[float]) -> float:
     total = sum(values)
     if total <= 0:
         return 0.0
-    return -sum(v / total * math.log(v / total) for v in values if v > 0)
+    # A list, not a generator: the same sum in the same order, a third cheaper (24 hour slots, per event).
+    return -sum([v / total * math.log(v / total) for v in values if v > 0])
+
+
+_LOG_CAPS, _LOG_24 = math.log(len(CAPABILITIES)), math.log(24)
+
+
+def day_count(st: AccountState, now: int) -> float:
+    """The day-horizon event count at ``now``: the feature ``n_24h``, read alone. Cost: one power.
+
+    >>> st = AccountState(created_ts=None)
+    >>> ctx = EventContext(template_accounts=1, exact_accounts=1, model_age_ms=1 << 62)
+    >>> update(st, {"ts": 0, "input_tokens": 1, "output_tokens": 1, "status": 200, "response": {}, "client": {},
+    ...             "prompt": {"cot": False, "capability": "qa", "script": "latin"}}, ctx)
+    >>> day_count(st, DAY_MS) == features(st, DAY_MS)["n_24h"] == 0.5
+    True
+    """
+    # Read more than _RENORM half-lives before the window's reference time t0 (an event years late, which
+    # the schema allows), the window is read as of that bound: the same bound keeps the stored sums finite,
+    # and 2 ** (years / day) would overflow a float.
+    return st[N] * 2.0 ** min(-(now - st.t0) / H_DAY, _RENORM)
+
+
+def hour_spread(st: AccountState) -> float:
+    """The feature ``hour_spread``, read alone: the normalised entropy of the account's hour-of-day traffic
+    (day window), 0 for one hour, 1 for traffic spread evenly around the clock. Cost: about 2.5 µs."""
+    return _entropy(list(st[HOUR0:N_SLOTS])) / _LOG_24
 
 
 def features(st: AccountState, now: int) -> dict[str, float]:
@@ -453,15 +479,10 @@ def features(st: AccountState, now: int) -> dict[str, float]:
     """
     day = st
     n = day[N] or 1.0
-    # Read more than _RENORM half-lives before the window's reference time t0 (an event years late, which
-    # the schema allows), the window is read as of that bound: the same bound keeps the stored sums finite,
-    # and 2 ** (years / day) would overflow a float.
-    scale = 2.0 ** min(-(now - st.t0) / H_DAY, _RENORM)
     gaps = day[GAPS]
     gap_mean = day[GAP_LOG] / gaps if gaps else 0.0
     gap_var = max(day[GAP_LOG2] / gaps - gap_mean * gap_mean, 0.0) if gaps else 0.0
     caps = list(day[CAP0:HOUR0])
-    hours = list(day[HOUR0:N_SLOTS])
     age_ms = now - st.created_ts if st.created_ts is not None else now - st.first_ts
     n_10m, n_1h = day[N_10M_AT], day[N_1H_AT]
     net = st.net_bits
@@ -469,7 +490,7 @@ def features(st: AccountState, now: int) -> dict[str, float]:
     return {
         "n_10m": n_10m * 2.0 ** (-(now - last) / H_10M) if now >= last else n_10m,
         "n_1h": n_1h * 2.0 ** (-(now - last) / H_1H) if now >= last else n_1h,
-        "n_24h": day[N] * scale,
+        "n_24h": day_count(st, now),
         "in_tokens": day[IN_TOK] / n,
         "out_tokens": day[OUT_TOK] / n,
         "out_in_ratio": day[OUT_TOK] / max(day[IN_TOK], n),
@@ -484,8 +505,8 @@ def features(st: AccountState, now: int) -> dict[str, float]:
         "new_model_share_1h": day[NEW_MODEL_1H_AT] / n_1h if n_1h else 0.0,
         "new_model_replay_share": day[NEW_MODEL_REPLAY] / n,
         "non_latin_share": day[NON_LATIN] / n,
-        "capability_concentration": 1.0 - _entropy(caps) / math.log(len(caps)),
-        "hour_spread": _entropy(hours) / math.log(24),
+        "capability_concentration": 1.0 - _entropy(caps) / _LOG_CAPS,
+        "hour_spread": hour_spread(st),
         "gap_log_std": math.sqrt(gap_var),
         "distinct_ips": _linear_count(net & _LANE),
         "distinct_asns": _linear_count(net >> 64 & _LANE),

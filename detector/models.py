@@ -71,7 +71,8 @@ class PopulationBaseline(AnomalyDetector):
         for k, v in x.items():
             p = params.get(k)
             if p is not None:
-                total += min(abs(v - p[0]) / p[1], cap)
+                z = abs(v - p[0]) / p[1]
+                total += cap if z > cap else z  # min(z, cap) without a call (runs per feature, per event)
                 n += 1
         return total / n if n else 0.0
 
@@ -145,23 +146,29 @@ def squash(f: dict[str, float]) -> dict[str, float]:
     >>> squash({"n_24h": 0.0, "cot_share": 0.5, "distinct_ips": 64.0})
     {'n_24h': 0.0, 'cot_share': 0.5, 'distinct_ips': 1.0}
     """
+    # Runs on every scored event (24 features): shares, most of the features, are tested first, and the bounds
+    # are conditional expressions rather than min() and max() calls, with the same results (NaN included:
+    # ``1.0 if y > 1.0 else y`` is ``min(y, 1.0)``, ``0.0 if v < 0.0 else v`` is ``max(v, 0.0)``). Half the cost.
     out: dict[str, float] = {}
+    kinds = _SQUASH_KIND
     for k, v in f.items():
-        kind = _SQUASH_KIND.get(k)
+        kind = kinds.get(k)
         if kind is None:
-            kind = _SQUASH_KIND[k] = _squash_kind(k)
+            kind = kinds[k] = _squash_kind(k)
+        if kind == _SHARE:
+            out[k] = 0.0 if v < 0.0 else 1.0 if v > 1.0 else v
+            continue
         if kind == _COUNT:
-            out[k] = min(math.log1p(max(v, 0.0)) / _LOG_100K, 1.0)
+            y = math.log1p(0.0 if v < 0.0 else v) / _LOG_100K
         elif kind == _RATIO:
-            out[k] = min(math.log1p(v) / _LOG_100, 1.0)
+            y = math.log1p(v) / _LOG_100
         elif kind == _GAP:
-            out[k] = min(v / 4.0, 1.0)
+            y = v / 4.0
         elif kind == _DISTINCT:
-            out[k] = min(v / 64.0, 1.0)
-        elif kind == _AGE:
-            out[k] = min(math.log1p(v) / _LOG_10Y, 1.0)
-        else:
-            out[k] = min(max(v, 0.0), 1.0)
+            y = v / 64.0
+        else:  # _AGE
+            y = math.log1p(v) / _LOG_10Y
+        out[k] = 1.0 if y > 1.0 else y
     return out
 
 
