@@ -403,6 +403,9 @@ class Detector:
                       "restored": 0, "restore_errors": 0, "key_blocks": 0, "key_blocks_dropped": 0}
         self.recent_ids = RecentIds(dedup_ids)
         self._last_ts = 0
+        # The emitted_at of the latest event processed (None: the wall clock), for the records a merge makes
+        # outside any one event's scoring: replay stamps them in event time as it does every other record.
+        self._emitted_at: int | None = None
         self._stream_start = 0
         self._blocked_roots: set[str] = set()
         # With track_changes, the accounts changed or evicted since the last drain_changes() (for a changelog).
@@ -463,6 +466,7 @@ class Detector:
         ts: int = event["ts"]
         self.stats["events"] += 1
         self._last_ts = max(self._last_ts, ts)
+        self._emitted_at = emitted_at
         if acct is None:
             self._evict(ts)
             acct = self.accounts[aid] = _Account(event["billing"].get("account_created_ts"))
@@ -901,7 +905,7 @@ class Detector:
                 merged.merge(old)
                 if merged.blocked:
                     self._blocked_roots.add(into)
-                    self._publish_keys(into, self._last_ts, None)  # under the merged cluster's id
+                    self._publish_keys(into, self._last_ts, self._emitted_at)  # under the merged cluster's id
             self._blocked_roots.discard(absorbed)
         self.linker.merges.clear()
 

@@ -149,3 +149,28 @@ def test_the_limiter_applies_key_blocks_unless_the_account_holds_its_own_allow()
     blocked = limiter.decide("acct_blocked", keys=keys)  # its own record, with its own reasons
     assert blocked["action"] == "block" and blocked["reasons"][0]["code"] == "shared_template"
     assert limiter.decide("acct_new")["allowed"] is True  # no keys given: no key check
+
+
+def test_a_merge_into_a_blocked_cluster_stamps_its_records_in_the_events_time():
+    """Replay and the evaluation stamp records with the event's time (``emitted_at``); the key blocks a merge
+    makes must be too, or the limiter's book takes them as newer than every later record of their keys."""
+    det = Detector(key_secret=SECRET)
+    events = campaign_and_ordinary()
+    for ev in events:
+        det.process(ev, emitted_at=ev["ts"])
+    det.drain_key_blocks()
+    t = events[-1]["ts"]
+    pair = [event(f"acct_pair{i}", t + 1000 * (i + 1), "Tell me a joke",
+                  billing={"payment_fp": "pm_pair", "tier": "build", "account_created_ts": t - 86_400_000},
+                  client={"ip": f"198.51.100.{i + 1}", "asn": 64512, "country": "FR", "user_agent": "ua/1",
+                          "tls_fp": "t13d_pair"})
+            for i in range(2)]
+    # An account of the pair that then pays with the blocked cluster's card: the pair's cluster merges into it.
+    bridge = newcomer(t + 10_000, ip="198.51.100.9")
+    bridge["account_id"] = "acct_pair0"
+    made = []
+    for ev in [*pair, bridge]:
+        det.process(ev, emitted_at=ev["ts"])
+        made += [(rec, ev["ts"]) for rec in det.drain_key_blocks()]
+    assert made, "the bridge merged nothing into the blocked cluster"
+    assert all(rec["emitted_at"] == ts for rec, ts in made)
