@@ -146,11 +146,26 @@ def _integral(event: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Throttled members that block their cluster: two, and at least this share of its members. Two of a large
+# cluster is little: a popular coding tool's system prompt glues its users across orgs into one cluster of
+# dozens, and two teams in it on cards of their own may each come near the line (detector evaluate --scenario
+# paraphrase --scale 0.3: 2 of 89 blocked all 89, 56 false positives; with the share, 3). A campaign's cluster
+# is blocked while small, before it grows (scale 1: no served share moved by more than 0.01 point).
+BLOCK_THROTTLED_SHARE = 0.1
+
+
 def _blocks(cluster: ClusterState, size: float) -> bool:
     """Whether a cluster's tallies of caught members block it: one blocked member in a cluster of three or
-    more, two blocked in a pair, or two members throttled (or worse) in a cluster of three or more."""
+    more, two blocked in a pair, or two members throttled (or worse) in a cluster of three or more, and at
+    least :data:`BLOCK_THROTTLED_SHARE` of its members.
+
+    >>> c = ClusterState()
+    >>> c.throttled_members = 2
+    >>> _blocks(c, 3), _blocks(c, 20), _blocks(c, 21)
+    (True, True, False)
+    """
     return ((cluster.blocked_members >= 1 and (cluster.blocked_members >= 2 or size >= 3))
-            or (cluster.throttled_members >= 2 and size >= 3))
+            or (cluster.throttled_members >= max(2.0, BLOCK_THROTTLED_SHARE * size) and size >= 3))
 
 
 def id_hash(event_id: str) -> int:
@@ -583,7 +598,7 @@ class Detector:
     def _count_caught(acct: _Account, action: str, cluster: ClusterState, size: float) -> bool:
         """Count a member newly throttled or blocked in its cluster's tallies; whether the cluster is now to
         be blocked: a member blocked in a cluster of three or more, two blocked in a pair, or two members
-        throttled (or worse) in a cluster of three or more. Each of two linked accounts over the throttle
+        throttled (or worse) in a cluster of three or more (and a tenth of it, :func:`_blocks`). Each of two linked accounts over the throttle
         line on its next events is at least the evidence of one over the block line; waiting for one of them
         to reach it on its own serves the whole cluster meanwhile (a campaign's accounts can hover between
         the two for hours). Each member counts once (an account that falls back below the line stays
