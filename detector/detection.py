@@ -598,11 +598,11 @@ class Detector:
     def _count_caught(acct: _Account, action: str, cluster: ClusterState, size: float) -> bool:
         """Count a member newly throttled or blocked in its cluster's tallies; whether the cluster is now to
         be blocked: a member blocked in a cluster of three or more, two blocked in a pair, or two members
-        throttled (or worse) in a cluster of three or more (and a tenth of it, :func:`_blocks`). Each of two linked accounts over the throttle
-        line on its next events is at least the evidence of one over the block line; waiting for one of them
-        to reach it on its own serves the whole cluster meanwhile (a campaign's accounts can hover between
-        the two for hours). Each member counts once (an account that falls back below the line stays
-        counted, as a blocked one does).
+        throttled (or worse) in a cluster of three or more, and a tenth of it (:func:`_blocks`). Each of two
+        linked accounts over the throttle line on its next events is at least the evidence of one over the
+        block line; waiting for one of them to reach it on its own serves the whole cluster meanwhile (a
+        campaign's accounts can hover between the two for hours). Each member counts once (an account that
+        falls back below the line stays counted, as a blocked one does).
 
         >>> acct, other, cluster = _Account(None), _Account(None), ClusterState()
         >>> Detector._count_caught(acct, "throttle", cluster, 3), Detector._count_caught(acct, "throttle", cluster, 3)
