@@ -10,7 +10,7 @@ The account under test is a ``hydra`` campaign account from the simulation's lab
 *throttles* and later *blocks*. Which accounts do that is known before anything is published: the worker runs
 the same :class:`~detector.detection.Detector` over the same events in the same order (one partition; see
 ``test_worker.py``, which checks the equality), so the test runs it in-process over the events first. With the
-smoke scenario at seed 1, 2 of the 40 hydra accounts go throttle → block; the other 38 are blocked without
+smoke scenario at seed 1, 1 of the 40 hydra accounts goes throttle → block; the other 39 are blocked without
 being throttled first (from watch, or on their first scored event: a new account linked to a blocked cluster;
 since two throttled members of a cluster block it, most hydra accounts never show the throttle step, and at the
 default seed 7 none does). The first hydra account, in label order, that is throttled before it is blocked is
