@@ -798,6 +798,7 @@ class Detector:
         if harvest > 0.0:  # kept_up_hours reads up to 23 slots: only for the few accounts it can matter to
             harvest *= _clip((feat.kept_up_hours(st, ts) + 1.0) / 3.0)
         jump = f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0)  # last-hour share on a new model
+        shared_card = _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN)
         echo = feat.echo_share(st) * shrink
         values = {
             "shared_template": f["template_share"],
@@ -853,10 +854,9 @@ class Detector:
             # its own templates).
             "harvest_cross_org": harvest * cross_org,
             # A family or a small team on one card: weak; a card paying for dozens of personal accounts: strong.
-            "shared_payment": _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN),
+            "shared_payment": shared_card,
             # ... and those accounts freshly created: accounts opened in bulk on one card.
-            "fresh_card": _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN) * (age < NEW_ACCOUNT_DAYS)
-                          * c["new_account_share"],
+            "fresh_card": shared_card * (age < NEW_ACCOUNT_DAYS) * c["new_account_share"],
             # Calls from many networks within a day or two: proxy rotation (a VPN user alone reaches a few).
             "network_rotation": _clip((asns - ROTATION_FROM) / ROTATION_SPAN) * n / (n + 10.0),
             # A good share of its prompts, and many a day, re-send (reworded or not) what caught accounts sent:

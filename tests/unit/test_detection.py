@@ -302,6 +302,15 @@ def test_a_shared_band_ties_to_a_blocked_cluster_only_if_that_cluster_is_templat
     assert templated.clusters[campaign].blocked and templated._templated(campaign, BASE_TS + 24 * HOUR)
 
 
+def _evidence_at(det, aid, ts):
+    """The evidence terms of account ``aid`` and the values behind them, as the detector would read them at
+    ``ts`` (anomaly rank 0)."""
+    f = feat.features(det.accounts[aid].state, ts)
+    root = det.linker.root(aid)
+    evidence, values, _ = det._evidence(f, 0.0, det.clusters.get(root) or ClusterState(), root, ts, aid)
+    return evidence, values
+
+
 def test_one_card_on_many_personal_accounts_is_evidence_and_an_orgs_card_is_not():
     """A card paying for 30 personal accounts is a campaign's pattern; an organisation's 30 members on its
     card, or a family of three on one card, are not evidence."""
@@ -314,9 +323,7 @@ def test_one_card_on_many_personal_accounts_is_evidence_and_an_orgs_card_is_not(
     det, _ = run(events)
 
     def shared_payment(aid):
-        f = feat.features(det.accounts[aid].state, BASE_TS + HOUR)
-        root = det.linker.root(aid)
-        evidence, values, _ = det._evidence(f, 0.0, det.clusters.get(root) or ClusterState(), root, BASE_TS + HOUR, aid)
+        evidence, values = _evidence_at(det, aid, BASE_TS + HOUR)
         return evidence["shared_payment"], values["shared_payment"]
 
     assert shared_payment("acct_farm00") == (1.0, 30.0)
@@ -336,9 +343,7 @@ def test_one_card_on_many_freshly_created_accounts_is_more_evidence_than_on_old_
     det, _ = run(events)
 
     def evidence(aid):
-        f = feat.features(det.accounts[aid].state, BASE_TS + HOUR)
-        root = det.linker.root(aid)
-        ev, _, _ = det._evidence(f, 0.0, det.clusters.get(root) or ClusterState(), root, BASE_TS + HOUR, aid)
+        ev, _ = _evidence_at(det, aid, BASE_TS + HOUR)
         return ev["shared_payment"], ev["fresh_card"]
 
     assert evidence("acct_bulk00") == (1.0, 1.0)
