@@ -172,6 +172,41 @@ class Linker:
                 degree = self._key_degree.get((kind, value), 0)
         return degree
 
+    def across_orgs(self, account: str, kinds: Collection[str] = ("pay", "ip24"), limit: int = 64) -> float:
+        """How strongly ``account``, a member of an organisation, shares a key of ``kinds`` (its card, its IP
+        range) with another organisation's accounts: the largest rarity of such a key (its weight over its
+        kind's full weight, so a range that many accounts hold counts little), 0 if none or if it is in no
+        organisation. Looks at up to ``limit`` holders per key. An organisation pays with its own card and
+        calls from its own network; one card or one small range behind two is one operator posing as two.
+
+        >>> lk = Linker()
+        >>> for a in ("a1", "a2"):
+        ...     _ = lk.link(a, [("org", "o1"), ("ip24", "10.0.0")])
+        >>> lk.across_orgs("a1")
+        0.0
+        >>> _ = lk.link("p1", [("ip24", "10.0.0")]); _ = lk.link("b1", [("org", "o2"), ("ip24", "10.0.0")])
+        >>> lk.across_orgs("a1"), lk.across_orgs("p1"), lk.across_orgs("nobody")
+        (1.0, 0.0, 0.0)
+        """
+        own = self._keys.get(account, ())
+        org = next((k for k in own if k[0] == "org"), None)
+        if org is None:
+            return 0.0
+        strongest = 0.0
+        for key in own:
+            if key[0] not in kinds:
+                continue
+            rarity = key_weight(key[0], self._key_degree[key]) / KEY_KINDS[key[0]][0]
+            if rarity <= strongest:
+                continue
+            for holder in (self._key_rep[key], *self._key_others.get(key, ())[:limit]):
+                keys = self._keys.get(holder, ())
+                # another org's account that holds the key (a forgotten holder stays listed until pruned)
+                if key in keys and any(k[0] == "org" and k != org for k in keys):
+                    strongest = rarity
+                    break
+        return strongest
+
     def cluster_id(self, account: str) -> str:
         """An id for the account's cluster: ``c_`` and 12 hex digits of its root's name.
 

@@ -767,7 +767,7 @@ class Detector:
         # count ONE_ORG_DISCOUNT; what still counts in full is what a company's pipeline does not show:
         # freshly created accounts, a jump to a new model, replays, chain-of-thought asks, a link to a
         # blocked cluster, the anomaly rank. A campaign that puts its accounts in one org of its own is seen
-        # by those, or once its clusters link across orgs (cluster_multi_org).
+        # by those, or once its clusters link across orgs (the presumption then ends).
         # The presumption ends where the org's content or keys lead to a blocked cluster (near_blocked), or
         # where two or more of its recurring templates are another org's accounts' too: the same private
         # prompts run by two organisations are coordination beyond one company. (One shared band, or a
@@ -799,6 +799,9 @@ class Detector:
             harvest *= _clip((feat.kept_up_hours(st, ts) + 1.0) / 3.0)
         jump = f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0)  # last-hour share on a new model
         shared_card = _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN)
+        # Its card or IP range shared with another organisation's accounts, read only in a cluster that spans two
+        # or more organisations (a scan of up to 64 holders of each).
+        across_orgs = self.linker.across_orgs(account) if c["orgs"] >= 2.0 else 0.0
         echo = feat.echo_share(st) * shrink
         values = {
             "shared_template": f["template_share"],
@@ -814,11 +817,11 @@ class Detector:
             "cluster_new_accounts": c["new_account_share"],
             "cluster_cot": c["cot_share"],
             "cluster_new_model": c["new_model_share_1h"],
-            "cluster_multi_org": c["orgs"],
             "harvest": f["out_tokens"],
             "cluster_harvest": f["out_tokens"],
             "harvest_new_model": f["new_model_share_1h"],
             "harvest_cross_org": f["out_tokens"],
+            "across_orgs": c["orgs"],
             "shared_payment": float(card),
             "fresh_card": float(card),
             "network_rotation": asns,
@@ -837,12 +840,14 @@ class Detector:
             "cluster_size": csf,
             # linked accounts each running around the clock, together a steady 24 h load
             "cluster_load_balanced": csf * c["machine_share"] * _clip((c["hour_spread"] - 0.85) / 0.1),
-            "cluster_multi_org": sf * _clip(c["orgs"] - 1.0),  # one payment or network across orgs
             "cluster_templates": csf * c["template_share"],
             "cluster_new_accounts": sf * c["new_account_share"],
             "cluster_cot": csf * c["cot_share"],
             "cluster_new_model": sf * c["new_model_share_1h"],
             "linked_to_blocked": 1.0 if cluster.blocked else 0.0,
+            # An organisation's account on the card or the IP range of another organisation's, in a linked
+            # cluster: one operator posing as several companies.
+            "across_orgs": sf * across_orgs,
             "harvest": own * harvest,
             "cluster_harvest": csf * harvest,
             # The harvest follows a model released within the last day, at once (the documented campaigns moved

@@ -45,7 +45,7 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "cluster_new_accounts": 1.5,  # linked accounts are freshly created
     "cluster_cot": 1.0,
     "cluster_new_model": 1.5,
-    "cluster_multi_org": 1.0,  # one payment method or network across organisations
+    "across_orgs": 1.0,  # an organisation's card or IP range is another organisation's too
     "harvest": 1.0,  # pulls long answers at a high rate, kept up for hours (a content pipeline can too)
     "cluster_harvest": 7.0,  # the same from an account linked to others (scaled by the cluster's size)
     "harvest_new_model": 3.0,  # the harvest moved to a model released within the last day
@@ -82,7 +82,7 @@ DETAILS: dict[str, str] = {
     "cluster_new_accounts": "{pct} of the cluster's traffic from newly created accounts",
     "cluster_cot": "{pct} of the cluster's prompts ask for step-by-step reasoning",
     "cluster_new_model": "{pct} of the cluster's last-hour traffic on a model released within the last day",
-    "cluster_multi_org": "cluster spans {v:.0f} organisations",
+    "across_orgs": "shares its card or IP range with another organisation's accounts ({v:.0f} orgs in its cluster)",
     "harvest": "pulls long answers (~{v:.0f} output tokens each) at a high rate, kept up for hours",
     "cluster_harvest": "one of {n} linked accounts pulling long answers (~{v:.0f} output tokens each) at a high rate",
     "harvest_new_model": "pulls long answers at a high rate from a model released within the last day "

@@ -351,6 +351,32 @@ def test_one_card_on_many_freshly_created_accounts_is_more_evidence_than_on_old_
     assert evidence("acct_family00") == (0.0, 0.0)
 
 
+def test_a_card_paying_for_two_organisations_is_evidence_a_cluster_spanning_two_is_not():
+    """``across_orgs``: one card behind two organisations' accounts is one operator posing as two companies.
+    Two companies on their own cards, joined into one cluster by a contractor who pays with both, are not."""
+    def across_orgs(shared_card):
+        def billing(org):
+            return {"payment_fp": "pm_op" if shared_card else f"pm_{org}", "tier": "build",
+                    "account_created_ts": BASE_TS - 400 * 86_400_000}
+        events, ts = [], BASE_TS
+        for org in ("a", "b"):
+            for i in range(5):
+                ts += 1000
+                client = {"ip": f"10.{ord(org)}.{i}.5", "asn": 64500, "country": "US", "user_agent": "tool/1.0",
+                          "tls_fp": "t13d"}
+                events.append(event(f"acct_{org}{i}", ts, org_id=f"org_{org}", client=client, billing=billing(org)))
+        for org in ("a", "b"):
+            ts += 1000
+            events.append(event("acct_contractor", ts, billing=billing(org)))
+        det, _ = run(events)
+        evidence, values = _evidence_at(det, "acct_a0", ts + 1000)
+        return det.linker.size(det.linker.root("acct_a0")), values["across_orgs"], evidence["across_orgs"]
+
+    size, orgs, shared = across_orgs(shared_card=True)
+    assert (size, orgs) == (11, 2.0) and shared > 0.5
+    assert across_orgs(shared_card=False) == (11, 2.0, 0.0)
+
+
 def test_thirty_accounts_opened_on_one_card_are_blocked_ten_are_not():
     """The policy ``fresh_card`` sets, with nothing else against the accounts (README, *Detection*): ten
     personal accounts opened within days on one card stay allowed; thirty are blocked as a cluster."""
