@@ -473,24 +473,24 @@ class Linker:
         """
         return sum(1 for _ in self._keys_toward(account, accept, (kind,)))
 
-    def shared_beyond(self, account: str, kind: str, holder_kind: str | None = None, min_keys: int = 1,
-                      min_degree: int = 1, limit: int = 64) -> bool:
-        """Whether ``min_keys`` or more keys of ``kind`` of ``account``, each held by ``min_degree`` or more
-        live accounts, are held by accounts outside its cluster too (linked or not), ones that hold a key
-        of ``holder_kind`` if given: "its org's templates are another org's too". Looks at up to ``limit``
-        holders per key.
+    def shared_beyond(self, account: str, kind: str, holder_kind: str | None = None, upto: int = 1,
+                      min_degree: int = 1, limit: int = 64) -> int:
+        """How many keys of ``kind`` of ``account`` (counted up to ``upto``), each held by ``min_degree`` or
+        more live accounts, are held by accounts outside its cluster too (linked or not), ones that hold a
+        key of ``holder_kind`` if given: "its org's templates are another org's too". Looks at up to
+        ``limit`` holders per key.
 
         >>> lk = Linker()
         >>> for a in ("a1", "a2"):
-        ...     _ = lk.link(a, [("org", "o1"), ("tmpl", 7)])
+        ...     _ = lk.link(a, [("org", "o1"), ("tmpl", 7), ("tmpl", 8)])
         >>> lk.shared_beyond("a1", "tmpl")
-        False
+        0
         >>> _ = lk.link("p1", [("tmpl", 7)])  # a personal account (no org) with the same template
         >>> lk.shared_beyond("a1", "tmpl"), lk.shared_beyond("a1", "tmpl", holder_kind="org")
-        (True, False)
-        >>> _ = lk.link("b1", [("org", "o2"), ("tmpl", 7)])
-        >>> lk.shared_beyond("a1", "tmpl", holder_kind="org"), lk.shared_beyond("b1", "tmpl", holder_kind="org")
-        (True, True)
+        (1, 0)
+        >>> _ = lk.link("b1", [("org", "o2"), ("tmpl", 7), ("tmpl", 8)])
+        >>> lk.shared_beyond("a1", "tmpl", holder_kind="org"), lk.shared_beyond("a1", "tmpl", "org", upto=2)
+        (1, 2)
         """
         me = self.root(account)
 
@@ -505,9 +505,9 @@ class Linker:
             holders = self._key_others.get(key, ())
             if outside(self._key_rep[key]) or any(outside(h) for h in holders[:limit]):
                 found += 1
-                if found >= min_keys:
-                    return True
-        return False
+                if found >= upto:
+                    break
+        return found
 
     def _keys_toward(self, account: str, accept: Callable[[str], bool], kinds: Collection[str]
                      ) -> Iterator[tuple[str, object]]:
