@@ -2,9 +2,11 @@
 
 import random
 
+import pytest
+
 from detector import features as feat
 from detector.clusters import ClusterState
-from detector.detection import Detector
+from detector.detection import ONE_ORG_DISCOUNT, Detector
 from detector.fingerprints import fingerprint
 from detector.schemas import SCORE_SCHEMA, validate
 from detector.settings import DetectionSettings
@@ -459,6 +461,22 @@ def test_a_harvest_split_over_two_orgs_on_shared_private_templates_is_caught():
     assert all(det.accounts[a].action in ("throttle", "block") for a in harvesters)
     assert "harvest_cross_org" in {c["code"] for r in records if r["action"] != "allow" for c in r["reasons"]}
     assert all(det.accounts[a].action == "allow" for a in det.accounts if a.startswith("acct_lab"))
+
+
+def test_one_template_shared_with_another_org_makes_a_harvest_cross_org_but_keeps_the_one_org_discount():
+    """A paraphrasing campaign split over orgs shares few template bands: one, filled by another org's four
+    accounts, is enough for ``harvest_cross_org`` beside a harvest. It takes two to end the one-org
+    presumption (the harvest terms stay discounted)."""
+    det, _ = run(harvest_and_lab(orgs=1))
+    aid, ts = "acct_h00", BASE_TS + 4 * HOUR
+    band = max((k for k in det.linker.keys_of(aid) if k[0] == "tmpl"), key=det.linker.degree)
+    before, _ = _evidence_at(det, aid, ts)
+    for i in range(4):
+        det.linker.link(f"acct_other{i}", [("org", "org_other"), band])
+    after, _ = _evidence_at(det, aid, ts)
+    assert before["harvest"] > 0.0 and before["harvest_cross_org"] == 0.0
+    assert after["harvest_cross_org"] == pytest.approx(before["harvest"] / ONE_ORG_DISCOUNT)  # undiscounted
+    assert (after["harvest"], after["cluster_harvest"]) == (before["harvest"], before["cluster_harvest"])
 
 
 def test_a_proxy_rewording_a_caught_campaigns_prompts_is_caught_and_one_with_other_prompts_is_not():
