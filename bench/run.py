@@ -59,6 +59,9 @@ PARTITIONS = 4
 FETCH_BYTES = 8 * 1024 * 1024  # per partition and fetch, as the worker (detector.streaming.app)
 POLL_S = 0.2  # how often committed offsets and the workers' /metrics are read
 LOAD_SHARE = 0.8  # the latency run offers this share of the measured worker rate
+#: Settings every worker of this run gets (``--worker-env NAME=VALUE``), e.g. a batch bound to compare with the
+#: default; recorded in the results (``worker_env``).
+WORKER_ENV: dict[str, str] = {}
 LAG_POLL_S = 0.1  # how often the latency run reads the worker's routed-event count
 MESSAGE_LATENCY = "detector_message_latency_seconds"  # the worker's per-message histogram (detector.metrics)
 #: The recommended gateway configuration: envelopes of up to 4,096 events (at ~1 KB an event, the SDK's 1 MB
@@ -383,7 +386,7 @@ def start_workers(bootstrap: str, app_id: str, topics: dict[str, str], count: in
         env = dict(base, DETECTOR_KAFKA__BOOTSTRAP=bootstrap, DETECTOR_WORKER__APP_ID=app_id,
                    DETECTOR_WORKER__DATA_DIR=str(data_dir), DETECTOR_WORKER__WEB_PORT="0",
                    DETECTOR_WORKER__METRICS_PORT=str(port), DETECTOR_TOPICS__PARTITIONS=str(PARTITIONS),
-                   **{f"DETECTOR_TOPICS__{k.upper()}": v for k, v in topics.items()}, **(extra_env or {}))
+                   **{f"DETECTOR_TOPICS__{k.upper()}": v for k, v in topics.items()}, **WORKER_ENV, **(extra_env or {}))
         log = data_dir / "worker.log"
         with open(log, "wb") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "worker"], env=env, cwd=ROOT,
@@ -1200,6 +1203,7 @@ def run(plan: Plan, phases: set[str], out: Path, seed: int, cache_dir: Path | No
         "targets": TARGETS,
         "machine": machine,
         "plan": asdict(plan),
+        "worker_env": dict(WORKER_ENV),
         "details": {**details, "raw": raw,
                     "worker_1": env1, "worker_2": env2, "worker_2_unshared": env2_alone,
                     "two_worker_speedup_unshared": rates(env1, env2_alone)["two_worker_speedup"],
@@ -1224,6 +1228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", default="throughput,latency,warmup,replay,memory",
                    help="comma-separated subset of throughput,latency,warmup,replay,memory")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a DETECTOR_* setting for every worker of the run (repeatable), e.g. "
+                        "DETECTOR_WORKER__BATCH_MAX_BYTES=2097152 to measure another batch bound")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="keep the generated events here and reuse them on the next run (same scenario/scale/seed)")
     # Internal: the memory probe runs in a fresh interpreter (measure_memory starts it).
@@ -1246,6 +1253,17 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("kafka", "aiokafka"):  # client chatter (e.g. "group_id is None") is not a result
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # kafka-python 3 on plain serializer callables
+    from detector.settings import SettingsError, load_settings
+
+    for item in args.worker_env:
+        name, eq, value = item.partition("=")
+        if not eq or not name.startswith("DETECTOR_"):
+            p.error(f"--worker-env takes DETECTOR_NAME=VALUE, not {item!r}")
+        WORKER_ENV[name] = value
+    try:
+        load_settings(WORKER_ENV)  # a misspelt or malformed setting fails here, not in every worker
+    except SettingsError as exc:
+        p.error(f"--worker-env: {exc}")
     phases = {x.strip() for x in args.phases.split(",") if x.strip()}
     unknown = phases - {"throughput", "latency", "warmup", "replay", "memory"}
     if unknown:
