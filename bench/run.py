@@ -372,6 +372,13 @@ class Worker:
     log: Path
 
 
+def _bench_sets(name: str) -> bool:
+    """Whether :func:`start_workers` sets the worker setting ``name`` itself (the broker, group, ports, topics)."""
+    return name.startswith("DETECTOR_TOPICS__") or name in (
+        "DETECTOR_KAFKA__BOOTSTRAP", "DETECTOR_WORKER__APP_ID", "DETECTOR_WORKER__DATA_DIR",
+        "DETECTOR_WORKER__WEB_PORT", "DETECTOR_WORKER__METRICS_PORT")
+
+
 def start_workers(bootstrap: str, app_id: str, topics: dict[str, str], count: int, tmp: Path,
                   extra_env: dict[str, str] | None = None) -> list[Worker]:
     """``count`` worker subprocesses of one app (one consumer group); each in its own process group."""
@@ -383,10 +390,13 @@ def start_workers(bootstrap: str, app_id: str, topics: dict[str, str], count: in
         data_dir = tmp / f"{app_id}-{i}"
         data_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        env = dict(base, DETECTOR_KAFKA__BOOTSTRAP=bootstrap, DETECTOR_WORKER__APP_ID=app_id,
+        # --worker-env first, so that a phase's own setting (extra_env) wins over it; the names set here are
+        # refused by --worker-env (_bench_sets).
+        env = dict(base, **WORKER_ENV, DETECTOR_KAFKA__BOOTSTRAP=bootstrap, DETECTOR_WORKER__APP_ID=app_id,
                    DETECTOR_WORKER__DATA_DIR=str(data_dir), DETECTOR_WORKER__WEB_PORT="0",
                    DETECTOR_WORKER__METRICS_PORT=str(port), DETECTOR_TOPICS__PARTITIONS=str(PARTITIONS),
-                   **{f"DETECTOR_TOPICS__{k.upper()}": v for k, v in topics.items()}, **WORKER_ENV, **(extra_env or {}))
+                   **{f"DETECTOR_TOPICS__{k.upper()}": v for k, v in topics.items()})
+        env.update(extra_env or {})
         log = data_dir / "worker.log"
         with open(log, "wb") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "worker"], env=env, cwd=ROOT,
@@ -1259,6 +1269,8 @@ def main(argv: list[str] | None = None) -> int:
         name, eq, value = item.partition("=")
         if not eq or not name.startswith("DETECTOR_"):
             p.error(f"--worker-env takes DETECTOR_NAME=VALUE, not {item!r}")
+        if _bench_sets(name):
+            p.error(f"--worker-env: {name} is set by the benchmark itself (its broker, group, ports and topics)")
         WORKER_ENV[name] = value
     try:
         load_settings(WORKER_ENV)  # a misspelt or malformed setting fails here, not in every worker

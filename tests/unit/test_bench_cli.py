@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench import run
@@ -12,6 +14,7 @@ from bench import run
     ("DETECTOR_WORKER__BATCH_MAX_BYTES", "takes DETECTOR_NAME=VALUE"),
     ("DETECTOR_WORKER__BATCH_MAX_BYTE=1", "unknown setting DETECTOR_WORKER__BATCH_MAX_BYTE"),
     ("DETECTOR_WORKER__BATCH_MAX_BYTES=1MiB", "DETECTOR_WORKER__BATCH_MAX_BYTES='1MiB' is not a valid int"),
+    ("DETECTOR_TOPICS__PARTITIONS=8", "DETECTOR_TOPICS__PARTITIONS is set by the benchmark itself"),
 ])
 def test_a_bad_worker_setting_is_refused_in_one_line(item: str, says: str, capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,3 +25,15 @@ def test_a_bad_worker_setting_is_refused_in_one_line(item: str, says: str, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2
     assert says in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_a_phase_setting_wins_over_worker_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    envs: list[dict[str, str]] = []
+    monkeypatch.setattr(run, "WORKER_ENV", {"DETECTOR_WORKER__SHARE_CLUSTERS": "true",
+                                            "DETECTOR_WORKER__BATCH_MAX_BYTES": "2097152"})
+    monkeypatch.setattr(run.subprocess, "Popen", lambda *a, env, **k: envs.append(env))
+    run.start_workers("127.0.0.1:1", "app", run.topic_names("app"), 1, tmp_path,
+                      {"DETECTOR_WORKER__SHARE_CLUSTERS": "false"})
+    assert envs[0]["DETECTOR_WORKER__SHARE_CLUSTERS"] == "false"
+    assert envs[0]["DETECTOR_WORKER__BATCH_MAX_BYTES"] == "2097152"
+    assert envs[0]["DETECTOR_WORKER__APP_ID"] == "app"
