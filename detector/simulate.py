@@ -25,6 +25,11 @@ ordinary kind          looks like an attack because                 but
                        high rate by several accounts of one org on  worked solutions), one capability, no
                        one card, templated; the edtech job asks     new-model jump, no cards or networks
                        for step-by-step solutions                   shared beyond the org
+``app_backend``        an app's users' requests through 2-3         diverse prompts (users' own code and
+                       accounts of one org on one card: hundreds    notes; a tutoring app's textbook
+                       to 1,500 calls a day each, long answers,     exercises are in public datasets),
+                       around the clock, moves to the new model     users' day across time zones, no
+                       within hours of its release                  replays, no templates
 ``early_adopter``      switches to a new model within hours         chat-like volume and content
 ``vpn_user``           calls from 3-8 networks a day (a VPN or      chat-like content and timing, one user
                        relay picking another exit each time),       agent, own card; one in five is a heavy
@@ -260,6 +265,7 @@ class _Config:
     enterprise: tuple[int, ...] = (3, 2, 2, 1)  # accounts per enterprise org
     content_pipeline: tuple[int, ...] = (5, 4)  # accounts per content-generation org (publisher, edtech, ...)
     vpn_user: int = 60
+    app_backend: tuple[int, ...] = (3, 3, 2, 2)  # accounts per org running an app on the API for its own users
     hydra: int = 600
     model_hopper: int = 16
     cot_coercion: int = 24
@@ -281,7 +287,7 @@ def _demo(rng: random.Random) -> _Config:
     return _Config(
         name="demo", days=2, release_after=17 * HOUR, volume=0.45, chat=420, early_adopter=30, researcher=15,
         agentic_coding=80, corporate_nat=(40,), eval_harness=4, enterprise=(1, 1), hydra=150, model_hopper=6,
-        cot_coercion=10, reseller=(2, 2), eval_suites=("vicuna", "arena"), vpn_user=12,
+        cot_coercion=10, reseller=(2, 2), eval_suites=("vicuna", "arena"), vpn_user=12, app_backend=(2,),
     )
 
 
@@ -289,7 +295,7 @@ def _smoke(rng: random.Random) -> _Config:
     return _Config(
         name="smoke", days=1, release_after=8 * HOUR, volume=0.08, chat=90, early_adopter=10, researcher=3,
         agentic_coding=12, corporate_nat=(10,), eval_harness=1, enterprise=(1,), hydra=40, model_hopper=2,
-        cot_coercion=4, reseller=(2,), eval_suites=("vicuna",), vpn_user=3,
+        cot_coercion=4, reseller=(2,), eval_suites=("vicuna",), vpn_user=3, app_backend=(1,),
     )
 
 
@@ -316,6 +322,7 @@ def _holdout(rng: random.Random) -> _Config:
         templates="holdout",
         volume=0.8,
         vpn_user=int(u(30, 100)),
+        app_backend=tuple(int(u(2, 5)) for _ in range(int(u(3, 6)))),
     )
 
 
@@ -614,6 +621,20 @@ _CONTENT_JOBS = (
      "student can follow it, then state the final answer.\n\nExercise: {text}"),
 )
 
+# Apps built on the API (app_backend): (prompt source, system prompt). Their users' questions, not a template.
+_APPS = (
+    ("coding", "You are the coding assistant of DevPilot, an online IDE. Answer with working code and a short "
+     "explanation. Prefer the language and framework of the user's project. Never invent APIs; say when unsure."),
+    ("tutor", "You are Ms. Ada, the tutor of a study app for high-school and college students. Explain your "
+     "reasoning step by step, check the student's understanding, and do not just give away the final answer."),
+    ("chat", "You are the assistant inside Notable, a notes and writing app. Help the user draft, summarise and "
+     "rewrite their notes. Match their language and tone; keep answers well structured."),
+)
+
+_NOTE_ASKS = ("Summarise my notes below in five bullet points.", "Rewrite these notes as a short email.",
+              "Turn my notes into a to-do list.", "Fix the grammar in my notes and keep my wording.",
+              "Draft a blog post from these notes.", "What am I missing? Here are my notes:")
+
 _RESELLER_SYSTEMS = (
     None, None, "You are a helpful assistant.", "You are a helpful assistant.", "你是一个乐于助人的助手。",
     "You are a customer support bot for an online store. Be polite and concise.",
@@ -692,6 +713,18 @@ def _agent_task(rng: random.Random) -> str:
                               ". Don't touch the migrations.", " please", ". Use the existing helpers."))
 
 
+def _code_lines(rng: random.Random) -> list[str]:
+    """6-29 lines of someone's Python (an agent's file read, an app user's pasted code)."""
+    body = []
+    for _ in range(rng.randrange(6, 30)):
+        fn = rng.choice(_AGENT_FNS)
+        body.append(rng.choice((f"def {fn}(self, {rng.choice(_AGENT_COLS)}):", f"    return {fn}(value)",
+                                f"    if not {rng.choice(_AGENT_COLS)}:", f"        raise ValueError('{fn}')",
+                                f"    result = self.{fn}({rng.choice(_AGENT_RES)})", "", f"# TODO: {fn}",
+                                f"import {rng.choice(_AGENT_MODS)}", f"class {fn.title().replace('_', '')}:")))
+    return body
+
+
 def _agent_tool_result(rng: random.Random) -> str:
     k = rng.random()
     f = _agent_path(rng)
@@ -704,14 +737,7 @@ def _agent_tool_result(rng: random.Random) -> str:
         return "\n".join(lines)
     if k < 0.6:
         start = rng.randrange(1, 400)
-        body = []
-        for i in range(rng.randrange(6, 30)):
-            fn = rng.choice(_AGENT_FNS)
-            body.append(rng.choice((f"def {fn}(self, {rng.choice(_AGENT_COLS)}):", f"    return {fn}(value)",
-                                    f"    if not {rng.choice(_AGENT_COLS)}:", f"        raise ValueError('{fn}')",
-                                    f"    result = self.{fn}({rng.choice(_AGENT_RES)})", "", f"# TODO: {fn}",
-                                    f"import {rng.choice(_AGENT_MODS)}", f"class {fn.title().replace('_', '')}:")))
-            del i
+        body = _code_lines(rng)
         return f"Read {f} (lines {start}-{start + len(body)}):\n" + "\n".join(body)
     if k < 0.8:
         a, b = rng.randrange(1, 80), rng.randrange(0, 40)
@@ -784,6 +810,7 @@ _STYLE_RESELLER = _Style(out_median=1500.0, out_sigma=0.9, max_tokens=(4096, 819
                          p_refuse=0.01, p_retry=0.8)
 _STYLE_CONTENT = _Style(out_median=1900.0, out_sigma=0.5, max_tokens=(4096, 8192), p429=0.02, p400=0.001,
                         p_refuse=0.002, p_retry=0.9)
+_STYLE_APP = _Style(out_median=800.0, out_sigma=0.8, max_tokens=(4096, 8192), p429=0.01, p_refuse=0.004, p_retry=0.9)
 _HH_REFUSAL = 0.25  # red-team style prompts (HH-RLHF) are refused far more often
 
 
@@ -1044,6 +1071,41 @@ class _BatchActor(_Actor):
 
 
 @dataclass(eq=False)
+class _AppActor(_Actor):
+    """An app's backend account: its users' requests, Poisson around the clock with their day."""
+
+    daily: float = 1000.0
+    tz: int = 0
+    app: str = "chat"  # "coding", "tutor" or "chat" (_APPS)
+    system: str | None = None
+    prompts: _Mixture = field(default=None)  # type: ignore[assignment]
+    hh: frozenset[str] = frozenset()
+
+    def _per_hour(self, h: int) -> float:
+        return self.daily / 24.0 * (0.4 + 0.6 * 24 * _DIURNAL[((h // HOUR) + self.tz) % 24] / sum(_DIURNAL))
+
+    def plan(self, rng: random.Random, lo: int, hi: int, day: int, state: dict[str, int]) -> list[tuple[int, _Req]]:
+        out: list[tuple[int, _Req]] = []
+        for ts in _uniform_hours(rng, lo, hi, self._per_hour):
+            text = self._prompt(rng)
+            client = self.clients[0] if len(self.clients) == 1 else self.clients[rng.randrange(len(self.clients))]
+            history = 0 if rng.random() < 0.5 else int(rng.lognormvariate(math.log(900.0), 0.8))  # the chat so far
+            out.append((ts, (text, self.system, client, history, None, _HH_REFUSAL if text in self.hh else None)))
+        return out
+
+    def _prompt(self, rng: random.Random) -> str:
+        """A user's request: a question with their own code (coding), their notes (writing) or a textbook
+        exercise as it is (tutoring: the public datasets hold the same exercises)."""
+        ask = self.prompts.pick(rng)
+        if self.app == "coding" and rng.random() < 0.7:
+            return ask + "\n\nHere is my code:\n```python\n" + "\n".join(_code_lines(rng)) + "\n```"
+        if self.app == "chat":
+            notes = "\n".join(self.prompts.pick(rng) for _ in range(rng.randrange(1, 4)))
+            return f"{rng.choice(_NOTE_ASKS)}\n\n{notes}\n\n{ask}"
+        return ask
+
+
+@dataclass(eq=False)
 class _EvalActor(_Actor):
     """Evaluation harness: runs through a fixed benchmark at some concurrency, 0-3 runs a day."""
 
@@ -1289,6 +1351,9 @@ class _Builder:
         enterprise_inputs = [p for p in everything_o if len(p) < 700] + self._get(b, "B_nq_open_dev_3610")
         self.enterprise_inputs = enterprise_inputs or everything_o
         self.content_inputs = {"topics": [p for p in en if len(p) < 400] or en, "exercises": math_q or en}
+        # An app's users ask what people ask (the public datasets a campaign draws on hold the same questions).
+        self.app_coding = _Mixture([(coding or en, 0.45), (agent_tasks, 0.25), (en, 0.3)])
+        self.app_tutor = _Mixture([(math_q or en, 0.6), (en, 0.4)])
 
     # ---- identities ----------------------------------------------------------------------------------
 
@@ -1364,6 +1429,8 @@ class _Builder:
         for i, size in enumerate(self._split(c.content_pipeline)):
             self._content_org(size, _CONTENT_JOBS[i % len(_CONTENT_JOBS)])
         self._vpn_users(self._n(c.vpn_user))
+        for i, size in enumerate(self._split(c.app_backend)):
+            self._app_org(size, _APPS[i % len(_APPS)])
 
     def _vpn_users(self, n: int) -> None:
         """People behind a VPN or a privacy relay that picks another exit for each connection: their calls
@@ -1582,6 +1649,33 @@ class _Builder:
                 acct, self._seed(), self.start, self.end, clients, _STYLE_CONTENT, _Models(base=MODEL_CURRENT),
                 expected=daily * self._days_from(self.start, 1.0), daily=daily, window=(0, 24), tz=net[2],
                 template=(system, fmt), inputs=inputs,
+            ))
+
+    def _app_org(self, n: int, app: tuple[str, str]) -> None:
+        """A company whose product runs on the API (a coding assistant, a tutoring app, a writing app): its
+        users' questions, sent by its backend through a few accounts of one org on one card (production, a
+        second region, staging). The look-alike of a harvest that no template gives away: many calls a day of
+        diverse prompts with long answers, around the clock (its users' day, across time zones), coding and
+        step-by-step reasoning, and the move to a new model within hours of its release (the product team
+        ships the upgrade on launch day)."""
+        rng = self.rng
+        source, system = app
+        org, pm = f"org_{self._hex(12)}", f"pm_{self._hex()}"
+        net = rng.choice(_CLOUD)
+        subnet = rng.randrange(1024)
+        ua = rng.choice(("anthropic-typescript/0.39.0", "anthropic-python/0.49.0", "node-fetch/3.3.2"))
+        clients = tuple(_client(_ipv4(rng, net[0], subnet=subnet), net, ua) for _ in range(rng.randrange(2, 5)))
+        prompts = {"coding": self.app_coding, "tutor": self.app_tutor}.get(source, self.chat_en)
+        switch = self.release + rng.randrange(HOUR, 8 * HOUR)
+        for _ in range(n):
+            created = self._old(60, 700)
+            acct = self._account("app_backend", None, org=org, payment=pm, tier=rng.choice(("tier-4", "scale")),
+                                 created=created, n_keys=rng.randrange(1, 4))
+            daily = math.exp(rng.uniform(math.log(300.0), math.log(1500.0))) * self.cfg.volume
+            self._add(_AppActor(
+                acct, self._seed(), self.start, self.end, clients, _STYLE_APP, _Models(switch_ts=switch, p_new=0.95),
+                expected=daily * self.cfg.days, daily=daily, tz=net[2], app=source, system=system, prompts=prompts,
+                hh=self.hh,
             ))
 
     # ---- campaigns -----------------------------------------------------------------------------------
@@ -1817,7 +1911,7 @@ class _Builder:
             kind = self.labels[a.account.account_id].kind
             expected[kind] = expected.get(kind, 0.0) + a.expected
         ordinary_kinds = ("chat", "early_adopter", "researcher", "agentic_coding", "corporate_nat", "eval_harness",
-                          "enterprise_batch", "content_pipeline", "vpn_user")
+                          "enterprise_batch", "content_pipeline", "vpn_user", "app_backend")
         ordinary = ", ".join(f"{k[x]} {x}" for x in ordinary_kinds if x in k)
         flags = [f for f in ("paraphrase", "fast_rotation", "slow_ramp", "many_asns") if getattr(c, f)]
         hydra, hydra_ev = k.get("hydra", 0), expected.get("hydra", 0.0)

@@ -180,6 +180,30 @@ def test_campaign_signals(smoke: Any) -> None:
     assert {e["status"] for e in events} >= {200, 429}
 
 
+def test_app_backends_look_like_a_harvest_but_send_their_users_prompts() -> None:
+    """The apps built on the API (app_backend): several accounts of one org on one card, long answers at a
+    harvester's pace, on the new model within hours of its release; but their users' prompts, which repeat
+    rarely (a coding app's users paste their own code, a writing app's their notes)."""
+    sim = simulate.build("default", seed=5)
+    apps = [a for a in sim._actors if sim.labels[a.account.account_id].kind == "app_backend"]
+    by_org = collections.defaultdict(list)
+    for actor in apps:
+        by_org[actor.account.org_id].append(actor)
+    assert len(by_org) == 4 and all(len(accts) >= 2 for accts in by_org.values())
+    assert all(len({a.account.billing["payment_fp"] for a in accts}) == 1 for accts in by_org.values())
+    release = sim.start_ts + 41 * simulate.HOUR
+    for actor in apps[:6]:
+        calls = list(actor.stream(0, sim.start_ts, sim.end_ts))
+        ok = [c for c in calls if c[7] == 200]
+        assert len(calls) / 3 >= 250 and sorted(c[8] for c in ok)[len(ok) // 2] >= 400
+        late = [c for c in calls if c[0] >= release + 8 * simulate.HOUR]
+        assert sum(c[5] == simulate.MODEL_NEW for c in late) / len(late) > 0.9
+        assert not any(c[5] == simulate.MODEL_NEW for c in calls if c[0] < release)
+        if actor.app != "tutor":
+            prompts_sent = [c[6][0] for c in calls]
+            assert len(set(prompts_sent)) / len(prompts_sent) > 0.9  # retries and pool questions repeat
+
+
 def test_adversarial_and_holdout_scenarios_build() -> None:
     for name in ("paraphrase", "fast_rotation", "slow_ramp", "many_asns", "holdout"):
         sim = simulate.build(name, scale=0.02)
