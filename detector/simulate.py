@@ -1077,6 +1077,7 @@ class _AppActor(_Actor):
     daily: float = 1000.0
     tz: int = 0
     app: str = "chat"  # "coding", "tutor" or "chat" (_APPS)
+    asks: tuple[str, ...] = ()  # chat: the app's requests about a user's notes (its buttons)
     system: str | None = None
     prompts: _Mixture = field(default=None)  # type: ignore[assignment]
     hh: frozenset[str] = frozenset()
@@ -1094,14 +1095,14 @@ class _AppActor(_Actor):
         return out
 
     def _prompt(self, rng: random.Random) -> str:
-        """A user's request: a question with their own code (coding), their notes (writing) or a textbook
-        exercise as it is (tutoring: the public datasets hold the same exercises)."""
+        """A user's request: a question with their own code (coding), one of the app's requests about their
+        notes (writing), or a textbook exercise as it is (tutoring: public datasets hold the same exercises)."""
         ask = self.prompts.pick(rng)
         if self.app == "coding" and rng.random() < 0.7:
             return ask + "\n\nHere is my code:\n```python\n" + "\n".join(_code_lines(rng)) + "\n```"
         if self.app == "chat":
-            notes = "\n".join(self.prompts.pick(rng) for _ in range(rng.randrange(1, 4)))
-            return f"{rng.choice(_NOTE_ASKS)}\n\n{notes}\n\n{ask}"
+            notes = "\n".join([ask] + [self.prompts.pick(rng) for _ in range(rng.randrange(1, 4))])
+            return f"{rng.choice(self.asks)}\n\n{notes}"
         return ask
 
 
@@ -1667,6 +1668,7 @@ class _Builder:
         clients = tuple(_client(_ipv4(rng, net[0], subnet=subnet), net, ua) for _ in range(rng.randrange(2, 5)))
         prompts = {"coding": self.app_coding, "tutor": self.app_tutor}.get(source, self.chat_en)
         switch = self.release + rng.randrange(HOUR, 8 * HOUR)
+        asks = tuple(rng.sample(_NOTE_ASKS, 3))
         for _ in range(n):
             created = self._old(60, 700)
             acct = self._account("app_backend", None, org=org, payment=pm, tier=rng.choice(("tier-4", "scale")),
@@ -1674,8 +1676,8 @@ class _Builder:
             daily = math.exp(rng.uniform(math.log(300.0), math.log(1500.0))) * self.cfg.volume
             self._add(_AppActor(
                 acct, self._seed(), self.start, self.end, clients, _STYLE_APP, _Models(switch_ts=switch, p_new=0.95),
-                expected=daily * self.cfg.days, daily=daily, tz=net[2], app=source, system=system, prompts=prompts,
-                hh=self.hh,
+                expected=daily * self.cfg.days, daily=daily, tz=net[2], app=source, asks=asks, system=system,
+                prompts=prompts, hh=self.hh,
             ))
 
     # ---- campaigns -----------------------------------------------------------------------------------
