@@ -769,10 +769,11 @@ class Detector:
         # blocked cluster, the anomaly rank. A campaign that puts its accounts in one org of its own is seen
         # by those, or once its clusters link across orgs (the presumption then ends).
         # The presumption ends where the org's content or keys lead to a blocked cluster (near_blocked), or
-        # where two or more of its recurring templates are another org's accounts' too: the same private
-        # prompts run by two organisations are coordination beyond one company. (One shared band, or a
-        # personal account filling the same template, does not end it: the public datasets a pipeline
-        # processes are other orgs' and campaigns' raw material too.)
+        # where two or more of its recurring templates are one other org's accounts' too: the same private
+        # prompts run by two organisations are coordination beyond one company. (One shared band, a personal
+        # account filling the same template, or two bands each shared with a different org do not end it:
+        # the public datasets a pipeline processes, the textbook exercises an app's users send, are other
+        # orgs' and campaigns' raw material too. Linker.shared_beyond.)
         asns = f["distinct_asns"]
         st = self.accounts[account].state
         harvest = (_clip((f["out_tokens"] - 1000.0) / 1500.0) * _clip((feat.hourly_count(st, ts) - 8.0) / 16.0)
