@@ -29,7 +29,7 @@ ordinary kind          looks like an attack because                 but
                        accounts of one org on one card: hundreds    notes; a tutoring app's textbook
                        to 1,500 calls a day each, long answers,     exercises are in public datasets),
                        around the clock, moves to the new model     users' day across time zones, no
-                       within hours of its release                  replays, no templates
+                       within hours of its release                  replays, no template shared with others
 ``early_adopter``      switches to a new model within hours         chat-like volume and content
 ``vpn_user``           calls from 3-8 networks a day (a VPN or      chat-like content and timing, one user
                        relay picking another exit each time),       agent, own card; one in five is a heavy
@@ -627,7 +627,7 @@ _APPS = (
      "explanation. Prefer the language and framework of the user's project. Never invent APIs; say when unsure."),
     ("tutor", "You are Ms. Ada, the tutor of a study app for high-school and college students. Explain your "
      "reasoning step by step, check the student's understanding, and do not just give away the final answer."),
-    ("chat", "You are the assistant inside Notable, a notes and writing app. Help the user draft, summarise and "
+    ("writing", "You are the assistant inside Notable, a notes and writing app. Help the user draft, summarise and "
      "rewrite their notes. Match their language and tone; keep answers well structured."),
 )
 
@@ -1076,8 +1076,8 @@ class _AppActor(_Actor):
 
     daily: float = 1000.0
     tz: int = 0
-    app: str = "chat"  # "coding", "tutor" or "chat" (_APPS)
-    asks: tuple[str, ...] = ()  # chat: the app's requests about a user's notes (its buttons)
+    app: str = "writing"  # "coding", "tutor" or "writing" (_APPS)
+    asks: tuple[str, ...] = ()  # writing: the app's requests about a user's notes (its buttons)
     system: str | None = None
     prompts: _Mixture = field(default=None)  # type: ignore[assignment]
     hh: frozenset[str] = frozenset()
@@ -1100,7 +1100,7 @@ class _AppActor(_Actor):
         ask = self.prompts.pick(rng)
         if self.app == "coding" and rng.random() < 0.7:
             return ask + "\n\nHere is my code:\n```python\n" + "\n".join(_code_lines(rng)) + "\n```"
-        if self.app == "chat":
+        if self.app == "writing":
             notes = "\n".join([ask] + [self.prompts.pick(rng) for _ in range(rng.randrange(1, 4))])
             return f"{rng.choice(self.asks)}\n\n{notes}"
         return ask
