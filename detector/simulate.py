@@ -840,6 +840,13 @@ def _cum(weights: Sequence[float]) -> list[float]:
 
 
 _DIURNAL_CUM = _cum(_DIURNAL)
+_DIURNAL_SUM = sum(_DIURNAL)
+
+
+def _diurnal(h: int, tz: int) -> float:
+    """How busy the UTC hour starting at ``h`` (ms) is for people in UTC offset ``tz``, against the day's average
+    (1.0): the hour-of-day curve of chat traffic, for actors that follow their users' day only in part."""
+    return 24 * _DIURNAL[((h // HOUR) + tz) % 24] / _DIURNAL_SUM
 _BUSINESS_CUM = _cum(_BUSINESS)
 
 
@@ -926,6 +933,11 @@ class _Actor:
     def plan(self, rng: random.Random, lo: int, hi: int, day: int, state: dict[str, int]) -> list[tuple[int, _Req]]:
         raise NotImplementedError
 
+    def _client(self, rng: random.Random) -> dict[str, Any]:
+        """The client (address, network, user agent) of one call or session: the account's only one, or one of
+        them at random."""
+        return self.clients[0] if len(self.clients) == 1 else self.clients[rng.randrange(len(self.clients))]
+
     def stream(self, idx: int, start: int, end: int) -> Iterator[tuple[Any, ...]]:
         """This account's calls in time order, as tuples ``Simulation.events`` turns into events.
 
@@ -1009,7 +1021,7 @@ class _ChatActor(_Actor):
             size = min(n, 1 + _poisson(rng, t.session_mean - 1))
             n -= size
             ts = _local_hour_start(rng, t.cum, day, t.tz)
-            client = self.clients[0] if len(self.clients) == 1 else rng.choice(self.clients)
+            client = self._client(rng)
             history = 0
             for j in range(size):
                 if j:
@@ -1083,13 +1095,13 @@ class _AppActor(_Actor):
     hh: frozenset[str] = frozenset()
 
     def _per_hour(self, h: int) -> float:
-        return self.daily / 24.0 * (0.4 + 0.6 * 24 * _DIURNAL[((h // HOUR) + self.tz) % 24] / sum(_DIURNAL))
+        return self.daily / 24.0 * (0.4 + 0.6 * _diurnal(h, self.tz))
 
     def plan(self, rng: random.Random, lo: int, hi: int, day: int, state: dict[str, int]) -> list[tuple[int, _Req]]:
         out: list[tuple[int, _Req]] = []
         for ts in _uniform_hours(rng, lo, hi, self._per_hour):
             text = self._prompt(rng)
-            client = self.clients[0] if len(self.clients) == 1 else self.clients[rng.randrange(len(self.clients))]
+            client = self._client(rng)
             history = 0 if rng.random() < 0.5 else int(rng.lognormvariate(math.log(900.0), 0.8))  # the chat so far
             out.append((ts, (text, self.system, client, history, None, _HH_REFUSAL if text in self.hh else None)))
         return out
@@ -1258,14 +1270,14 @@ class _CampaignActor(_Actor):
             a, b = self.ramp
             r *= 0.05 + 0.95 * min(1.0, max(0.0, (h - a) / (b - a))) ** 1.5
         if self.diurnal_tz is not None:
-            r *= 0.5 + 0.5 * 24 * _DIURNAL[((h // HOUR) + self.diurnal_tz) % 24] / sum(_DIURNAL)
+            r *= 0.5 + 0.5 * _diurnal(h, self.diurnal_tz)
         return r
 
     def plan(self, rng: random.Random, lo: int, hi: int, day: int, state: dict[str, int]) -> list[tuple[int, _Req]]:
         out: list[tuple[int, _Req]] = []
         for ts in _uniform_hours(rng, lo, hi, self._per_hour):
             prompt, system, p_ref = self.render(self, rng, ts, state)
-            client = self.clients[0] if len(self.clients) == 1 else self.clients[rng.randrange(len(self.clients))]
+            client = self._client(rng)
             out.append((ts, (prompt, system, client, 0, None, p_ref)))
         return out
 
