@@ -141,9 +141,21 @@ def explain_connect_errors(target: str) -> Iterator[None]:
 
 
 class _ConnectErrors(logging.Handler):
-    """Keeps the most telling exception among the arguments of kafka-python's warnings and errors."""
+    """Keeps the most telling exception among the arguments of kafka-python's warnings and errors.
+
+    A request timeout says least: the bootstrap deadline cuts the last attempt short ("Request timed out after
+    41 ms"), so it never replaces a cause already kept, such as the disconnects of a refused password.
+
+    >>> from kafka.errors import KafkaConnectionError, RequestTimedOutError
+    >>> kept = _ConnectErrors()
+    >>> for exc in (KafkaConnectionError("socket disconnected"), RequestTimedOutError("after 41 ms")):
+    ...     kept.emit(logging.LogRecord("kafka", logging.WARNING, "", 0, "failed: %s", (exc,), None))
+    >>> kept.cause
+    'KafkaConnectionError: socket disconnected'
+    """
 
     _TELLING = ("Authentication", "Authorization", "SSL", "certificate", "Connection refused")
+    _WEAK = ("RequestTimedOutError", "timed out")
 
     def __init__(self, ignore: tuple[type[BaseException], ...] = ()) -> None:
         super().__init__(logging.WARNING)
@@ -156,7 +168,8 @@ class _ConnectErrors(logging.Handler):
         for exc in (arg for arg in args if isinstance(arg, BaseException) and not isinstance(arg, self.ignore)):
             text = " ".join(str(exc).split())
             telling = any(word in text for word in self._TELLING)
-            if telling or not self.telling:
+            weak = any(word in text for word in self._WEAK)
+            if telling or not (self.telling or (weak and self.cause)):
                 self.cause, self.telling = text, telling
 
 
