@@ -477,7 +477,8 @@ class Linker:
                       min_degree: int = 1, limit: int = 64) -> int:
         """How many keys of ``kind`` of ``account`` (counted up to ``upto``), each held by ``min_degree`` or
         more live accounts, are held by accounts outside its cluster too (linked or not). Looks at up to
-        ``limit`` holders per key.
+        ``limit`` holders per key, and counts only those that still hold it (the list keeps a holder whose
+        template changed, or that was forgotten, until it is pruned).
 
         With ``holder_kind``, only holders that hold a key of that kind count, and two keys or more count only
         if holders that share one and the same key of that kind hold them all: "its org's templates are one
@@ -499,6 +500,9 @@ class Linker:
         >>> _ = lk.link("b1", [("org", "o2"), ("tmpl", 7), ("tmpl", 8)])
         >>> lk.shared_beyond("a1", "tmpl", holder_kind="org"), lk.shared_beyond("a1", "tmpl", "org", upto=2)
         (1, 2)
+        >>> _ = lk.forget(["p1", "c1", "b1"])  # idle accounts forgotten: o1's templates are its own again
+        >>> lk.shared_beyond("a1", "tmpl", upto=2), lk.shared_beyond("a1", "tmpl", "org", upto=2)
+        (0, 0)
         """
         me = self.root(account)
         keys = self._keys
@@ -508,7 +512,8 @@ class Linker:
                 if key[0] != kind or self._key_degree[key] < min_degree:
                     continue
                 holders = self._key_others.get(key, ())
-                if self.root(self._key_rep[key]) != me or any(self.root(h) != me for h in holders[:limit]):
+                if self.root(self._key_rep[key]) != me or any(self.root(h) != me and key in keys.get(h, ())
+                                                              for h in holders[:limit]):
                     found += 1
                     if found >= upto:
                         break
@@ -518,8 +523,9 @@ class Linker:
         for key in keys.get(account, ()):
             if key[0] != kind or self._key_degree[key] < min_degree:
                 continue
-            theirs = {k for h in (self._key_rep[key], *self._key_others.get(key, ())[:limit]) if self.root(h) != me
-                      for k in keys.get(h, ()) if k[0] == holder_kind}
+            theirs = {k for h in (self._key_rep[key], *self._key_others.get(key, ())[:limit])
+                      if self.root(h) != me and key in (held := keys.get(h, ()))
+                      for k in held if k[0] == holder_kind}
             for k in theirs:
                 shared[k] = n = shared.get(k, 0) + 1
                 best = max(best, n)
