@@ -25,7 +25,7 @@ ordinary kind          looks like an attack because                 but
                        high rate by several accounts of one org on  worked solutions), one capability, no
                        one card, templated; the edtech job asks     new-model jump, no cards or networks
                        for step-by-step solutions                   shared beyond the org
-``app_backend``        an app's users' requests through 2-3         diverse prompts (users' own code and
+``app_backend``        an app's users' requests through 1-3         diverse prompts (users' own code and
                        accounts of one org on one card: hundreds    notes; a tutoring app's textbook
                        to 1,500 calls a day each, long answers,     exercises are in public datasets),
                        around the clock, moves to the new model     users' day across time zones, no
@@ -265,7 +265,7 @@ class _Config:
     enterprise: tuple[int, ...] = (3, 2, 2, 1)  # accounts per enterprise org
     content_pipeline: tuple[int, ...] = (5, 4)  # accounts per content-generation org (publisher, edtech, ...)
     vpn_user: int = 60
-    app_backend: tuple[int, ...] = (3, 3, 2, 2)  # accounts per org running an app on the API for its own users
+    app_backend: tuple[int, ...] = (3, 3, 2, 2, 1)  # accounts per org running an app on the API for its own users
     hydra: int = 600
     model_hopper: int = 16
     cot_coercion: int = 24

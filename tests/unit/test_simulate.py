@@ -181,7 +181,7 @@ def test_campaign_signals(smoke: Any) -> None:
 
 
 def test_app_backends_look_like_a_harvest_but_send_their_users_prompts() -> None:
-    """The apps built on the API (app_backend): several accounts of one org on one card, long answers at a
+    """The apps built on the API (app_backend): one to three accounts of one org on one card, long answers at a
     harvester's pace, on the new model within hours of its release; but their users' prompts (a coding
     app's users paste their own code, a writing app's their notes)."""
     sim = simulate.build("default", seed=5)
@@ -189,7 +189,7 @@ def test_app_backends_look_like_a_harvest_but_send_their_users_prompts() -> None
     by_org = collections.defaultdict(list)
     for actor in apps:
         by_org[actor.account.org_id].append(actor)
-    assert len(by_org) == 4 and all(len(accts) >= 2 for accts in by_org.values())
+    assert sorted(len(accts) for accts in by_org.values()) == [1, 2, 2, 3, 3]  # and a small app on one account
     assert all(len({a.account.billing["payment_fp"] for a in accts}) == 1 for accts in by_org.values())
     release = sim.start_ts + 41 * simulate.HOUR
     for actor in [a for accts in by_org.values() for a in accts[:2]]:
