@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chaos)
 
     e = sub.add_parser("evaluate", help="scenarios through replay; precision/recall/FPR; writes EVALUATION.md")
-    e.add_argument("--scenario", action="append", help="scenario(s) (default: the evaluation suite)")
+    e.add_argument("--scenario", action="append",
+                   help="scenario(s), each NAME or NAME@SEED (its own seed) (default: the evaluation suite)")
     e.add_argument("--models", default="population,hst,loda", help="anomaly models to compare")
     e.add_argument("--scale", type=float, default=1.0)
     e.add_argument("--seed", type=int, default=7)

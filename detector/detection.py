@@ -774,14 +774,14 @@ class Detector:
         # account filling the same template, or two bands each shared with a different org do not end it:
         # the public datasets a pipeline processes, the textbook exercises an app's users send, are other
         # orgs' and campaigns' raw material too. Linker.shared_beyond.)
-        # An org's lone account is presumed the same: a small company's app runs on one account, and a worker
-        # that does not share clusters sees one account of a larger org (both were blocked while the
-        # presumption asked for two accounts; README, *Without sharing, apps can be blocked*).
+        # Not for an org's lone account: a proxy on one account of an org of its own, forwarding a caught
+        # campaign's prompts, would lose its echoes (test_a_proxy_rewording_...). A small app on one account
+        # pays for that (README, *one paying organisation*).
         asns = f["distinct_asns"]
         st = self.accounts[account].state
         harvest = (_clip((f["out_tokens"] - 1000.0) / 1500.0) * _clip((feat.hourly_count(st, ts) - 8.0) / 16.0)
                    * (1.0 - f["exact_shared_share"]))
-        org_cluster = (c["orgs"] == 1.0 and c["org_share"] >= ONE_ORG_SHARE and not near
+        org_cluster = (size >= 2 and c["orgs"] == 1.0 and c["org_share"] >= ONE_ORG_SHARE and not near
                        and asns < ROTATING_ASNS)
         # How many of its recurring templates (up to two) are another organisation's too (read once: a scan of
         # the holders of its template keys, up to 64 each), only where it matters: the presumption, or a harvest.

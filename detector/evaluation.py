@@ -32,7 +32,10 @@ from detector.keyblocks import KeyBook, request_key_ids
 from detector.progress import Progress
 from detector.settings import Settings
 
-DEFAULT_SUITE = ("default", "holdout", "paraphrase", "fast_rotation", "slow_ramp", "many_asns")
+#: ``name@seed`` runs a scenario with a seed of its own: the held-out scenario draws its whole population and
+#: campaigns from its seed, so each seed is another held-out configuration.
+DEFAULT_SUITE = ("default", "holdout", "paraphrase", "fast_rotation", "slow_ramp", "many_asns",
+                 "holdout@11", "holdout@23")
 #: How long another worker's events take to reach a worker's copy of the clusters (detector.signals), in event
 #: time: a batch (up to 0.2 s), its publish, and the next fetch of cluster-signals; 2 s is several times that.
 SIGNAL_LAG_MS = 2000
@@ -381,7 +384,8 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
     """
     from detector import simulate
 
-    names = scenarios or [s for s in DEFAULT_SUITE if s in simulate.scenario_names()]
+    names = list(scenarios or DEFAULT_SUITE)
+    runs = [suite_entry(name, seed, simulate.scenario_names()) for name in names]
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     plot_dir = out_dir / "docs" / "eval"
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -400,11 +404,11 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
              f"Targets: recall ≥ {TARGETS['recall']}, FPR ≤ {TARGETS['fpr']:.1%}, first-detect share ≤ "
              f"{TARGETS['first_detect_share']:.1%}, served share ≤ {TARGETS['served_share']:.0%}.", ""]
     summary = []
-    for scenario in names:
-        sim, outcomes = evaluate_scenario(scenario, model_list, settings, scale=scale, seed=seed)
+    for entry, (scenario, run_seed) in zip(names, runs, strict=True):
+        sim, outcomes = evaluate_scenario(scenario, model_list, settings, scale=scale, seed=run_seed)
         results = [metrics(o, sim.labels) for o in outcomes]
         chosen = choose(results)
-        lines += [f"## {scenario}", "", sim.description, "",
+        lines += [f"## {entry}", "", sim.description, "",
                   "| model | recall | precision | FPR | FP / ordinary | first-detect share | served share | µs/event |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in results:
@@ -412,11 +416,11 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
             lines.append(f"| {r['model']}{mark} | {r['recall']:.3f} | {r['precision']:.3f} | {r['fpr']:.4%} | "
                          f"{r['fp']} / {r['ordinary_accounts']} | {r['first_detect_share']:.3%} | "
                          f"{r['served_share']:.2%} | {1e6 * r['seconds'] / max(_n_events(outcomes[0]), 1):.0f} |")
-            print(f"{scenario:<14} {r['model']:<10}{mark:<9} recall={r['recall']:.3f} precision={r['precision']:.3f} "
+            print(f"{entry:<14} {r['model']:<10}{mark:<9} recall={r['recall']:.3f} precision={r['precision']:.3f} "
                   f"fpr={r['fpr']:.4%} ({r['fp']}/{r['ordinary_accounts']}) first_detect={r['first_detect_share']:.3%} "
                   f"served={r['served_share']:.2%}")
         best = next(r for r in results if r["model"] == chosen)
-        summary.append((scenario, best))
+        summary.append((entry, best))
         if not compare_all:
             model_list = [chosen]
         lines += ["", f"Per campaign ({chosen}):", "",
@@ -428,19 +432,42 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
                          f"{_fmt_hours(c['hours_to_first_detection'])} | {c['first_detect_share']:.3%} | "
                          f"{c['served_share']:.2%} |")
         try:
-            files = _plots(plot_dir, scenario, sim, outcomes, chosen)
+            files = _plots(plot_dir, entry.replace("@", "-seed"), sim, outcomes, chosen)
             lines += [""] + [f"![{f}](docs/eval/{f})" for f in files]
         except ImportError:
             lines += ["", "(plots skipped: matplotlib is not installed; `pip install -e '.[plots]'`)"]
         lines.append("")
+    first, first_seed = runs[0]
     if workers and summary:
-        lines += _scale_out(names[0], summary[0][1], workers, settings, scale, seed)
+        lines += _scale_out(first, summary[0][1], workers, settings, scale, first_seed)
     if restart_at_h and summary:
-        lines += _restart_section(names[0], summary[0][1]["model"], restart_at_h, settings, scale, seed)
+        lines += _restart_section(first, summary[0][1]["model"], restart_at_h, settings, scale, first_seed)
     lines[8:8] = _summary_table(summary)
     (out_dir / "EVALUATION.md").write_text("\n".join(lines) + "\n")
     print(f"evaluate: wrote {out_dir / 'EVALUATION.md'} and plots in {plot_dir}", file=sys.stderr)
     return 0
+
+
+def suite_entry(name: str, seed: int, known: list[str]) -> tuple[str, int]:
+    """A suite entry: ``scenario`` (run with ``seed``) or ``scenario@seed``. Raises ValueError, in one line, for
+    a scenario not in ``known`` or a seed that is not an integer.
+
+    >>> suite_entry("holdout@11", 7, ["default", "holdout"]), suite_entry("default", 7, ["default"])
+    (('holdout', 11), ('default', 7))
+    >>> suite_entry("holdout@x", 7, ["holdout"])
+    Traceback (most recent call last):
+    ...
+    ValueError: scenario 'holdout@x': the seed after @ must be an integer
+    """
+    scenario, at, own = name.partition("@")
+    if scenario not in known:
+        raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(known)} (optionally @SEED)")
+    if not at:
+        return scenario, seed
+    try:
+        return scenario, int(own)
+    except ValueError:
+        raise ValueError(f"scenario {name!r}: the seed after @ must be an integer") from None
 
 
 def _scale_out(scenario: str, one: dict[str, Any], workers: tuple[int, ...], settings: Settings, scale: float,

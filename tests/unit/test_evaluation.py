@@ -53,3 +53,15 @@ def test_the_report_has_the_restart_section(tmp_path):
     assert "## default, the worker restarted at 36 h" in text
     for row in ("no restart", "restarted cold", "restarted warm"):
         assert re.search(rf"^\| {row} \| \d\.\d{{3}} \|", text, re.M), row
+
+
+def test_a_suite_entry_runs_with_its_own_seed(tmp_path):
+    assert run_evaluation(Settings(), scenarios=["holdout@3"], models="population", scale=SCALE, out_dir=tmp_path,
+                          seed=7, workers=(), restart_at_h=0) == 0
+    text = (tmp_path / "EVALUATION.md").read_text()
+    section = text.split("## holdout@3\n", 1)[1]
+    assert "(seed 3," in section.split("| model", 1)[0]
+    assert (tmp_path / "docs" / "eval" / "holdout-seed3-scores.png").exists() or "plots skipped" in section
+    with pytest.raises(ValueError, match="unknown scenario 'nosuch'"):
+        run_evaluation(Settings(), scenarios=["default", "nosuch@1"], models="population", scale=SCALE,
+                       out_dir=tmp_path)
