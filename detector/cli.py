@@ -140,8 +140,14 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from detector.evaluation import run_evaluation
+    from detector import simulate
+    from detector.evaluation import run_evaluation, suite_entry
 
+    for name in args.scenario or ():
+        try:
+            suite_entry(name, args.seed, simulate.scenario_names())
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     return run_evaluation(settings, scenarios=args.scenario, models=args.models, scale=args.scale,
                           out_dir=args.out_dir, seed=args.seed, compare_all=args.compare_all,
                           workers=tuple(args.workers), restart_at_h=args.restart_at)

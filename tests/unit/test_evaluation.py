@@ -65,3 +65,14 @@ def test_a_suite_entry_runs_with_its_own_seed(tmp_path):
     with pytest.raises(ValueError, match="unknown scenario 'nosuch'"):
         run_evaluation(Settings(), scenarios=["default", "nosuch@1"], models="population", scale=SCALE,
                        out_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("entry", "says"), [("nosuch@3", "unknown scenario 'nosuch'"),
+                                             ("holdout@x", "the seed after @ must be an integer")])
+def test_the_cli_refuses_a_bad_suite_entry_in_one_line(entry, says, tmp_path, capsys):
+    from detector.cli import main
+
+    assert main(["evaluate", "--scenario", entry, "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("detector: error: ") and says in err[0]
+    assert not (tmp_path / "EVALUATION.md").exists()
