@@ -473,51 +473,37 @@ class Linker:
         """
         return sum(1 for _ in self._keys_toward(account, accept, (kind,)))
 
-    def shared_beyond(self, account: str, kind: str, holder_kind: str | None = None, upto: int = 1,
-                      min_degree: int = 1, limit: int = 64) -> int:
+    def shared_beyond(self, account: str, kind: str, holder_kind: str, upto: int = 1, min_degree: int = 1,
+                      limit: int = 64) -> int:
         """How many keys of ``kind`` of ``account`` (counted up to ``upto``), each held by ``min_degree`` or
-        more live accounts, are held by accounts outside its cluster too (linked or not). Looks at up to
-        ``limit`` holders per key, and counts only those that still hold it (the list keeps a holder whose
-        template changed, or that was forgotten, until it is pruned).
-
-        With ``holder_kind``, only holders that hold a key of that kind count, and two keys or more count only
-        if holders that share one and the same key of that kind hold them all: "its org's templates are one
-        other org's too". One key shared with any such holder gives 1. Public text (a popular question, a
-        textbook exercise, a benchmark item) is held by a different organisation's account each time; one
-        operation split over organisations of its own runs the same templates in each.
+        more live accounts, are held outside its cluster (linked or not) by accounts holding a key of
+        ``holder_kind``. Two keys or more count only if holders that share one and the same key of that kind
+        hold them all: "its org's templates are one other org's too". One key shared with any such holder
+        gives 1. Looks at up to ``limit`` holders per key, and counts only those that still hold it (the list
+        keeps a forgotten holder until it is pruned). Public text (a popular question, a textbook exercise, a
+        benchmark item) is held by a different organisation's account each time; one operation split over
+        organisations of its own runs the same templates in each.
 
         >>> lk = Linker()
         >>> for a in ("a1", "a2"):
         ...     _ = lk.link(a, [("org", "o1"), ("tmpl", 7), ("tmpl", 8)])
-        >>> lk.shared_beyond("a1", "tmpl")
+        >>> lk.shared_beyond("a1", "tmpl", "org")
         0
         >>> _ = lk.link("p1", [("tmpl", 7)])  # a personal account (no org) with the same template
-        >>> lk.shared_beyond("a1", "tmpl"), lk.shared_beyond("a1", "tmpl", holder_kind="org")
-        (1, 0)
+        >>> lk.shared_beyond("a1", "tmpl", "org")
+        0
         >>> _ = lk.link("c1", [("org", "o3"), ("tmpl", 8)])  # another org with the other template
         >>> lk.shared_beyond("a1", "tmpl", "org", upto=2)  # two orgs, one template each: public text
         1
         >>> _ = lk.link("b1", [("org", "o2"), ("tmpl", 7), ("tmpl", 8)])
-        >>> lk.shared_beyond("a1", "tmpl", holder_kind="org"), lk.shared_beyond("a1", "tmpl", "org", upto=2)
+        >>> lk.shared_beyond("a1", "tmpl", "org"), lk.shared_beyond("a1", "tmpl", "org", upto=2)
         (1, 2)
         >>> _ = lk.forget(["p1", "c1", "b1"])  # idle accounts forgotten: o1's templates are its own again
-        >>> lk.shared_beyond("a1", "tmpl", upto=2), lk.shared_beyond("a1", "tmpl", "org", upto=2)
-        (0, 0)
+        >>> lk.shared_beyond("a1", "tmpl", "org", upto=2)
+        0
         """
         me = self.root(account)
         keys = self._keys
-        if holder_kind is None:
-            found = 0
-            for key in keys.get(account, ()):
-                if key[0] != kind or self._key_degree[key] < min_degree:
-                    continue
-                holders = self._key_others.get(key, ())
-                if self.root(self._key_rep[key]) != me or any(self.root(h) != me and key in keys.get(h, ())
-                                                              for h in holders[:limit]):
-                    found += 1
-                    if found >= upto:
-                        break
-            return found
         shared: dict[Key, int] = {}  # an outside holder's key of holder_kind -> how many of these keys it shares
         best = 0
         for key in keys.get(account, ()):

@@ -841,13 +841,13 @@ def _cum(weights: Sequence[float]) -> list[float]:
 
 _DIURNAL_CUM = _cum(_DIURNAL)
 _DIURNAL_SUM = sum(_DIURNAL)
+_BUSINESS_CUM = _cum(_BUSINESS)
 
 
 def _diurnal(h: int, tz: int) -> float:
     """How busy the UTC hour starting at ``h`` (ms) is for people in UTC offset ``tz``, against the day's average
     (1.0): the hour-of-day curve of chat traffic, for actors that follow their users' day only in part."""
     return 24 * _DIURNAL[((h // HOUR) + tz) % 24] / _DIURNAL_SUM
-_BUSINESS_CUM = _cum(_BUSINESS)
 
 
 def _poisson(rng: random.Random, lam: float) -> int:
