@@ -519,6 +519,31 @@ class Linker:
                 break
         return min(best, upto)
 
+    def held_outside(self, account: str, kind: str, min_degree: int = 1, limit: int = 64) -> tuple[int, int]:
+        """``(outside, recurring)``: how many keys of ``kind`` of ``account`` are held by ``min_degree`` or more
+        live accounts (recurring), and how many of those are held by a live account outside its cluster (any
+        one, linked or not). Looks at up to ``limit`` holders per key.
+
+        >>> lk = Linker()
+        >>> for a in ("a1", "a2"):
+        ...     _ = lk.link(a, [("org", "o1"), ("tmpl", 7), ("tmpl", 8), ("tmpl", 9)])
+        >>> lk.held_outside("a1", "tmpl", min_degree=2)
+        (0, 3)
+        >>> _ = lk.link("p1", [("tmpl", 9)])  # someone else sends one of them: public text, or a partner
+        >>> lk.held_outside("a1", "tmpl", min_degree=2)
+        (1, 3)
+        """
+        me = self.root(account)
+        keys = self._keys
+        outside = recurring = 0
+        for key in keys.get(account, ()):
+            if key[0] != kind or self._key_degree[key] < min_degree:
+                continue
+            recurring += 1
+            outside += any(self.root(h) != me and key in keys.get(h, ())
+                           for h in (self._key_rep[key], *self._key_others.get(key, ())[:limit]))
+        return outside, recurring
+
     def _keys_toward(self, account: str, accept: Callable[[str], bool], kinds: Collection[str]
                      ) -> Iterator[tuple[str, object]]:
         """``account``'s keys of ``kinds`` that point into another cluster ``accept`` picks."""

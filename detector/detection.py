@@ -803,6 +803,12 @@ class Detector:
         # "kept up" to the minute (kept_up_hours), not in whole clock hours.
         if harvest > 0.0:  # kept_up_hours reads up to 23 slots: only for the few accounts it can matter to
             harvest *= _clip((feat.kept_up_hours(st, ts) + 1.0) / 3.0)
+        # ... and whether half or more of its recurring templates are filled outside its cluster (a second scan,
+        # only for a harvest on a template another org fills): see harvest_cross_org below.
+        mostly_shared = False
+        if harvest > 0.0 and shared_with_orgs >= 1:
+            outside, recurring = self.linker.held_outside(account, "tmpl", min_degree=ORG_SHARED_BAND_HOLDERS)
+            mostly_shared = 2 * outside >= recurring
         jump = f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0)  # last-hour share on a new model
         shared_card = _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN)
         # Its card or IP range shared with another organisation's accounts, read only in a cluster that spans two
@@ -867,7 +873,12 @@ class Detector:
             # campaign that paraphrases its prompts shares few bands (EVALUATION.md: the paraphrasing resellers
             # were first caught after 3.9 h with two, 1.9 h with one; no false positive, and the top ordinary
             # scores did not move).
-            "harvest_cross_org": harvest * (shared_with_orgs >= 1),
+            # And only if half or more of its recurring templates are filled outside its cluster: a company's
+            # pipeline runs mostly templates of its own, and one band of its six that other orgs' accounts
+            # send too is the public text its job processes (held-out seed 11: an edtech job's exercise that a
+            # tutoring app, a lab and the CoT campaign also send). The campaigns' accounts that this term
+            # catches had one to four recurring bands, three in four or more of them filled elsewhere.
+            "harvest_cross_org": harvest * mostly_shared,
             # A family or a small team on one card: weak; a card paying for dozens of personal accounts: strong.
             "shared_payment": shared_card,
             # ... and those accounts freshly created: accounts opened in bulk on one card.

@@ -463,20 +463,30 @@ def test_a_harvest_split_over_two_orgs_on_shared_private_templates_is_caught():
     assert all(det.accounts[a].action == "allow" for a in det.accounts if a.startswith("acct_lab"))
 
 
-def test_one_template_shared_with_another_org_makes_a_harvest_cross_org_but_keeps_the_one_org_discount():
-    """A paraphrasing campaign split over orgs shares few template bands: one, filled by another org's four
-    accounts, is enough for ``harvest_cross_org`` beside a harvest. It takes two to end the one-org
-    presumption (the harvest terms stay discounted)."""
+def test_a_harvest_on_templates_mostly_filled_by_other_orgs_is_cross_org_and_one_public_band_is_not():
+    """A paraphrasing campaign split over orgs shares few template bands, but they are most of its accounts'
+    recurring ones: ``harvest_cross_org`` beside a harvest, undiscounted, while the one-org presumption
+    (ended by two bands shared with one other org) holds. A company's pipeline runs mostly templates of its
+    own: one of its three bands that another org's accounts send too is public text, not coordination."""
     det, _ = run(harvest_and_lab(orgs=1))
     aid, ts = "acct_h00", BASE_TS + 4 * HOUR
-    band = max((k for k in det.linker.keys_of(aid) if k[0] == "tmpl"), key=det.linker.degree)
+    bands = [k for k in det.linker.keys_of(aid) if k[0] == "tmpl" and det.linker.degree(k) >= 4]
+    assert len(bands) == 3
+
+    def filled_by(org, band):  # four accounts of another org fill the band
+        for i in range(4):
+            det.linker.link(f"acct_{org}{i}", [("org", org), band])
+
     before, _ = _evidence_at(det, aid, ts)
-    for i in range(4):
-        det.linker.link(f"acct_other{i}", [("org", "org_other"), band])
-    after, _ = _evidence_at(det, aid, ts)
+    filled_by("org_a", bands[0])
+    one, _ = _evidence_at(det, aid, ts)
+    filled_by("org_b", bands[1])  # a second of the three, by a third org
+    two, _ = _evidence_at(det, aid, ts)
+    assert det.linker.held_outside(aid, "tmpl", min_degree=4) == (2, 3)
     assert before["harvest"] > 0.0 and before["harvest_cross_org"] == 0.0
-    assert after["harvest_cross_org"] == pytest.approx(before["harvest"] / ONE_ORG_DISCOUNT)  # undiscounted
-    assert (after["harvest"], after["cluster_harvest"]) == (before["harvest"], before["cluster_harvest"])
+    assert one["harvest_cross_org"] == 0.0
+    assert two["harvest_cross_org"] == pytest.approx(before["harvest"] / ONE_ORG_DISCOUNT)  # undiscounted
+    assert (two["harvest"], two["cluster_harvest"]) == (before["harvest"], before["cluster_harvest"])
 
 
 def test_a_proxy_rewording_a_caught_campaigns_prompts_is_caught_and_one_with_other_prompts_is_not():
