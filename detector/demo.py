@@ -162,6 +162,12 @@ def _print_summary(elapsed: float, sent: int, processed: int, n_scores: int, lat
     print(f"riskiest 20 accounts: {in_campaign} of 20 belong to a simulated campaign")
     print(f"throttled or blocked: {len(acted)} accounts, {attack_acted} of them attackers "
           f"({attack_acted}/{attack_total} campaign accounts caught so far)")
+    wrong = [latest[a] for a in acted if a in labels and not labels[a].attack]
+    if wrong:
+        print(f"ordinary accounts throttled or blocked (false positives): {len(wrong)}")
+        for r in _riskiest({x["account_id"]: x for x in wrong}, 10):
+            reasons, kind = ", ".join(x["code"] for x in r["reasons"][:3]), labels[r["account_id"]].kind
+            print(f"  {r['account_id']:<22} {r['action']:<8} {r['score']:.2f}  [{kind}]  {reasons}")
     for cid, n in clusters.most_common(3):
         print(f"blocked cluster {cid}: {n} accounts")
     print("riskiest accounts:")
