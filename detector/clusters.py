@@ -641,7 +641,8 @@ class ClusterState:
         volume = day[_C_N] * scale
         hours = list(day[_C_HOUR0:_C_SLOTS])
         total = sum(hours)
-        spread = -sum(h / total * math.log(h / total) for h in hours if h > 0) / math.log(24) if total else 0.0
+        # A list, not a generator: the same sum in the same order, cheaper (as detector.features._entropy).
+        spread = -sum([(p := h / total) * math.log(p) for h in hours if h > 0]) / _LOG_24 if total else 0.0
         return {
             "size": float(size),
             "active_accounts": active,
@@ -663,3 +664,4 @@ class ClusterState:
 _C_N, _C_ACTIVE, _C_TEMPLATED, _C_COT, _C_MAX_LEN, _C_NEW, _C_MACHINE, _C_NEW_MODEL, _C_ORG = range(9)
 _C_HOUR0 = 9
 _C_SLOTS = _C_HOUR0 + 24
+_LOG_24 = math.log(24)
