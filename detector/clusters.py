@@ -134,11 +134,14 @@ class Linker:
         """The root of the account's cluster: the account itself if it is alone (or not seen before; nothing is
         stored for it)."""
         parent = self._parent
-        if account not in parent:
+        up = parent.get(account)
+        if up is None:
             return account
-        while parent[account] != account:
-            parent[account] = parent[parent[account]]
-            account = parent[account]
+        # Path halving (each node on the way points to its grandparent), each parent read once.
+        while up != account:
+            grand = parent[up]
+            parent[account] = grand
+            account, up = grand, parent[grand]
         return account
 
     def keys_of(self, account: str) -> tuple[Key, ...]:
