@@ -134,11 +134,14 @@ class Linker:
         """The root of the account's cluster: the account itself if it is alone (or not seen before; nothing is
         stored for it)."""
         parent = self._parent
-        if account not in parent:
+        up = parent.get(account)
+        if up is None:
             return account
-        while parent[account] != account:
-            parent[account] = parent[parent[account]]
-            account = parent[account]
+        # Path halving (each node on the way points to its grandparent), each parent read once.
+        while up != account:
+            grand = parent[up]
+            parent[account] = grand
+            account, up = grand, parent[grand]
         return account
 
     def keys_of(self, account: str) -> tuple[Key, ...]:
@@ -666,7 +669,8 @@ class ClusterState:
         volume = day[_C_N] * scale
         hours = list(day[_C_HOUR0:_C_SLOTS])
         total = sum(hours)
-        spread = -sum(h / total * math.log(h / total) for h in hours if h > 0) / math.log(24) if total else 0.0
+        # A list, not a generator: the same sum in the same order, cheaper (as detector.features._entropy).
+        spread = -sum([(p := h / total) * math.log(p) for h in hours if h > 0]) / _LOG_24 if total else 0.0
         return {
             "size": float(size),
             "active_accounts": active,
@@ -688,3 +692,4 @@ class ClusterState:
 _C_N, _C_ACTIVE, _C_TEMPLATED, _C_COT, _C_MAX_LEN, _C_NEW, _C_MACHINE, _C_NEW_MODEL, _C_ORG = range(9)
 _C_HOUR0 = 9
 _C_SLOTS = _C_HOUR0 + 24
+_LOG_24 = math.log(24)

@@ -183,39 +183,46 @@ class ContentIndex:
 
         The hot loop of the detector (9 keys per event): the filter's bits are read once and written once
         (each band added as :func:`_bloom_add` adds a key, written out), and :meth:`_estimate_and_add` is
-        written out inline, with the same arithmetic (``% width`` as a mask, the width being a power of two).
+        written out inline, with the same cells (``% width`` as a mask, the width being a power of two).
         """
         self._rotate(ts)
         template_accounts, top_band = 0, 0
         self_repeat = False
         added, bit = 0, 1
         bits = seen.bits
-        wmask, half = self.width - 1, SeenFilter.SIZE // 2
+        wmask2, half = 2 * (self.width - 1), SeenFilter.SIZE // 2
         cells, rows = self._cells, self._rows
         for band in bands:
             h1 = (band * _M1) & _MASK  # the Bloom filter's hash is the sketch's first hash
             # _bloom_add, written out (a call per band is a tenth of this loop)
             m = (1 << (h1 & 1023)) | (1 << ((h1 >> 10) & 1023))
-            was_seen = bits & m == m
-            if was_seen:
+            count = 1 << 32
+            # Row r's cell is 2 * ((h1 + r * h2) & wmask) after the row's start: ``h`` steps through twice the
+            # row hashes, masked with twice the mask (the same cells; one multiplication less per row). The loop
+            # is written twice, reading (a band this account used before) and counting, to test once per band.
+            h, h2 = h1 << 1, ((((band ^ (band >> 29)) * _M2) & _MASK) | 1) << 1
+            if bits & m == m:
                 self_repeat = True
+                for row in rows:
+                    c = row + (h & wmask2)
+                    v = cells[c] + cells[c + 1]
+                    if v < count:
+                        count = v
+                    h += h2
             else:
                 if bits.bit_count() > half:
                     bits = 0
                 bits |= m
                 added |= bit
+                for row in rows:
+                    c = row + (h & wmask2)
+                    v = cells[c] + 1
+                    cells[c] = v
+                    v += cells[c + 1]
+                    if v < count:
+                        count = v
+                    h += h2
             bit <<= 1
-            h2 = ((band ^ (band >> 29)) * _M2) & _MASK | 1
-            count = 1 << 32
-            r = 0
-            for row in rows:
-                c = row + 2 * ((h1 + r * h2) & wmask)
-                if not was_seen:
-                    cells[c] += 1
-                v = cells[c] + cells[c + 1]
-                if v < count:
-                    count = v
-                r += 1
             if count > template_accounts:
                 template_accounts, top_band = count, band
         exact_key = exact ^ 0x5EED

@@ -116,7 +116,8 @@ class Fusion:
     def score(self, evidence: dict[str, float]) -> float:
         """Score in [0, 1]."""
         weights = self._weights
-        z = self.model.intercept + sum(weights.get(k, 0.0) * v for k, v in evidence.items() if v)
+        # A list, not a generator: the same sum in the same order, cheaper (runs on every scored event).
+        z = self.model.intercept + sum([weights.get(k, 0.0) * v for k, v in evidence.items() if v])
         return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
 
     def reasons(self, evidence: dict[str, float]) -> list[tuple[str, float]]:

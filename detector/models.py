@@ -57,13 +57,16 @@ class PopulationBaseline(AnomalyDetector):
 
     def learn_one(self, x: dict[str, float]) -> None:  # type: ignore[override]  # River types x loosely
         for k, v in x.items():
-            if k not in self._mean:
-                self._mean[k] = stats.EWMean(fading_factor=self.fading)
-                self._var[k] = stats.EWVar(fading_factor=self.fading)
-            self._mean[k].update(v)
-            self._var[k].update(v)
-            sd = math.sqrt(max(self._var[k].get(), 0.0)) + 1e-3  # EWVar can round below 0
-            self._params[k] = (self._mean[k].get(), sd)
+            mean = self._mean.get(k)
+            if mean is None:
+                mean = self._mean[k] = stats.EWMean(fading_factor=self.fading)
+                var = self._var[k] = stats.EWVar(fading_factor=self.fading)
+            else:
+                var = self._var[k]
+            mean.update(v)
+            var.update(v)
+            sd = math.sqrt(max(var.get(), 0.0)) + 1e-3  # EWVar can round below 0
+            self._params[k] = (mean.get(), sd)
 
     def score_one(self, x: dict[str, float]) -> float:  # type: ignore[override]
         total, n = 0.0, 0
