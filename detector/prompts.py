@@ -260,7 +260,9 @@ def load_prompt_sets(
             if prompts:
                 sets[source_name(file_name)] = list(prompts)
     if not sets:
-        log.info("prompt directory %s not found or empty: using the bundled sample %s", directory, SAMPLE_PATH)
+        why = (f"prompt directory {directory} not found or empty" if directory is not None
+               else f"no prompt directory (${ENV_VAR} unset, no ../shared/datasets/prompts)")
+        log.info("%s: using the bundled sample %s (a small sample: README, *Prompt data*)", why, SAMPLE_PATH)
         for k, source, text in _read_sample(SAMPLE_PATH):
             if k == kind:
                 sets.setdefault(source, []).append(text)
