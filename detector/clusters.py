@@ -31,7 +31,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Collection, Iterable, Iterator
 
-from detector.features import H_DAY, HOUR_MS
+from detector.features import H_DAY, HOUR_MS, spread_over_hours
 
 # kind -> (weight when rare, degree up to which the key counts as rare, degree at which it counts nothing)
 KEY_KINDS: dict[str, tuple[float, int, int]] = {
@@ -667,10 +667,7 @@ class ClusterState:
         scale = 2.0 ** min(-(now - self.t0) / H_DAY, _RENORM)  # bounded as in detector.features.features
         active = min(day[_C_ACTIVE] * scale, float(size))
         volume = day[_C_N] * scale
-        hours = list(day[_C_HOUR0:_C_SLOTS])
-        total = sum(hours)
-        # A list, not a generator: the same sum in the same order, cheaper (as detector.features._entropy).
-        spread = -sum([(p := h / total) * math.log(p) for h in hours if h > 0]) / _LOG_24 if total else 0.0
+        spread = spread_over_hours(list(day[_C_HOUR0:_C_SLOTS]))
         return {
             "size": float(size),
             "active_accounts": active,
@@ -692,4 +689,3 @@ class ClusterState:
 _C_N, _C_ACTIVE, _C_TEMPLATED, _C_COT, _C_MAX_LEN, _C_NEW, _C_MACHINE, _C_NEW_MODEL, _C_ORG = range(9)
 _C_HOUR0 = 9
 _C_SLOTS = _C_HOUR0 + 24
-_LOG_24 = math.log(24)

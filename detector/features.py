@@ -470,7 +470,18 @@ def day_count(st: AccountState, now: int) -> float:
 def hour_spread(st: AccountState) -> float:
     """The feature ``hour_spread``, read alone: the normalised entropy of the account's hour-of-day traffic
     (day window), 0 for one hour, 1 for traffic spread evenly around the clock. Cost: about 2.5 µs."""
-    return _entropy(list(st[HOUR0:N_SLOTS])) / _LOG_24
+    return spread_over_hours(list(st[HOUR0:N_SLOTS]))
+
+
+def spread_over_hours(hours: list[float]) -> float:
+    """The normalised entropy of 24 hour-of-day counts: 0 for one hour, 1 for all hours alike, 0 for none (an
+    account's ``hour_spread``, a cluster's too).
+
+    >>> one, even, none = [5.0] + [0.0] * 23, [2.0] * 24, [0.0] * 24
+    >>> spread_over_hours(one) == 0.0, round(spread_over_hours(even), 6), spread_over_hours(none)
+    (True, 1.0, 0.0)
+    """
+    return _entropy(hours) / _LOG_24
 
 
 def features(st: AccountState, now: int) -> dict[str, float]:
