@@ -14,8 +14,9 @@ Each file has its own format; a reader per file takes the instruction / prompt /
 input where there is one. Each file is capped at :data:`CAP_PER_FILE` prompts, sampled with the caller's
 ``rng`` (benchmarks keep their first prompts instead, so every harness sends the same set).
 
-When the prompt directory is missing, a small bundled sample (``detector/data/sample_prompts.jsonl``,
-only MIT / Apache-2.0 / CC0 sources, attributed in ``detector/data/SAMPLE_SOURCES.md``) is used instead.
+When the prompt directory is missing, a bundled sample is used instead (``detector/data/sample_prompts.jsonl.gz``:
+at most a quarter of each permissively licensed file, attributed in ``detector/data/SAMPLE_SOURCES.md``). It is
+rebuilt from the full sets by ``python -m detector.prompts DIR`` (:func:`build_sample`).
 
 >>> import random
 >>> sample = load_prompts("benchmark", Path("/nonexistent"), random.Random(0))
@@ -34,6 +35,7 @@ import logging
 import os
 import random
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +51,7 @@ CAP_PER_FILE = 3000
 #: Prompts longer than this are dropped (a few records hold whole documents).
 MAX_CHARS = 12000
 ENV_VAR = "DETECTOR_PROMPTS_DIR"
-SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "sample_prompts.jsonl"
+SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "sample_prompts.jsonl.gz"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -262,7 +264,8 @@ def load_prompt_sets(
     if not sets:
         why = (f"prompt directory {directory} not found or empty" if directory is not None
                else f"no prompt directory (${ENV_VAR} unset, no ../shared/datasets/prompts)")
-        log.info("%s: using the bundled sample %s (a small sample: README, *Prompt data*)", why, SAMPLE_PATH)
+        log.info("%s: using the bundled sample %s (a quarter of the permissive files: README, *Prompt data*)",
+                 why, SAMPLE_PATH)
         for k, source, text in _read_sample(SAMPLE_PATH):
             if k == kind:
                 sets.setdefault(source, []).append(text)
@@ -279,3 +282,134 @@ def load_prompts(kind: str, prompts_dir: Path | None = None, rng: random.Random 
     prompts = [p for texts in load_prompt_sets(kind, prompts_dir, rng).values() for p in texts]
     rng.shuffle(prompts)
     return prompts
+
+
+# ---- the bundled sample ------------------------------------------------------------------------------
+
+#: The files the bundled sample draws on: licences that allow a sample to be copied with attribution (MIT,
+#: Apache-2.0, CC0, CC BY-SA; shared/datasets/prompts/SOURCES.md). Not the non-commercial sets (Alpaca, Code
+#: Alpaca, LIMA, Vicuna), the ODC-By math set, the step-by-step distillation set (ANLI is CC BY-NC), nor
+#: HH-RLHF's red-team prompts, which are unpleasant to ship.
+SAMPLE_FILES: dict[str, tuple[str, str]] = {  # file -> (origin: repository @ commit : path, licence)
+    "A_gpteacher_codegen_instruct.json": (
+        "teknium1/GPTeacher @ 481075123c29854bddb82655badeef6a438f2436 : Codegen/codegen-instruct.json", "MIT"),
+    "A_gpteacher_toolformer_dedupe.json": (
+        "teknium1/GPTeacher @ 481075123c29854bddb82655badeef6a438f2436 : "
+        "Toolformer/toolformer-dedupe-only-dataset.json", "MIT"),
+    "A_gpteacher_roleplay_instruct.json": (
+        "teknium1/GPTeacher @ 481075123c29854bddb82655badeef6a438f2436 : "
+        "Roleplay/roleplay-simple-deduped-roleplay-instruct.json", "MIT"),
+    "A_fireact_multitask_multimethod_gpt4.jsonl": (
+        "anchen1011/FireAct @ 94c6189f04b10fccae6bcd97a4632d6119266899 : "
+        "data/finetune/gpt_format/multitask_multimethod.jsonl", "MIT"),
+    "A_gorilla_apibench_torchhub_train.json": (
+        "ShishirPatil/gorilla @ 6ea57973c7a6097fd7c5915698c54c17c5b1b6c8 : data/apibench/torchhub_train.json",
+        "Apache-2.0"),
+    "A_gorilla_apibench_huggingface_eval.json": (
+        "ShishirPatil/gorilla @ 6ea57973c7a6097fd7c5915698c54c17c5b1b6c8 : data/apibench/huggingface_eval.json",
+        "Apache-2.0"),
+    "A_gorilla_apibench_tensorflow_eval.json": (
+        "ShishirPatil/gorilla @ 6ea57973c7a6097fd7c5915698c54c17c5b1b6c8 : data/apibench/tensorflow_eval.json",
+        "Apache-2.0"),
+    "A_gorilla_apibench_torchhub_eval.json": (
+        "ShishirPatil/gorilla @ 6ea57973c7a6097fd7c5915698c54c17c5b1b6c8 : data/apibench/torchhub_eval.json",
+        "Apache-2.0"),
+    "A_toolbench_data_example.jsonl": (
+        "OpenBMB/ToolBench @ d56fdd89faf8c91fa135090b212bb9057ee5cfc2 : data_example/instruction/G{1,2,3}_query.json",
+        "Apache-2.0"),
+    "B_databricks_dolly_15k.jsonl": (
+        "databricks-dolly-15k, reassembled from ZeenathulNizreen/FedAgg @ 59cd0654e15fa1479782e33862bcc4a396147ed7 : "
+        "data/10/", "CC BY-SA 3.0"),
+    "B_oasst1_zh_llamafactory_766.json": (
+        "hiyouga/LLaMA-Factory @ 3154fec979aba48f54b7afde3740c4990d445a41 : data/oaast_sft_zh.json (OASST1, Chinese)",
+        "Apache-2.0"),
+    "B_arena_hard_v2.0_questions.jsonl": (
+        "lmarena/arena-hard-auto @ 196f6b826783b3da7310e361a805fa36f0be83f3 : data/arena-hard-v2.0/question.jsonl",
+        "Apache-2.0"),
+    "B_awesome_chatgpt_prompts_1529.jsonl": (
+        "f/awesome-chatgpt-prompts @ 50a97c072933c93c76cc0714e9dd4c4cf1d80ae7 : prompts.csv (`prompt` column)",
+        "CC0-1.0"),
+    "B_self_instruct_user_oriented_252.jsonl": (
+        "yizhongw/self-instruct @ 0b26ccaa415992100fa32df62d41b994cf928e23 : "
+        "human_eval/user_oriented_instructions.jsonl", "Apache-2.0"),
+    "B_self_instruct_seed_tasks_175.jsonl": (
+        "yizhongw/self-instruct @ 0b26ccaa415992100fa32df62d41b994cf928e23 : data/seed_tasks.jsonl", "Apache-2.0"),
+    "B_arena_hard_v0.1_questions.jsonl": (
+        "lmarena/arena-hard-auto @ 196f6b826783b3da7310e361a805fa36f0be83f3 : data/arena-hard-v0.1/question.jsonl",
+        "Apache-2.0"),
+    "B_nq_open_dev_3610.jsonl": (
+        "google-research-datasets/natural-questions @ fb26a3073b1fe636c97302890a27b491d6530130 : "
+        "nq_open/NQ-open.dev.jsonl", "CC BY-SA 3.0"),
+}
+#: At most this share of a file's records goes into the sample.
+SAMPLE_SHARE = 0.25
+#: Sampled prompts are at most this long, and hold no e-mail address, URL or home-directory path.
+SAMPLE_MAX_CHARS = 1500
+_PERSONAL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+|https?://|www\.|/home/|/Users/|C:\\Users", re.I)
+
+
+def build_sample(source_dir: Path, share: float = SAMPLE_SHARE, files: Iterable[str] = SAMPLE_FILES
+                 ) -> tuple[bytes, list[tuple[str, str, int, int]]]:
+    """The bundled sample from the full prompt sets: gzipped JSONL (``kind``, ``source``, ``text``), and a
+    row per file (kind, file name, records in the file, prompts taken).
+
+    From each of ``files`` (default :data:`SAMPLE_FILES`) it takes ``share`` of the file's records, drawn at
+    random with a seed fixed per file from the eligible prompts (benchmarks: the first eligible ones, as
+    :func:`load_prompt_sets` keeps a benchmark's first prompts). Same input, same bytes (the gzip header
+    carries no time).
+    """
+    wanted = set(files)
+    lines: list[bytes] = []
+    rows: list[tuple[str, str, int, int]] = []
+    for kind, readers in FILES.items():
+        for file_name, reader in readers:
+            if file_name not in wanted:
+                continue
+            path = source_dir / file_name
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: the sample is built from the full prompt sets")
+            texts = [t.strip() for t in reader(path)]
+            ok = [t for t in texts if t and len(t) <= SAMPLE_MAX_CHARS and not _PERSONAL.search(t)]
+            n = min(len(ok), max(1, int(share * len(texts))))
+            if kind == "benchmark":
+                picked = ok[:n]
+            else:
+                picked = [ok[i] for i in sorted(random.Random(f"sample/{file_name}").sample(range(len(ok)), n))]
+            lines += [orjson.dumps({"kind": kind, "source": source_name(file_name), "text": t}) for t in picked]
+            rows.append((kind, file_name, len(texts), n))
+    return gzip.compress(b"".join(line + b"\n" for line in lines), compresslevel=9, mtime=0), rows
+
+
+def _sources_table(rows: list[tuple[str, str, int, int]]) -> str:
+    out = ["| kind | prompts | of records | source file (repository @ commit : path) | licence |",
+           "|---|---|---|---|---|"]
+    for kind, file_name, total, n in rows:
+        origin, licence = SAMPLE_FILES[file_name]
+        out.append(f"| {kind} | {n:,} | {total:,} | {origin} | {licence} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m detector.prompts DIR``: rebuild the bundled sample from the full prompt sets in DIR, and the
+    table of its sources in ``SAMPLE_SOURCES.md`` (between the ``<!-- table -->`` markers)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m detector.prompts DIR  (DIR: the full prompt sets, e.g. ../shared/datasets/prompts)",
+              file=sys.stderr)
+        return 2
+    try:
+        data, rows = build_sample(Path(args[0]))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    SAMPLE_PATH.write_bytes(data)
+    md = SAMPLE_PATH.with_name("SAMPLE_SOURCES.md")
+    head, _, rest = md.read_text().partition("<!-- table -->\n")
+    _, _, tail = rest.partition("<!-- /table -->\n")
+    md.write_text(f"{head}<!-- table -->\n{_sources_table(rows)}<!-- /table -->\n{tail}")
+    print(f"wrote {SAMPLE_PATH} ({sum(n for *_, n in rows):,} prompts, {len(data):,} bytes) and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,6 +6,7 @@ Fast: "smoke" and "default" at a small scale; every property is checked on gener
 from __future__ import annotations
 
 import collections
+import gzip
 import itertools
 import random
 import re
@@ -219,12 +220,41 @@ def test_adversarial_and_holdout_scenarios_build() -> None:
 
 def test_bundled_sample_when_prompts_dir_missing() -> None:
     sample = prompts.load_prompts("attack", NOWHERE, random.Random(0))
-    bundled = {orjson.loads(line)["text"] for line in prompts.SAMPLE_PATH.read_bytes().splitlines() if line}
+    raw = gzip.decompress(prompts.SAMPLE_PATH.read_bytes())
+    bundled = {orjson.loads(line)["text"] for line in raw.split(b"\n") if line}
     assert sample and set(sample) <= bundled
     sim = simulate.build("smoke", scale=0.2, prompts_dir=NOWHERE)
     events = list(sim.events())
     assert len(events) > 300
     assert CAMPAIGNS <= {sim.labels[e["account_id"]].campaign for e in events}
+
+
+def test_the_sample_takes_a_quarter_of_each_file_without_personal_data_and_the_same_bytes_each_time(
+        tmp_path: Path) -> None:
+    people = [{"prompt": f"How do I fold a paper crane, step {i}?"} for i in range(12)]
+    people[3]["prompt"] = "Write to jane.doe@example.com about the crane"
+    people[5]["prompt"] = "Summarise https://example.com/cranes"
+    people[7]["prompt"] = "x" * (prompts.SAMPLE_MAX_CHARS + 1)
+    bench = [{"prompt": f"Benchmark question {i}"} for i in range(8)]
+    for name, rows in (("B_awesome_chatgpt_prompts_1529.jsonl", people), ("B_arena_hard_v0.1_questions.jsonl", bench)):
+        (tmp_path / name).write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    files = ("B_awesome_chatgpt_prompts_1529.jsonl", "B_arena_hard_v0.1_questions.jsonl")
+    data, rows = prompts.build_sample(tmp_path, files=files)
+    assert data == prompts.build_sample(tmp_path, files=files)[0]
+    sample = [orjson.loads(line) for line in gzip.decompress(data).split(b"\n") if line]
+    assert [(kind, total, n) for kind, _, total, n in rows] == [("ordinary", 12, 3), ("benchmark", 8, 2)]
+    texts = [s["text"] for s in sample if s["kind"] == "ordinary"]
+    assert len(texts) == 3 and all(t.startswith("How do I fold") for t in texts)
+    assert [s["text"] for s in sample if s["kind"] == "benchmark"] == ["Benchmark question 0", "Benchmark question 1"]
+    with pytest.raises(FileNotFoundError, match="full prompt sets"):
+        prompts.build_sample(tmp_path, files=("B_nq_open_dev_3610.jsonl",))
+
+
+def test_rebuilding_the_sample_from_a_missing_directory_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert prompts.main([str(NOWHERE)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "not found" in err
+    assert prompts.main([]) == 2
 
 
 def test_write_jsonl(tmp_path: Path) -> None:
