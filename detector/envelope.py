@@ -40,6 +40,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,13 +78,24 @@ def account_partition(account_id: str, partitions: int) -> int:
     """The partition of ``account_id``'s events among ``partitions``: what kafka-python's and the Java
     client's default partitioner choose for the key ``account_id`` (UTF-8), and aiokafka's (Faust's).
 
-    Costs about 3 µs for a 12-character id (kafka-python's pure-Python murmur2).
+    Remembered for the last :data:`PARTITION_CACHE` ids: 0.1-0.2 µs for an id seen lately, against
+    about 5 µs to compute (kafka-python's pure-Python murmur2), which the SDK pays per call and the worker
+    per event of an envelope (87,991 bench events from 1,171 accounts: 4.6-5.7 µs an event uncached).
 
     >>> [account_partition(a, 4) for a in ("acct_1", "acct_2", "acct_3")], account_partition("acct_1", 1)
     ([3, 0, 0], 0)
     """
     if partitions <= 1:
         return 0
+    return _partition(account_id, partitions)
+
+
+#: Account ids whose partition is remembered (about 4 MB when full, the ids included).
+PARTITION_CACHE = 1 << 14
+
+
+@functools.lru_cache(maxsize=PARTITION_CACHE)
+def _partition(account_id: str, partitions: int) -> int:
     from kafka.partitioner.default import murmur2  # kafka-python: imported once, by the first call
 
     return (murmur2(account_id.encode()) & 0x7FFFFFFF) % partitions  # type: ignore[no-any-return]
