@@ -774,9 +774,10 @@ class Detector:
         # The presumption ends where the org's content or keys lead to a blocked cluster (near_blocked), or
         # where two or more of its recurring templates are one other org's accounts' too: the same private
         # prompts run by two organisations are coordination beyond one company. (One shared band, a personal
-        # account filling the same template, or two bands each shared with a different org do not end it:
-        # the public datasets a pipeline processes, the textbook exercises an app's users send, are other
-        # orgs' and campaigns' raw material too. Linker.shared_beyond.)
+        # account filling the same template, two bands each shared with a different org, or bands sent mostly
+        # by people on their own (popular questions a company's staff ask too) do not end it: the public
+        # datasets a pipeline processes, the textbook exercises an app's users send, are other orgs' and
+        # campaigns' raw material too. Linker.shared_beyond.)
         # Not for an org's lone account: a proxy on one account of an org of its own, forwarding a caught
         # campaign's prompts, would lose its echoes (test_a_proxy_rewording_...). A small app on one account
         # pays for that (README, *one paying organisation*).

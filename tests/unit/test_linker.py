@@ -46,3 +46,27 @@ def test_a_cluster_holding_each_key_in_a_different_member_draws_no_newcomer() ->
     assert lk.root("member_1") == lk.root("member_2")
     lk.link("newcomer", [IP, TMPL])
     assert lk.size(lk.root("newcomer")) == 1
+
+
+def test_templates_two_orgs_share_with_many_people_on_their_own_are_public_text() -> None:
+    """An app's org and a company's org both send two popular questions that many people on their own send
+    too: public text, not the same private templates run by two organisations. The same two templates held
+    by a linked cluster of org-less accounts (a campaign's, on one card) besides the other org stay shared."""
+    lk = Linker()
+    popular = [("tmpl", 1), ("tmpl", 2)]
+    for a in ("app_1", "app_2"):
+        lk.link(a, [("org", "o_app"), *popular])
+    lk.link("company_1", [("org", "o_company"), *popular])
+    assert lk.shared_beyond("app_1", "tmpl", holder_kind="org", upto=2) == 2  # only the company holds them
+    for i in range(3):
+        lk.link(f"person_{i}", popular)  # alone: no org, no cluster
+    assert lk.shared_beyond("app_1", "tmpl", holder_kind="org", upto=2) == 0
+
+    lk = Linker()
+    for a in ("app_1", "app_2"):
+        lk.link(a, [("org", "o_app"), *popular])
+    lk.link("company_1", [("org", "o_company"), *popular])
+    for i in range(3):
+        lk.link(f"campaign_{i}", [("pay", "pm_shared"), *popular])  # linked by their card: not on their own
+    assert lk.size(lk.root("campaign_0")) == 3
+    assert lk.shared_beyond("app_1", "tmpl", holder_kind="org", upto=2) == 2
