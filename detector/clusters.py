@@ -461,9 +461,9 @@ class Linker:
             best[key[0]] = max(best.get(key[0], 0.0), key_weight(key[0], self._key_degree[key]))
         return sum(best.values())
 
-    def keys_into(self, account: str, accept: Callable[[str], bool], kind: str) -> int:
-        """How many of ``account``'s keys of ``kind`` point into other clusters ``accept`` picks (linked or
-        not): "fills two of a blocked cluster's templates".
+    def keys_into(self, account: str, accept: Callable[[str], bool], kind: str, min_degree: int = 1) -> int:
+        """How many of ``account``'s keys of ``kind``, each held by ``min_degree`` or more live accounts, point
+        into other clusters ``accept`` picks (linked or not): "fills two of a blocked cluster's templates".
 
         >>> lk = Linker()
         >>> for a in ("c1", "c2"):
@@ -473,8 +473,13 @@ class Linker:
         >>> campaign = lk.root("c1")
         >>> [lk.keys_into(a, lambda r: r == campaign, "tmpl") for a in ("r", "s", "c2")]
         [2, 1, 0]
+        >>> _ = lk.link("c1", [("tmpl", 9)])  # a prompt one campaign account sent, and one other account
+        >>> _ = lk.link("t", [("tmpl", 9), ("tmpl", 1)])
+        >>> lk.keys_into("t", lambda r: r == campaign, "tmpl"), lk.keys_into("t", lambda r: r == campaign, "tmpl", 3)
+        (2, 1)
         """
-        return sum(1 for _ in self._keys_toward(account, accept, (kind,)))
+        degree = self._key_degree
+        return sum(1 for key in self._keys_toward(account, accept, (kind,)) if degree[key] >= min_degree)
 
     def shared_beyond(self, account: str, kind: str, holder_kind: str, upto: int = 1, min_degree: int = 1,
                       limit: int = 64) -> int:

@@ -73,6 +73,11 @@ NEAR_KINDS = frozenset({"pay", "ip24", "cohort"})
 # (the template is the campaign's). The bands of a barely templated cluster are boilerplate everyone uses
 # ("Think step by step."), which public-benchmark runs share too.
 NEAR_TEMPLATE_SHARE = 0.25
+# ... and only through bands held by this many accounts or more: the campaign's templates. A band one of its
+# accounts and one other account hold is a prompt both sent, as a coding app's users ask questions a
+# harvesting campaign also took from public coding sets (held-out seed 41: an app's account blocked on two
+# such bands, each shared with one account of the caught model hopper).
+NEAR_BAND_HOLDERS = 3
 # Two organisations share a template (ending the one-org presumption, see _evidence) through bands held by this
 # many accounts or more: a template, not one public-dataset item both happened to send.
 ORG_SHARED_BAND_HOLDERS = 4
@@ -756,7 +761,8 @@ class Detector:
             toward = self.linker.link_weight_to(account, lambda r: r in blocked, NEAR_KINDS)
             # Through templates: two or more recurring bands of the blocked cluster's, on prompts of its own.
             # One shared band can be boilerplate ("Let's think step by step.") that a benchmark run sends too.
-            shared = self.linker.keys_into(account, lambda r: r in blocked and self._templated(r, ts), "tmpl")
+            shared = self.linker.keys_into(account, lambda r: r in blocked and self._templated(r, ts), "tmpl",
+                                           min_degree=NEAR_BAND_HOLDERS)
             if shared >= 2:
                 toward += KEY_KINDS["tmpl"][0] * (1.0 - f["exact_shared_share"])
             # How much of it: a share of its traffic (from 20%, full at 60%), or a volume (from NEAR_VOLUME_FROM

@@ -444,6 +444,36 @@ def test_a_reseller_filling_a_blocked_campaigns_templates_in_volume_is_caught():
     assert det.accounts["acct_proxy_quiet"].action in ("allow", "watch")  # not caught
 
 
+def test_two_prompts_a_blocked_campaign_sent_once_are_not_its_templates():
+    """A coding app's users ask questions that a harvesting campaign also sent (both draw on public coding
+    sets). A band that only one blocked account and the app hold is such a prompt, not the campaign's
+    template: ``near_blocked`` through templates counts bands held by three accounts or more (held-out seed
+    41: an app's account blocked on two bands, each shared with one account of the caught model hopper)."""
+    rng = random.Random(5)
+    events = campaign_and_ordinary(hours=36)
+    review = ("You are the code reviewer of our app. Refactor the function below, keep its behaviour, explain each "
+              "change in a short list, and add tests for the edge cases you find. Function: ")
+    for i in range(3):  # the app's three accounts fill a template of its own (a few bands: room for two more keys)
+        events += proxy_events(rng, f"acct_app{i}", 12, 7, lambda: review + " ".join(rng.sample(WORDS, 3)), (300, 900))
+    events.sort(key=lambda e: e["ts"])
+    det, _ = run(events)
+    assert det.clusters[det.linker.root("acct_x001")].blocked
+    aid, ts = "acct_app0", BASE_TS + 36 * HOUR
+    before, values = _evidence_at(det, aid, ts)
+    assert values["shared_template"] > 0.2  # templated enough for the near path to look
+    bands = [("tmpl", 901), ("tmpl", 902)]
+    for i, band in enumerate(bands, start=1):
+        det.linker.link(f"acct_x{i:03d}", [band])  # each sent once by one campaign account...
+    det.linker.link(aid, bands)  # ... and by the app's users
+    assert set(bands) <= set(det.linker.keys_of(aid))
+    once, _ = _evidence_at(det, aid, ts)
+    det.linker.link("acct_x003", bands)  # a third holder, of the campaign: its templates
+    theirs, _ = _evidence_at(det, aid, ts)
+    assert det.linker.root(aid) != det.linker.root("acct_x001")
+    assert before.get("near_blocked", 0.0) == once.get("near_blocked", 0.0) == 0.0  # the term is left out at 0
+    assert theirs["near_blocked"] > 0.0
+
+
 def test_a_harvest_split_over_two_orgs_on_shared_private_templates_is_caught():
     """Two orgs of six harvesters each, on their own cards and networks (nothing links them), filling the
     same private templates: one operation dressed up as two companies' pipelines (the model hopper of
