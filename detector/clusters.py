@@ -478,8 +478,7 @@ class Linker:
         >>> lk.keys_into("t", lambda r: r == campaign, "tmpl"), lk.keys_into("t", lambda r: r == campaign, "tmpl", 3)
         (2, 1)
         """
-        degree = self._key_degree
-        return sum(1 for key in self._keys_toward(account, accept, (kind,)) if degree[key] >= min_degree)
+        return sum(1 for _ in self._keys_toward(account, accept, (kind,), min_degree))
 
     def shared_beyond(self, account: str, kind: str, holder_kind: str, upto: int = 1, min_degree: int = 1,
                       limit: int = 64) -> int:
@@ -567,12 +566,13 @@ class Linker:
                            for h in (self._key_rep[key], *self._key_others.get(key, ())[:limit]))
         return outside, recurring
 
-    def _keys_toward(self, account: str, accept: Callable[[str], bool], kinds: Collection[str]
-                     ) -> Iterator[tuple[str, object]]:
-        """``account``'s keys of ``kinds`` that point into another cluster ``accept`` picks."""
+    def _keys_toward(self, account: str, accept: Callable[[str], bool], kinds: Collection[str],
+                     min_degree: int = 1) -> Iterator[tuple[str, object]]:
+        """``account``'s keys of ``kinds``, held by ``min_degree`` or more live accounts, that point into another
+        cluster ``accept`` picks (the degree is read first: ``accept`` may cost a cluster's windows)."""
         me = self.root(account)
         for key in self._keys.get(account, ()):
-            if key[0] in kinds:
+            if key[0] in kinds and self._key_degree[key] >= min_degree:
                 r = self.root(self._key_rep[key])
                 if r != me and accept(r):
                     yield key
