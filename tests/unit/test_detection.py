@@ -551,3 +551,30 @@ def test_a_proxy_rewording_a_caught_campaigns_prompts_is_caught_and_one_with_oth
     assert "echoes_caught" in {c["code"] for r in records if r["account_id"] == "acct_proxy"
                                and r["action"] != "allow" for c in r["reasons"]}
     assert det.accounts["acct_proxy_other"].action in ("allow", "watch")
+
+
+def test_a_blocked_account_of_a_blocked_cluster_is_scored_once_an_hour_and_its_prompts_still_count():
+    """Settled: blocked, its cluster blocked, its published score 0.99 or more. Its next events within the hour
+    are not scored (no record can be due), but its prompts go on feeding the caught content; an event an hour
+    later, or after the fusion model learned a verdict, is scored again."""
+    card = {"payment_fp": "pm_ring", "tier": "build", "account_created_ts": BASE_TS}
+    det, _ = run([event("acct_a", BASE_TS, "hi", billing=card), event("acct_b", BASE_TS + 1_000, "hi", billing=card)])
+    det.apply_label({"account_id": "acct_b", "label": "attack", "ts": BASE_TS + 2_000})
+    rec = det.process(event("acct_a", BASE_TS + 3_000, "hi", billing=card))
+    assert rec is not None and rec["action"] == "block" and rec["score"] >= 0.99
+    scored = det.stats["scored"]
+    later = event("acct_a", BASE_TS + 60_000, "Summarise the plot of Hamlet in three sentences", billing=card)
+    bands = [int(b, 16) for b in later["prompt"]["bands"]]
+    assert det.caught_content.hits(bands, later["ts"]) == 0
+    for i in range(5):
+        assert det.process({**later, "event_id": f"evt_later_{i}", "ts": later["ts"] + i * 60_000}) is None
+    assert det.stats["scored"] == scored  # five events, none scored
+    assert det.caught_content.hits(bands, later["ts"]) == len(set(bands))  # the prompt counts as caught content
+    det.process(event("acct_a", BASE_TS + 3_000 + HOUR, "hi", billing=card))
+    assert det.stats["scored"] == scored + 1  # an hour after its last scoring
+    det.process(event("acct_a", BASE_TS + 3_000 + HOUR + 60_000, "hi", billing=card))
+    det.process(event("acct_c", BASE_TS + 2 * HOUR, "hello"))
+    det.apply_label({"account_id": "acct_c", "label": "benign", "ts": BASE_TS + 2 * HOUR})
+    scored = det.stats["scored"]
+    det.process(event("acct_a", BASE_TS + 2 * HOUR + 1_000, "hi", billing=card))
+    assert det.stats["scored"] == scored + 1  # the fusion model learned since its last scoring
