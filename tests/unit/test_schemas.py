@@ -41,6 +41,9 @@ def test_the_sdks_events_take_the_fast_path_and_anything_odd_the_compiled_schema
     odd = [{**ev, "ts": float(ev["ts"])},  # valid ("integer" admits 1.0): the compiled schema says so
            {**ev, "event_id": ev["event_id"] + "\n"},  # invalid
            {**ev, "client": [1]}, {**ev, "response": {"stop_reason": ["x"]}}, {**ev, "extra": 1}]
+    band = ev["prompt"]["bands"][0]
+    odd += [{**ev, "prompt": {**ev["prompt"], "bands": bands}}  # the bands, checked joined (_hex16_list)
+            for bands in ([band + "," + band], [band, 7], [band.upper()], [band[:15]], [band + ","], [band] * 17)]
     assert not any(s._plainly_valid_event(o) for o in odd)
     assert s.decode_event(orjson.dumps(odd[0]))["ts"] == ev["ts"]
     for o in odd[1:]:
