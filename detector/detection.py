@@ -65,8 +65,9 @@ MAX_REASONS = 5
 NEW_ACCOUNT_DAYS = 14.0
 MACHINE_MIN_EVENTS = 12.0  # an account needs this many events in its day window to judge its schedule
 MACHINE_SPREAD = 0.85  # hour-of-day entropy (normalised) above which an account runs around the clock
-# A blocked account of a blocked cluster (at this score or more) is scored once in this much event time.
-SETTLED_SCORE, SETTLED_RESCORE_MS = 0.99, 3_600_000
+# A blocked account of a blocked cluster (at this score or more) is scored once in this much event time: a day,
+# as a campaign's account may call once an hour or less.
+SETTLED_SCORE, SETTLED_RESCORE_MS = 0.99, 24 * 3_600_000
 MODEL_WARM_UP_MS = 3_600_000  # models first seen in the stream's first hour existed before it started
 # Key kinds specific enough to tie an account to a blocked cluster below the linking threshold (a shared
 # user agent, TLS library or cloud ASN is not).
@@ -550,12 +551,14 @@ class Detector:
         settings = self.settings
         # Scoring on change: a quiet account was scored moments ago, and it joined no cluster and no blocked one
         # since. Its windows take the event; the next event after rescore_ms scores them.
-        # And a settled account: blocked in a blocked cluster at a published score of SETTLED_SCORE or more,
-        # scored within SETTLED_RESCORE_MS and since the fusion model last learned. A cluster stays blocked, and
-        # linked_to_blocked alone holds the score over 0.99 with the prior weights (every term adds): no record can
-        # be due. A quarter of the bench traffic's events are such (campaign accounts calling on after their
-        # block). Its prompts still feed caught_content and its new keys are still blocked (below).
-        settled = (acct.action == "block" and cluster.blocked and acct.emitted_score >= SETTLED_SCORE
+        # And a settled account: blocked in a blocked cluster, last scored at SETTLED_SCORE or more (within
+        # SETTLED_RESCORE_MS, and since the fusion model last learned), its published score within
+        # min_score_change of 1. A cluster stays blocked, and linked_to_blocked alone holds the score over 0.99
+        # with the prior weights (every term adds): no record can be due. A quarter of the bench traffic's events
+        # are such (campaign accounts calling on after their block). Its prompts still feed caught_content and its
+        # new keys are still blocked (below).
+        settled = (acct.action == "block" and cluster.blocked and acct.score >= SETTLED_SCORE
+                   and acct.emitted_score > 1.0 - settings.min_score_change
                    and not rerooted and acct.scored_ts > self._learned_ts and ts - acct.scored_ts < SETTLED_RESCORE_MS)
         quiet = settled or (acct.score < settings.quiet_score and acct.action == "allow" and not cluster.blocked
                             and ts - acct.scored_ts < settings.rescore_ms and not rerooted)

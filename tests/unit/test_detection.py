@@ -6,7 +6,7 @@ import pytest
 
 from detector import features as feat
 from detector.clusters import ClusterState
-from detector.detection import ONE_ORG_DISCOUNT, Detector
+from detector.detection import ONE_ORG_DISCOUNT, SETTLED_RESCORE_MS, Detector
 from detector.fingerprints import fingerprint
 from detector.schemas import SCORE_SCHEMA, validate
 from detector.settings import DetectionSettings
@@ -553,9 +553,10 @@ def test_a_proxy_rewording_a_caught_campaigns_prompts_is_caught_and_one_with_oth
     assert det.accounts["acct_proxy_other"].action in ("allow", "watch")
 
 
-def test_a_blocked_account_of_a_blocked_cluster_is_scored_once_an_hour_and_its_prompts_still_count():
-    """Settled: blocked, its cluster blocked, its published score 0.99 or more. Its next events within the hour
-    are not scored (no record can be due), but its prompts go on feeding the caught content; an event an hour
+def test_a_blocked_account_of_a_blocked_cluster_is_scored_once_a_day_and_its_prompts_still_count():
+    """Settled: blocked, its cluster blocked, last scored at 0.99 or more and published within min_score_change of
+    1. Its next events within the day
+    are not scored (no record can be due), but its prompts go on feeding the caught content; an event a day
     later, or after the fusion model learned a verdict, is scored again."""
     card = {"payment_fp": "pm_ring", "tier": "build", "account_created_ts": BASE_TS}
     det, _ = run([event("acct_a", BASE_TS, "hi", billing=card), event("acct_b", BASE_TS + 1_000, "hi", billing=card)])
@@ -570,11 +571,11 @@ def test_a_blocked_account_of_a_blocked_cluster_is_scored_once_an_hour_and_its_p
         assert det.process({**later, "event_id": f"evt_later_{i}", "ts": later["ts"] + i * 60_000}) is None
     assert det.stats["scored"] == scored  # five events, none scored
     assert det.caught_content.hits(bands, later["ts"]) == len(set(bands))  # the prompt counts as caught content
-    det.process(event("acct_a", BASE_TS + 3_000 + HOUR, "hi", billing=card))
-    assert det.stats["scored"] == scored + 1  # an hour after its last scoring
-    det.process(event("acct_a", BASE_TS + 3_000 + HOUR + 60_000, "hi", billing=card))
-    det.process(event("acct_c", BASE_TS + 2 * HOUR, "hello"))
-    det.apply_label({"account_id": "acct_c", "label": "benign", "ts": BASE_TS + 2 * HOUR})
+    det.process(event("acct_a", BASE_TS + 3_000 + SETTLED_RESCORE_MS, "hi", billing=card))
+    assert det.stats["scored"] == scored + 1  # a day after its last scoring
+    det.process(event("acct_a", BASE_TS + 3_000 + SETTLED_RESCORE_MS + 60_000, "hi", billing=card))
+    det.process(event("acct_c", BASE_TS + SETTLED_RESCORE_MS + HOUR, "hello"))
+    det.apply_label({"account_id": "acct_c", "label": "benign", "ts": BASE_TS + SETTLED_RESCORE_MS + HOUR})
     scored = det.stats["scored"]
-    det.process(event("acct_a", BASE_TS + 2 * HOUR + 1_000, "hi", billing=card))
+    det.process(event("acct_a", BASE_TS + SETTLED_RESCORE_MS + HOUR + 1_000, "hi", billing=card))
     assert det.stats["scored"] == scored + 1  # the fusion model learned since its last scoring
