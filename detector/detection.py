@@ -687,8 +687,7 @@ class Detector:
                 self._fold_foreign(aid, ts, s[3], s[5], s[6])
             elif s[0] == "l":
                 # Another worker's analyst verdict: learn from the evidence its account showed (known terms only).
-                self.fusion.learn_one({k: float(v) for k, v in s[4].items() if k in PRIOR_WEIGHTS}, bool(s[3]))
-                self._learned_ts = max(self._last_ts, ts)
+                self._learn({k: float(v) for k, v in s[4].items() if k in PRIOR_WEIGHTS}, bool(s[3]))
             elif self.linker.knows(aid):
                 counted = self._foreign_caught(aid, s[3])
                 if s[3] & (THROTTLED | BLOCKED):
@@ -1083,8 +1082,7 @@ class Detector:
             f = feat.features(acct.state, max(acct.state.last_ts, 1))
             evidence, _, _ = self._evidence(f, self.model.score_one(squash(f)), cluster,
                                             self.linker.root(aid), acct.state.last_ts, aid)
-            self.fusion.learn_one(evidence, attack)
-            self._learned_ts = self._last_ts
+            self._learn(evidence, attack)
             ts = acct.state.last_ts
             if self._signals is not None:
                 self._signals.append(("l", aid, label["ts"], int(attack), evidence))
@@ -1105,6 +1103,11 @@ class Detector:
             return self._emit(acct, aid, ts, 1.0, "block", [("analyst_label", 1.0, 1.0, 0)], cluster_id, emitted_at)
         self.allowlist.add(aid)
         return self._emit(acct, aid, ts, 0.0, "allow", [("analyst_label", 1.0, 0.0, 0)], None, emitted_at)
+
+    def _learn(self, evidence: dict[str, float], attack: bool) -> None:
+        """The fusion model learns a verdict; every account scored before it is scored again on its next event."""
+        self.fusion.learn_one(evidence, attack)
+        self._learned_ts = self._last_ts
 
     # ----------------------------------------------------------------------------------------------
     def drain_changes(self) -> list[tuple[str, int, bytes | None]]:

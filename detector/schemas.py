@@ -226,7 +226,7 @@ def _hex16_list(items: list[Any]) -> bool:
         joined = ",".join(items)
     except TypeError:  # an item that is not a string
         return False
-    return len(joined) == 17 * len(items) - 1 * bool(items) and _HEX16_LIST.fullmatch(joined) is not None
+    return len(joined) == max(17 * len(items) - 1, 0) and _HEX16_LIST.fullmatch(joined) is not None
 
 
 def _plainly_valid_event(ev: dict[str, Any]) -> bool:

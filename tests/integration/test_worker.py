@@ -30,13 +30,14 @@ from typing import Any
 
 import orjson
 import pytest
+from kafka import KafkaAdminClient
 
 from detector import broker, simulate
 from detector.detection import Detector
 from detector.gateway import EventPublisher
 from detector.schemas import DEAD_LETTER_SCHEMA, SCORE_SCHEMA, InvalidEvent, decode_event, validate
 from detector.settings import load_settings
-from detector.streaming.topics import ensure_topics
+from detector.streaming.topics import committed, ensure_topics
 from tests.integration.kafka_io import read_topic, wait_for_worker, worker_health, worker_stats
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,21 +111,6 @@ def _wait(what: str, done: Callable[[], bool], proc: subprocess.Popen[bytes], lo
     wait_for_worker(what, done, proc, log, WAIT_S, tail_lines=40)
 
 
-def _committed(bootstrap: str, group: str) -> dict[str, int]:
-    """The group's committed offsets, summed over each topic's partitions."""
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets([group])[group]
-    finally:
-        admin.close()
-    out: dict[str, int] = {}
-    for tp, meta in offsets.items():
-        out[tp.topic] = out.get(tp.topic, 0) + meta.offset
-    return out
-
-
 @pytest.fixture(scope="module")
 def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     t0 = time.monotonic()
@@ -175,8 +161,11 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         result.stats = worker_stats(web_port) or {}
         # Caught up: every input committed. On a loaded machine the last commit can trail the last event by more
         # than COMMIT_STALL_S, and /healthz rightly reports that as a stall; the samples below are of an idle worker.
-        _wait("the last commit", lambda: _committed(kafka_bootstrap, run_id).get(topics["api_calls"]) == total,
-              proc, log)
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        try:
+            _wait("the last commit", lambda: committed(admin, run_id, topics["api_calls"]) == total, proc, log)
+        finally:
+            admin.close()
         # Idle and caught up for longer than COMMIT_STALL_S (3 s here): never stalled.
         for _ in range(HEALTH_SAMPLES):
             time.sleep(1.0)
@@ -202,8 +191,6 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def test_every_valid_event_is_processed_and_every_input_committed(run: Run) -> None:
-    from kafka import KafkaAdminClient
-
     s = run.stats
     assert s["events_processed"] == run.valid
     assert s["events_invalid"] == len(run.invalid)

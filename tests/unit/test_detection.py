@@ -555,9 +555,8 @@ def test_a_proxy_rewording_a_caught_campaigns_prompts_is_caught_and_one_with_oth
 
 def test_a_blocked_account_of_a_blocked_cluster_is_scored_once_a_day_and_its_prompts_still_count():
     """Settled: blocked, its cluster blocked, last scored at 0.99 or more and published within min_score_change of
-    1. Its next events within the day
-    are not scored (no record can be due), but its prompts go on feeding the caught content; an event a day
-    later, or after the fusion model learned a verdict, is scored again."""
+    1. Its next events within the day are not scored (no record can be due), but its prompts go on feeding the
+    caught content; an event a day later, or after the fusion model learned a verdict, is scored again."""
     card = {"payment_fp": "pm_ring", "tier": "build", "account_created_ts": BASE_TS}
     det, _ = run([event("acct_a", BASE_TS, "hi", billing=card), event("acct_b", BASE_TS + 1_000, "hi", billing=card)])
     det.apply_label({"account_id": "acct_b", "label": "attack", "ts": BASE_TS + 2_000})
