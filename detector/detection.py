@@ -113,6 +113,9 @@ ECHO_SHARE_FROM = 0.05
 ECHO_SHARE_SPAN = 0.15
 ECHO_VOLUME_FROM = 20.0
 ECHO_VOLUME_SPAN = 40.0
+# harvest_cross_org trusts a harvest's pace before a whole hour of it (its kept-up factor starts at 2/3, not 1/3)
+# once the account has made this many calls in its day window (see Detector._evidence).
+CROSS_ORG_PACE_EVENTS = 12.0
 #: An account's link keys travel in its cluster signals (detector.signals) at least this often (event time).
 KEYS_EVERY_MS = 600_000
 DEDUP_IDS = 100_000  # event ids remembered for deduplication: between this many and twice as many
@@ -829,8 +832,17 @@ class Detector:
         # The rate is read over the time the account has been observed (hourly_count: the hour-horizon count
         # alone lags a pace that began less than a few hours ago, as every one did at a cold start), and
         # "kept up" to the minute (kept_up_hours), not in whole clock hours.
+        # The same harvest on another organisation's private templates (harvest_cross_org, below) is trusted sooner:
+        # from 2/3 before a whole hour at pace instead of 1/3, once the account has made CROSS_ORG_PACE_EVENTS calls
+        # in the day. The coordination is in the content already; what the hour guards against there is a burst, a
+        # few long answers within minutes reading as a fast pace (on default, a researcher's account with four calls
+        # in its day reached 0.66 without the count). EVALUATION.md: the resellers are first caught after 0.56 h
+        # instead of 0.84 h on default, 1.15 h instead of 1.85 h on paraphrase; no ordinary account newly caught.
+        cross_harvest = harvest
         if harvest > 0.0:  # kept_up_hours reads up to 23 slots: only for the few accounts it can matter to
-            harvest *= _clip((feat.kept_up_hours(st, ts) + 1.0) / 3.0)
+            kept = feat.kept_up_hours(st, ts)
+            harvest *= _clip((kept + 1.0) / 3.0)
+            cross_harvest *= _clip((kept + (2.0 if n >= CROSS_ORG_PACE_EVENTS else 1.0)) / 3.0)
         # ... and whether half or more of its recurring templates are filled outside its cluster (a second scan,
         # only for a harvest on a template another org fills): see harvest_cross_org below.
         mostly_shared = False
@@ -906,7 +918,7 @@ class Detector:
             # send too is the public text its job processes (held-out seed 11: an edtech job's exercise that a
             # tutoring app, a lab and the CoT campaign also send). The campaigns' accounts that this term
             # catches had one to four recurring bands, three in four or more of them filled elsewhere.
-            "harvest_cross_org": harvest * mostly_shared,
+            "harvest_cross_org": cross_harvest * mostly_shared,
             # A family or a small team on one card: weak; a card paying for dozens of personal accounts: strong.
             "shared_payment": shared_card,
             # ... and those accounts freshly created: accounts opened in bulk on one card.

@@ -6,7 +6,7 @@ import pytest
 
 from detector import features as feat
 from detector.clusters import ClusterState
-from detector.detection import ONE_ORG_DISCOUNT, SETTLED_RESCORE_MS, Detector
+from detector.detection import CROSS_ORG_PACE_EVENTS, ONE_ORG_DISCOUNT, SETTLED_RESCORE_MS, Detector
 from detector.fingerprints import fingerprint
 from detector.schemas import SCORE_SCHEMA, validate
 from detector.settings import DetectionSettings
@@ -517,6 +517,32 @@ def test_a_harvest_on_templates_mostly_filled_by_other_orgs_is_cross_org_and_one
     assert one["harvest_cross_org"] == 0.0
     assert two["harvest_cross_org"] == pytest.approx(before["harvest"] / ONE_ORG_DISCOUNT)  # undiscounted
     assert (two["harvest"], two["cluster_harvest"]) == (before["harvest"], before["cluster_harvest"])
+
+
+def test_a_harvest_on_another_orgs_template_counts_sooner_once_it_has_a_dozen_calls_and_a_burst_does_not():
+    """Before a whole hour at pace the harvest counts 1/3 (a researcher's burst reads as a fast pace). On a
+    template another organisation fills (``harvest_cross_org``) it counts 2/3 once the account has made
+    CROSS_ORG_PACE_EVENTS calls in the day: the coordination is in the content already. Below that count, a
+    few long answers in minutes, it counts 1/3 as the harvest does."""
+    start = BASE_TS - BASE_TS % HOUR + HOUR
+    events = harvest_and_lab(hours=1, start=start, orgs=1)  # one org: its own harvest counts ONE_ORG_DISCOUNT
+
+    def after(minutes):
+        det, _ = run([e for e in events if e["ts"] < start + minutes * 60_000])
+        aid = "acct_h00"
+        det.linker.link(aid, [("tmpl", 901)])  # a recurring template of its ...
+        for i in range(4):  # ... that four accounts of another org fill (one band: not linked to them)
+            det.linker.link(f"acct_other{i}", [("org", "org_other"), ("tmpl", 901)])
+        st = det.accounts[aid].state
+        evidence, _ = _evidence_at(det, aid, st.last_ts)
+        assert feat.kept_up_hours(st, st.last_ts) == 0.0 and evidence["harvest"] > 0.0
+        ratio = evidence["harvest_cross_org"] * ONE_ORG_DISCOUNT / evidence["harvest"]  # undiscounted against own
+        return feat.features(st, st.last_ts)["n_24h"], ratio
+
+    burst, steady = after(25), after(40)
+    assert burst[0] < CROSS_ORG_PACE_EVENTS <= steady[0]
+    assert burst[1] == pytest.approx(1.0)
+    assert steady[1] == pytest.approx(2.0)
 
 
 def test_a_proxy_rewording_a_caught_campaigns_prompts_is_caught_and_one_with_other_prompts_is_not():
