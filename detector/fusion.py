@@ -107,7 +107,7 @@ class Fusion:
         self.model = linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate),
                                                      intercept_init=PRIOR_INTERCEPT, intercept_lr=learning_rate)
         # River has no public setter for initial weights; _weights is its VectorDict of coefficients.
-        # tests/unit/test_fusion.py fails if that ever changes.
+        # tests/unit/test_fusion.py (test_each_prior_is_the_weight_the_model_starts_from) fails if that changes.
         for name, w in PRIOR_WEIGHTS.items():
             self.model._weights[name] = w
         self.labels_learned = 0

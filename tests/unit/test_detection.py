@@ -380,8 +380,9 @@ def test_a_card_paying_for_two_organisations_is_evidence_a_cluster_spanning_two_
 
 
 def test_thirty_accounts_opened_on_one_card_are_blocked_ten_are_not():
-    """The policy ``fresh_card`` sets, with nothing else against the accounts (README, *Detection*): ten
-    personal accounts opened within days on one card stay allowed; thirty are blocked as a cluster."""
+    """The policy ``fresh_card`` sets, with nothing else against the accounts (docs/DETECTION-LOG.md,
+    *`fresh_card`*): ten personal accounts opened within days on one card stay allowed; thirty are blocked as a
+    cluster."""
     def actions(size):
         billing = {"payment_fp": "pm_b", "tier": "free", "account_created_ts": BASE_TS - 3 * 86_400_000}
         det, _ = run([event(f"acct_b{i:02d}", BASE_TS + i * 1000, billing=billing) for i in range(size)])
