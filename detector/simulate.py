@@ -30,6 +30,9 @@ ordinary kind          looks like an attack because                 but
                        to 1,500 calls a day each, long answers,     exercises are in public datasets),
                        around the clock, moves to the new model     users' day across time zones, no
                        within hours of its release                  replays, no template shared with others
+``vendor_tool``        a vendor's frame and user agent filled by    each company's own card, cloud network
+  (``vendor_tool``     eight companies' accounts each (three        and inputs (code, records), but for the
+  scenario only)       vendors) at a harvest's pace, long answers   tutor's: its learners' public exercises
 ``early_adopter``      switches to a new model within hours         chat-like volume and content
 ``vpn_user``           calls from 3-8 networks a day (a VPN or      chat-like content and timing, one user
                        relay picking another exit each time),       agent, own card; one in five is a heavy
@@ -266,6 +269,7 @@ class _Config:
     content_pipeline: tuple[int, ...] = (5, 4)  # accounts per content-generation org (publisher, edtech, ...)
     vpn_user: int = 60
     app_backend: tuple[int, ...] = (3, 3, 2, 2, 1)  # accounts per org running an app on the API for its own users
+    vendor_tool: tuple[int, ...] = ()  # accounts per company running one vendor's tool with its own API keys
     hydra: int = 600
     model_hopper: int = 16
     cot_coercion: int = 24
@@ -334,6 +338,10 @@ _SCENARIOS: dict[str, Callable[[random.Random], _Config]] = {
     "fast_rotation": functools.partial(_default, name="fast_rotation", fast_rotation=True),
     "slow_ramp": functools.partial(_default, name="slow_ramp", slow_ramp=True),
     "many_asns": functools.partial(_default, name="many_asns", many_asns=True),
+    # Hard ordinary traffic, not an attack variant: 24 companies run three vendors' tools (eight each) with their own
+    # keys, so each tool's frame is filled by many organisations at a harvest's pace.
+    "vendor_tool": functools.partial(_default, name="vendor_tool",
+                                     vendor_tool=(3, 3, 3, 2, 2, 2, 2, 2, 2) + (1,) * 15),
     "holdout": _holdout,
 }
 
@@ -629,6 +637,42 @@ _APPS = (
      "reasoning step by step, check the student's understanding, and do not just give away the final answer."),
     ("writing", "You are the assistant inside Notable, a notes and writing app. Help the user draft, summarise and "
      "rewrite their notes. Match their language and tone; keep answers well structured."),
+)
+
+# A code-review customer's own code base: its identifiers, built from these words (vendor_tool).
+_CODE_WORDS = ("user", "order", "cache", "queue", "token", "config", "session", "report", "invoice", "price", "stock",
+               "ledger", "batch", "event", "route", "schema", "record", "client", "account", "payment", "index",
+               "filter", "buffer", "worker", "metric", "alert", "export", "import", "render", "parse", "load", "save",
+               "sync", "merge", "split", "retry", "limit", "scope", "field", "table", "query", "model", "state")
+_CHANGE_VERBS = ("Refactor", "Fix the bug in", "Add tests for", "Speed up", "Rename", "Remove", "Document",
+                 "Handle errors in", "Add caching to", "Split up")
+# Vendors' tools that companies run with their own API keys (vendor_tool): (system prompt, the tool's frame around
+# each call's input, the tool's user agent, what fills it). Every customer of a vendor sends its frame.
+# - a code-review bot: a short frame around the company's own change (its task and code);
+# - a document-extraction tool: long instructions in the user turn around a short record of the company's own;
+# - an exercise tutor for schools and bootcamps: a frame around textbook exercises, which public datasets hold.
+_VENDORS = (
+    ("You are CodeScribe, a code-review assistant. Follow the conventions of the repository under review and be "
+     "specific: name the function and the line you mean.",
+     "Review the change below. Write: a summary of what it does, the public API it touches, the edge cases it misses, "
+     "and a test plan with the tests you would add.\n\n{text}",
+     "codescribe/2.3.1 anthropic-python/0.49.0", "own_change"),
+    (None,
+     "You are the extraction engine of Formwise. Read the record at the end and return a JSON object with these "
+     "fields: party (the legal name of the counterparty as written), reference (the document's own number or "
+     "identifier), issued (the issue date in ISO 8601), due (the due or expiry date in ISO 8601, null if none), "
+     "currency (ISO 4217 code), total (the grand total as a decimal string), lines (an array of objects with "
+     "description, quantity, unit_price and amount), tax (the total tax as a decimal string, null if none), and "
+     "notes (anything a human reviewer should check, as a list of short sentences). Do not guess: when a field is "
+     "missing or unreadable, set it to null and say why in notes. Keep the original spelling of names. Then, after "
+     "the JSON, write a short paragraph for the reviewer explaining any field you were unsure about and why, and "
+     "how the totals reconcile with the lines.\n\nRecord:\n{text}",
+     "formwise-worker/5.12 (python-httpx/0.27.0)", "own_record"),
+    ("You are the tutor of PrepPal, used by schools and bootcamps. Explain clearly and check the learner's "
+     "understanding.",
+     "A learner is working on the exercise below. Give a full worked solution with the reasoning behind each "
+     "part, then two similar practice exercises with their answers.\n\nExercise: {text}",
+     "preppal-server/3.4.0 anthropic-typescript/0.39.0", "public_exercise"),
 )
 
 _NOTE_ASKS = ("Summarise my notes below in five bullet points.", "Rewrite these notes as a short email.",
@@ -1119,6 +1163,51 @@ class _AppActor(_Actor):
 
 
 @dataclass(eq=False)
+class _VendorActor(_Actor):
+    """A vendor tool's calls from one customer account: Poisson over the staff's day and a nightly floor, each the
+    tool's frame around the company's own change (code review), its own record (extraction) or a textbook
+    exercise (the tutor)."""
+
+    daily: float = 400.0
+    tz: int = 0
+    template: tuple[str | None, str] = (None, "{text}")
+    fill: str = "own_change"  # "own_change", "own_record" or "public_exercise" (_VENDORS)
+    inputs: Sequence[str] = ()
+    names: tuple[str, ...] = ("value",)  # the company's identifiers (own_change)
+
+    def _per_hour(self, h: int) -> float:
+        return self.daily / 24.0 * (0.4 + 0.6 * _diurnal(h, self.tz))
+
+    def plan(self, rng: random.Random, lo: int, hi: int, day: int, state: dict[str, int]) -> list[tuple[int, _Req]]:
+        system, fmt = self.template
+        out: list[tuple[int, _Req]] = []
+        for ts in _uniform_hours(rng, lo, hi, self._per_hour):
+            out.append((ts, (fmt.format(text=self._input(rng)), system, self._client(rng), 0, None, None)))
+        return out
+
+    def _input(self, rng: random.Random) -> str:
+        if self.fill == "public_exercise":
+            return self.inputs[rng.randrange(len(self.inputs))]
+        if self.fill == "own_record":  # a short record: the frame is most of the prompt
+            amount = rng.randrange(100, 10**6)
+            date = f"2026-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d}"
+            return (f"{rng.choice(_AGENT_RES).title()} {rng.choice(_AGENT_COLS)} no. {rng.randrange(10**6)}, {date}, "
+                    f"total {amount // 100}.{amount % 100:02d}")
+        names = self.names
+
+        def n() -> str:
+            return names[rng.randrange(len(names))]
+
+        lines = [rng.choice((f"def {n()}(self, {n()}, {n()}):", f"    return {n()}({n()}, {n()})",
+                             f"    if not {n()}.{n()}:", f"        raise {n().title()}Error('{n()}')",
+                             f"    {n()} = self.{n()}({n()}, {n()})", f"# {n()}: {n()} before {n()}",
+                             f"from {n()} import {n()}, {n()}", f"class {n().title()}({n().title()}):"))
+                 for _ in range(rng.randrange(8, 30))]
+        return (f"{rng.choice(_CHANGE_VERBS)} {n()} in {n()}/{n()}.py\n\n```diff\n"
+                + "\n".join(f"{rng.choice('+-')}{line}" for line in lines) + "\n```")
+
+
+@dataclass(eq=False)
 class _EvalActor(_Actor):
     """Evaluation harness: runs through a fixed benchmark at some concurrency, 0-3 runs a day."""
 
@@ -1444,6 +1533,9 @@ class _Builder:
         self._vpn_users(self._n(c.vpn_user))
         for i, size in enumerate(self._split(c.app_backend)):
             self._app_org(size, _APPS[i % len(_APPS)])
+        # Only in the vendor_tool scenario (_split keeps one organisation of an empty list); last, so no draw moves.
+        for i, size in enumerate(self._split(c.vendor_tool) if c.vendor_tool else []):
+            self._vendor_customer(size, _VENDORS[i % len(_VENDORS)])
 
     def _vpn_users(self, n: int) -> None:
         """People behind a VPN or a privacy relay that picks another exit for each connection: their calls
@@ -1692,6 +1784,34 @@ class _Builder:
                 prompts=prompts, hh=self.hh,
             ))
 
+    def _vendor_customer(self, n: int, vendor: tuple[str | None, str, str, str]) -> None:
+        """A company running a vendor's tool with its own API keys (bring your own key): the tool's frame around
+        the company's inputs, long answers, 200-700 calls a day per account over its staff's day and nightly
+        jobs, from its own cloud network on its own card, with the tool's user agent. Many organisations fill the
+        vendor's frame at a harvest's pace, as one operation split over organisations of its own would; what
+        differs is that each company's card and network are its own, and so are its inputs, but for the tutor's
+        customers: their learners send textbook exercises, which public datasets (and campaigns) hold too."""
+        rng = self.rng
+        system, fmt, ua, fill = vendor
+        org, pm = f"org_{self._hex(12)}", f"pm_{self._hex()}"
+        net = rng.choice(_CLOUD)
+        subnet = rng.randrange(1024)
+        clients = tuple(_client(_ipv4(rng, net[0], subnet=subnet), net, ua) for _ in range(rng.randrange(1, 3)))
+        inputs = self.content_inputs["exercises"] if fill == "public_exercise" else ()
+        # The company's own code base: identifiers of its own (another company's code shares its syntax, not them).
+        prefix = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randrange(3, 6)))
+        names = tuple(f"{prefix}_{w}" if rng.random() < 0.5 else f"{w}_{prefix}" for w in rng.sample(_CODE_WORDS, 30))
+        for _ in range(n):
+            created = self._old(60, 900)
+            acct = self._account("vendor_tool", None, org=org, payment=pm, tier=rng.choice(("tier-3", "tier-4")),
+                                 created=created, n_keys=rng.randrange(1, 3))
+            daily = rng.uniform(200, 700) * self.cfg.volume
+            self._add(_VendorActor(
+                acct, self._seed(), self.start, self.end, clients, _STYLE_CONTENT, _Models(base=MODEL_CURRENT),
+                expected=daily * self.cfg.days, daily=daily, tz=net[2], template=(system, fmt), fill=fill,
+                inputs=inputs, names=names,
+            ))
+
     # ---- campaigns -----------------------------------------------------------------------------------
 
     def _campaign_infra(self, groups: int, nets: Sequence[tuple[int, str, int]], n_subnets: int,
@@ -1925,7 +2045,7 @@ class _Builder:
             kind = self.labels[a.account.account_id].kind
             expected[kind] = expected.get(kind, 0.0) + a.expected
         ordinary_kinds = ("chat", "early_adopter", "researcher", "agentic_coding", "corporate_nat", "eval_harness",
-                          "enterprise_batch", "content_pipeline", "vpn_user", "app_backend")
+                          "enterprise_batch", "content_pipeline", "vpn_user", "app_backend", "vendor_tool")
         ordinary = ", ".join(f"{k[x]} {x}" for x in ordinary_kinds if x in k)
         flags = [f for f in ("paraphrase", "fast_rotation", "slow_ramp", "many_asns") if getattr(c, f)]
         hydra, hydra_ev = k.get("hydra", 0), expected.get("hydra", 0.0)

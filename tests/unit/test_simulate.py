@@ -51,7 +51,7 @@ def default_small() -> tuple[simulate.Simulation, collections.Counter[tuple[str,
 
 def test_scenario_names() -> None:
     assert set(simulate.scenario_names()) >= {
-        "default", "demo", "smoke", "paraphrase", "fast_rotation", "slow_ramp", "many_asns", "holdout"
+        "default", "demo", "smoke", "paraphrase", "fast_rotation", "slow_ramp", "many_asns", "holdout", "vendor_tool"
     }
     with pytest.raises(ValueError):
         simulate.build("nope")
@@ -206,6 +206,39 @@ def test_app_backends_look_like_a_harvest_but_send_their_users_prompts() -> None
             assert len(own) / len(sent) > 0.6 and len(set(own)) / len(own) > 0.95
         elif actor.app == "writing":  # the app's own few requests, over the user's texts
             assert {p.split("\n\n", 1)[0] for p in sent} <= set(actor.asks)
+
+
+def test_vendor_tool_customers_fill_their_vendors_frame_at_a_harvests_pace_each_from_its_own_card_and_network(
+) -> None:
+    """The vendor_tool scenario: 24 companies run three vendors' tools (eight each) with their own keys. Every call
+    is its vendor's frame and user agent around the company's own change or record (no two alike), or a textbook
+    exercise (the tutor's); long answers at a harvester's pace; each company its own org, card and /24; no
+    new-model jump. Only that scenario has them."""
+    sim = simulate.build("vendor_tool", seed=5)
+    assert not any(label.kind == "vendor_tool" for label in simulate.build("default", seed=5).labels.values())
+    actors = [a for a in sim._actors if sim.labels[a.account.account_id].kind == "vendor_tool"]
+    by_org = collections.defaultdict(list)
+    for actor in actors:
+        by_org[actor.account.org_id].append(actor)
+    assert len(by_org) == 24 and len(actors) == 36
+    cards = [{a.account.billing["payment_fp"] for a in accts} for accts in by_org.values()]
+    assert all(len(c) == 1 for c in cards) and len(set().union(*cards)) == 24
+    assert len({c["ip"].rsplit(".", 1)[0] for a in actors for c in a.clients}) == 24
+    for system, frame, ua, fill in simulate._VENDORS:
+        customers = [accts for accts in by_org.values() if accts[0].fill == fill]
+        assert len(customers) == 8
+        assert {c["user_agent"] for accts in customers for a in accts for c in a.clients} == {ua}
+        for accts in customers[:3]:
+            calls = list(accts[0].stream(0, sim.start_ts, sim.end_ts))
+            ok = [c for c in calls if c[7] == 200]
+            assert len(calls) / 3 >= 150 and sorted(c[8] for c in ok)[len(ok) // 2] >= 1000
+            sent = [c[6][0] for c in calls]
+            assert all(p.startswith(frame.split("{text}")[0]) for p in sent) and {c[6][1] for c in calls} == {system}
+            assert not any(c[5] == simulate.MODEL_NEW for c in calls)
+            if fill == "public_exercise":  # the exercises are the public dataset's, as they are
+                assert {p.split("Exercise: ", 1)[1] for p in sent} <= set(accts[0].inputs)
+            else:
+                assert len(set(sent)) / len(sent) > 0.95
 
 
 def test_adversarial_and_holdout_scenarios_build() -> None:
