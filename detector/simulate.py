@@ -1127,19 +1127,26 @@ class _BatchActor(_Actor):
 
 
 @dataclass(eq=False)
-class _AppActor(_Actor):
-    """An app's backend account: its users' requests, Poisson around the clock with their day."""
+class _DayShapedActor(_Actor):
+    """Calls Poisson around the clock, busiest in the people's day it serves: a floor of 40% of the mean rate
+    at night (an app's users across time zones, a company's nightly jobs)."""
 
     daily: float = 1000.0
     tz: int = 0
+
+    def _per_hour(self, h: int) -> float:
+        return self.daily / 24.0 * (0.4 + 0.6 * _diurnal(h, self.tz))
+
+
+@dataclass(eq=False)
+class _AppActor(_DayShapedActor):
+    """An app's backend account: its users' requests, Poisson around the clock with their day."""
+
     app: str = "writing"  # "coding", "tutor" or "writing" (_APPS)
     asks: tuple[str, ...] = ()  # writing: the app's requests about a user's notes (its buttons)
     system: str | None = None
     prompts: _Mixture = field(default=None)  # type: ignore[assignment]
     hh: frozenset[str] = frozenset()
-
-    def _per_hour(self, h: int) -> float:
-        return self.daily / 24.0 * (0.4 + 0.6 * _diurnal(h, self.tz))
 
     def plan(self, rng: random.Random, lo: int, hi: int, day: int, state: dict[str, int]) -> list[tuple[int, _Req]]:
         out: list[tuple[int, _Req]] = []
@@ -1163,20 +1170,15 @@ class _AppActor(_Actor):
 
 
 @dataclass(eq=False)
-class _VendorActor(_Actor):
+class _VendorActor(_DayShapedActor):
     """A vendor tool's calls from one customer account: Poisson over the staff's day and a nightly floor, each the
     tool's frame around the company's own change (code review), its own record (extraction) or a textbook
     exercise (the tutor)."""
 
-    daily: float = 400.0
-    tz: int = 0
     template: tuple[str | None, str] = (None, "{text}")
     fill: str = "own_change"  # "own_change", "own_record" or "public_exercise" (_VENDORS)
     inputs: Sequence[str] = ()
     names: tuple[str, ...] = ("value",)  # the company's identifiers (own_change)
-
-    def _per_hour(self, h: int) -> float:
-        return self.daily / 24.0 * (0.4 + 0.6 * _diurnal(h, self.tz))
 
     def plan(self, rng: random.Random, lo: int, hi: int, day: int, state: dict[str, int]) -> list[tuple[int, _Req]]:
         system, fmt = self.template
