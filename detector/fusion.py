@@ -87,8 +87,8 @@ DETAILS: dict[str, str] = {
     "cluster_harvest": "one of {n} linked accounts pulling long answers (~{v:.0f} output tokens each) at a high rate",
     "harvest_new_model": "pulls long answers at a high rate from a model released within the last day "
                          "({pct} of last-hour traffic)",
-    "harvest_cross_org": "pulls long answers (~{v:.0f} output tokens each) on private templates another "
-                         "organisation's accounts fill too",
+    "harvest_cross_org": "pulls long answers (~{v:.0f} output tokens each) on private templates that another "
+                         "organisation's accounts fill too, and a caught or throwaway account",
     "shared_payment": "payment method shared by {v:.0f} accounts outside any organisation",
     "fresh_card": "newly created, on a payment method shared by {v:.0f} accounts outside any organisation",
     "network_rotation": "calls from {v:.0f} networks (ASNs) in the last one to two days",

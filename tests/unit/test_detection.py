@@ -475,23 +475,53 @@ def test_two_prompts_a_blocked_campaign_sent_once_are_not_its_templates():
     assert theirs["near_blocked"] > 0.0
 
 
-def test_a_harvest_split_over_two_orgs_on_shared_private_templates_is_caught():
-    """Two orgs of six harvesters each, on their own cards and networks (nothing links them), filling the
-    same private templates: one operation dressed up as two companies' pipelines (the model hopper of
-    fast_rotation). A company's own pipeline fills its own templates (the one-org test above)."""
+def _split_over_orgs(orgs=2):
+    """``harvest_and_lab`` with each org's harvesters on a network and user agent of its own: nothing links the orgs."""
     events = []
-    for e in harvest_and_lab(orgs=2):
+    for e in harvest_and_lab(orgs=orgs):
         if e["account_id"].startswith("acct_h"):
-            org = int(e["account_id"][-2:]) % 2
+            org = int(e["account_id"][-2:]) % orgs
             e = {**e, "client": {**e["client"], "ip": f"198.18.{org}.9", "asn": 16509 + org,
                                  "user_agent": f"pipeline-{org}/1.0"}}
         events.append(e)
+    return events
+
+
+def _throwaways(det, keys, n=2):
+    """A campaign's throwaway accounts (no org, linked by one card) holding ``keys`` too: suspects to
+    ``Linker.held_by_suspects``."""
+    for i in range(n):
+        det.linker.link(f"acct_throwaway{i}", [("pay", "pm_throwaway"), *keys])
+
+
+def test_a_harvest_split_over_orgs_is_caught_once_a_suspect_fills_its_templates_and_not_before():
+    """Two orgs of six harvesters each, on their own cards and networks (nothing links them), filling the same
+    private templates: to the detector that is one operation dressed up as two companies' pipelines, or two
+    companies running one vendor's tool (the vendor_tool scenario). It is left alone until a suspect fills the
+    templates too: an account caught (here by an analyst's verdict, from then on), or a campaign's throwaway
+    accounts. Then every harvester of the other org is caught on ``harvest_cross_org``."""
+    events = _split_over_orgs()
     det, records = run(events)
     harvesters = [a for a in det.accounts if a.startswith("acct_h")]
     assert len({det.linker.root(a) for a in harvesters}) == 2  # two clusters, one per org
-    assert all(det.accounts[a].action in ("throttle", "block") for a in harvesters)
-    assert "harvest_cross_org" in {c["code"] for r in records if r["action"] != "allow" for c in r["reasons"]}
+    assert all(det.accounts[a].action == "allow" for a in det.accounts)  # customers of one vendor, maybe
+
+    cut = BASE_TS + 2 * HOUR
+    det, records = run([e for e in events if e["ts"] < cut])
+    det.apply_label({"account_id": "acct_h00", "label": "attack", "ts": cut})  # org_h0's cluster is blocked
+    records = [r for e in events if e["ts"] >= cut and (r := det.process(e, emitted_at=e["ts"])) is not None]
+    other = [a for a in harvesters if a.endswith(("1", "3", "5", "7", "9"))]  # org_h1's
+    assert all(det.accounts[a].action in ("throttle", "block") for a in other)
+    assert "harvest_cross_org" in {c["code"] for r in records if r["account_id"] in other and r["action"] != "allow"
+                                   for c in r["reasons"]}
     assert all(det.accounts[a].action == "allow" for a in det.accounts if a.startswith("acct_lab"))
+
+    det, _ = run([e for e in events if e["ts"] < cut])
+    aid = "acct_h01"
+    before, _ = _evidence_at(det, aid, cut)
+    _throwaways(det, [k for k in det.linker.keys_of(aid) if k[0] == "tmpl" and det.linker.degree(k) >= 4][:1])
+    after, _ = _evidence_at(det, aid, cut)
+    assert before["harvest_cross_org"] == 0.0 < after["harvest_cross_org"]
 
 
 def test_a_harvest_on_templates_mostly_filled_by_other_orgs_is_cross_org_and_one_public_band_is_not():
@@ -508,6 +538,7 @@ def test_a_harvest_on_templates_mostly_filled_by_other_orgs_is_cross_org_and_one
         for i in range(4):
             det.linker.link(f"acct_{org}{i}", [("org", org), band])
 
+    _throwaways(det, bands[:1])  # a campaign's accounts fill one of them (else nothing is cross-org: the test above)
     before, _ = _evidence_at(det, aid, ts)
     filled_by("org_a", bands[0])
     one, _ = _evidence_at(det, aid, ts)
@@ -534,6 +565,7 @@ def test_a_harvest_on_another_orgs_template_counts_sooner_once_it_has_a_dozen_ca
         det.linker.link(aid, [("tmpl", 901)])  # a recurring template of its ...
         for i in range(4):  # ... that four accounts of another org fill (one band: not linked to them)
             det.linker.link(f"acct_other{i}", [("org", "org_other"), ("tmpl", 901)])
+        _throwaways(det, [("tmpl", 901)])  # ... and a campaign's throwaway accounts
         st = det.accounts[aid].state
         evidence, _ = _evidence_at(det, aid, st.last_ts)
         assert feat.kept_up_hours(st, st.last_ts) == 0.0 and evidence["harvest"] > 0.0
