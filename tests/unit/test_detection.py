@@ -475,6 +475,19 @@ def test_two_prompts_a_blocked_campaign_sent_once_are_not_its_templates():
     assert theirs["near_blocked"] > 0.0
 
 
+def harvest_split_over_orgs():
+    """``harvest_and_lab`` with the harvesters of each of its two orgs on a network and user agent of their own
+    (org_h0: the even accounts, org_h1: the odd ones): nothing links the two orgs."""
+    events = []
+    for e in harvest_and_lab(orgs=2):
+        if e["account_id"].startswith("acct_h"):
+            org = int(e["account_id"][-2:]) % 2
+            e = {**e, "client": {**e["client"], "ip": f"198.18.{org}.9", "asn": 16509 + org,
+                                 "user_agent": f"pipeline-{org}/1.0"}}
+        events.append(e)
+    return events
+
+
 def _throwaways(det, keys, n=2):
     """A campaign's throwaway accounts (no org, linked by one card) holding ``keys`` too: suspects to
     ``Linker.held_by_suspects``."""
@@ -488,13 +501,7 @@ def test_a_harvest_split_over_orgs_is_caught_once_a_suspect_fills_its_templates_
     companies running one vendor's tool (the vendor_tool scenario). It is left alone until a suspect fills the
     templates too: an account caught (here by an analyst's verdict, from then on), or a campaign's throwaway
     accounts. Then every harvester of the other org is caught on ``harvest_cross_org``."""
-    events = []
-    for e in harvest_and_lab(orgs=2):
-        if e["account_id"].startswith("acct_h"):
-            org = int(e["account_id"][-2:]) % 2
-            e = {**e, "client": {**e["client"], "ip": f"198.18.{org}.9", "asn": 16509 + org,
-                                 "user_agent": f"pipeline-{org}/1.0"}}
-        events.append(e)
+    events = harvest_split_over_orgs()
     det, records = run(events)
     harvesters = [a for a in det.accounts if a.startswith("acct_h")]
     assert len({det.linker.root(a) for a in harvesters}) == 2  # two clusters, one per org

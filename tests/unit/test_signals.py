@@ -19,7 +19,7 @@ from detector.settings import DetectionSettings, Settings
 from detector.signals import ARRIVAL, MAX_PER_MESSAGE, decode_batch, encode_batches
 from detector.streaming.routing import Router, Source
 from tests.factory import BASE_TS, event
-from tests.unit.test_detection import HOUR, campaign_and_ordinary
+from tests.unit.test_detection import HOUR, campaign_and_ordinary, harvest_split_over_orgs
 
 CAUGHT = ("throttle", "block")
 
@@ -90,6 +90,34 @@ def test_a_new_account_is_blocked_on_first_sight_by_a_cluster_the_other_worker_b
             assert any(r["code"] == "linked_to_blocked" for r in rec["reasons"])
         else:
             assert rec is None or rec["action"] not in CAUGHT
+
+
+def test_an_account_another_worker_caught_makes_a_harvest_on_its_templates_cross_org():
+    """The harvest split over two orgs (test_detection), one org per worker. An analyst's verdict on worker 0
+    blocks org_h0's accounts; worker 1 learns they are caught from the signals, so they are suspects there and
+    org_h1's harvesters are caught on ``harvest_cross_org``. Without sharing worker 1 sees no suspect."""
+    events = harvest_split_over_orgs()
+    cut = BASE_TS + 2 * HOUR
+    for share in (True, False):
+        w0, w1 = Detector(share_clusters=share), Detector(share_clusters=share)
+        records, labelled = [], False
+        for e in events:
+            if e["ts"] >= cut and not labelled:
+                w0.apply_label({"account_id": "acct_h00", "label": "attack", "ts": cut})
+                labelled = True
+            home = w1 if e["account_id"][-1] in "13579" else w0  # org_h1's harvesters (and a lab's accounts)
+            rec = home.process(e, emitted_at=e["ts"])
+            if home is w1 and rec is not None:
+                records.append(rec)
+            w1.apply_signals(w0.drain_signals())
+            w0.apply_signals(w1.drain_signals())
+        harvesters = [a for a in w1.accounts if a.startswith("acct_h")]
+        assert len(harvesters) == 6
+        if share:
+            assert all(w1.accounts[a].action in CAUGHT for a in harvesters)
+            assert "harvest_cross_org" in {c["code"] for r in records if r["action"] != "allow" for c in r["reasons"]}
+        else:
+            assert all(w1.accounts[a].action == "allow" for a in harvesters)
 
 
 def test_signals_of_an_account_the_detector_holds_are_ignored():
