@@ -35,7 +35,7 @@ from detector.settings import Settings
 #: ``name@seed`` runs a scenario with a seed of its own: the held-out scenario draws its whole population and
 #: campaigns from its seed, so each seed is another held-out configuration.
 DEFAULT_SUITE = ("default", "holdout", "paraphrase", "fast_rotation", "slow_ramp", "many_asns",
-                 "holdout@11", "holdout@23", "holdout@31", "holdout@41", "vendor_tool")
+                 "holdout@11", "holdout@23", "holdout@31", "holdout@41", "vendor_tool", "vendor_tool@11")
 #: How long another worker's events take to reach a worker's copy of the clusters (detector.signals), in event
 #: time: a batch (up to 0.2 s), its publish, and the next fetch of cluster-signals; 2 s is several times that.
 SIGNAL_LAG_MS = 2000
