@@ -566,38 +566,28 @@ class Linker:
                            for h in (self._key_rep[key], *self._key_others.get(key, ())[:limit]))
         return outside, recurring
 
-    def held_by_suspects(self, account: str, kind: str, holder_kind: str, caught: Callable[[str], bool],
-                         min_degree: int = 1, limit: int = 64) -> bool:
+    def held_by(self, account: str, kind: str, suspect: Callable[[str], bool], min_degree: int = 1,
+                limit: int = 64) -> bool:
         """Whether a key of ``kind`` of ``account``, held by ``min_degree`` or more live accounts, is held outside
-        its cluster by a *suspect*: a linked account holding no key of ``holder_kind`` (a campaign's throwaway
-        accounts belong to no organisation and are linked by their cards or networks), or one ``caught`` picks.
-        A vendor's frame is filled by its customers, companies each on its own card and network; a campaign's
-        templates by its own accounts as well. Looks at up to ``limit`` holders per key.
+        its cluster by an account ``suspect`` picks. Looks at up to ``limit`` holders per key.
 
         >>> lk = Linker()
         >>> for a, org in (("a1", "o1"), ("b1", "o2")):  # two companies filling one vendor's frame
         ...     _ = lk.link(a, [("org", org), ("pay", f"pm_{org}"), ("tmpl", 7)])
-        >>> lk.held_by_suspects("a1", "tmpl", "org", caught=lambda h: False)
+        >>> _ = lk.link("a2", [("org", "o1"), ("pay", "pm_o1"), ("tmpl", 7)])  # a1's colleague: not outside
+        >>> lk.held_by("a1", "tmpl", lambda h: h in ("a2", "x1")), lk.held_by("a1", "tmpl", lambda h: h == "b1")
+        (False, True)
+        >>> _ = lk.link("x1", [("tmpl", 8)])  # another template: not a1's
+        >>> lk.held_by("a1", "tmpl", lambda h: h in ("a2", "x1"))
         False
-        >>> lk.held_by_suspects("a1", "tmpl", "org", caught=lambda h: h == "b1")  # the other one caught
-        True
-        >>> _ = lk.link("p1", [("tmpl", 7)])  # someone on their own, in no cluster: public text
-        >>> lk.held_by_suspects("a1", "tmpl", "org", caught=lambda h: False)
-        False
-        >>> for a in ("x1", "x2"):  # throwaway accounts on one card
-        ...     _ = lk.link(a, [("pay", "pm_x"), ("tmpl", 7)])
-        >>> lk.held_by_suspects("a1", "tmpl", "org", caught=lambda h: False)
-        True
         """
         me = self.root(account)
-        keys, parent = self._keys, self._parent
+        keys = self._keys
         for key in keys.get(account, ()):
             if key[0] != kind or self._key_degree[key] < min_degree:
                 continue
             for h in (self._key_rep[key], *self._key_others.get(key, ())[:limit]):
-                if self.root(h) == me or key not in (held := keys.get(h, ())):
-                    continue
-                if (h in parent and not any(k[0] == holder_kind for k in held)) or caught(h):
+                if self.root(h) != me and key in keys.get(h, ()) and suspect(h):
                     return True
         return False
 

@@ -848,8 +848,8 @@ class Detector:
         mostly_shared = False
         if harvest > 0.0 and shared_with_orgs >= 1:
             outside, recurring = self.linker.held_outside(account, "tmpl", min_degree=ORG_SHARED_BAND_HOLDERS)
-            mostly_shared = 2 * outside >= recurring and self.linker.held_by_suspects(
-                account, "tmpl", "org", self._caught, min_degree=ORG_SHARED_BAND_HOLDERS)
+            mostly_shared = 2 * outside >= recurring and self.linker.held_by(
+                account, "tmpl", self._suspect, min_degree=ORG_SHARED_BAND_HOLDERS)
         jump = f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0)  # last-hour share on a new model
         shared_card = _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN)
         # Its card or IP range shared with another organisation's accounts, read only in a cluster that spans two
@@ -919,12 +919,12 @@ class Detector:
             # send too is the public text its job processes (held-out seed 11: an edtech job's exercise that a
             # tutoring app, a lab and the CoT campaign also send). The campaigns' accounts that this term
             # catches had one to four recurring bands, three in four or more of them filled elsewhere.
-            # And only if a suspect fills one of them too: a linked account of no organisation (a campaign's
-            # throwaway accounts) or an account already caught (Linker.held_by_suspects). Companies running one
-            # vendor's tool with their own keys fill its frame at a harvest's pace, each from its own org, card and
-            # network: nothing but the count of orgs tells them from an operation split over organisations of its
-            # own, and that is caught once one of its accounts is (vendor_tool: 34 of 36 customers blocked without
-            # this, none with it; docs/DETECTION-LOG.md has what it cost the model hopper).
+            # And only if a suspect fills one of them too: an account already caught, or one of more than three
+            # accounts of no organisation on one card, as a campaign's throwaway accounts are (Detector._suspect).
+            # Companies running one vendor's tool with their own keys fill its frame at a harvest's pace, each from
+            # its own org, card and network: nothing but the count of orgs tells them from an operation split over
+            # organisations of its own, and that is caught once one of its accounts is (vendor_tool: 34 of 36
+            # customers blocked without this, none with it; docs/DETECTION-LOG.md has what it cost the model hopper).
             "harvest_cross_org": cross_harvest * mostly_shared,
             # A family or a small team on one card: weak; a card paying for dozens of personal accounts: strong.
             "shared_payment": shared_card,
@@ -945,10 +945,13 @@ class Detector:
             values["near_blocked"] = toward
         return evidence, values, c["size"]
 
-    def _caught(self, aid: str) -> bool:
-        """Whether ``aid`` is throttled or blocked, here or (its signals folded in) on another worker."""
+    def _suspect(self, aid: str) -> bool:
+        """Whether ``aid`` is throttled or blocked (here, or on another worker: its signals folded in), or one of
+        more than SHARED_CARD_FROM accounts of no organisation on one card (``shared_payment``): a campaign's
+        throwaway accounts. A small team on personal accounts and one card is not."""
         acct = self.accounts.get(aid)
-        return (acct is not None and acct.action in CAUGHT) or aid in self._foreign_caught_ids
+        return ((acct is not None and acct.action in CAUGHT) or aid in self._foreign_caught_ids
+                or self.linker.card_sharers(aid) > SHARED_CARD_FROM)
 
     def _templated(self, root: str, ts: int) -> bool:
         """Whether the cluster of ``root`` fills shared templates in :data:`NEAR_TEMPLATE_SHARE` or more of

@@ -488,9 +488,9 @@ def harvest_split_over_orgs():
     return events
 
 
-def _throwaways(det, keys, n=2):
-    """A campaign's throwaway accounts (no org, linked by one card) holding ``keys`` too: suspects to
-    ``Linker.held_by_suspects``."""
+def _throwaways(det, keys, n=4):
+    """A campaign's throwaway accounts (no org, more than three on one card) holding ``keys`` too: suspects to
+    ``Detector._suspect``."""
     for i in range(n):
         det.linker.link(f"acct_throwaway{i}", [("pay", "pm_throwaway"), *keys])
 
@@ -500,7 +500,8 @@ def test_a_harvest_split_over_orgs_is_caught_once_a_suspect_fills_its_templates_
     private templates: to the detector that is one operation dressed up as two companies' pipelines, or two
     companies running one vendor's tool (the vendor_tool scenario). It is left alone until a suspect fills the
     templates too: an account caught (here by an analyst's verdict, from then on), or a campaign's throwaway
-    accounts. Then every harvester of the other org is caught on ``harvest_cross_org``."""
+    accounts (more than three of no org on one card; two on a card are a small team). Then every harvester of
+    the other org is caught on ``harvest_cross_org``."""
     events = harvest_split_over_orgs()
     det, records = run(events)
     harvesters = [a for a in det.accounts if a.startswith("acct_h")]
@@ -519,10 +520,13 @@ def test_a_harvest_split_over_orgs_is_caught_once_a_suspect_fills_its_templates_
 
     det, _ = run([e for e in events if e["ts"] < cut])
     aid = "acct_h01"
+    band = [k for k in det.linker.keys_of(aid) if k[0] == "tmpl" and det.linker.degree(k) >= 4][:1]
     before, _ = _evidence_at(det, aid, cut)
-    _throwaways(det, [k for k in det.linker.keys_of(aid) if k[0] == "tmpl" and det.linker.degree(k) >= 4][:1])
+    _throwaways(det, band, n=2)  # a small team on personal accounts and one card: not a campaign's
+    team, _ = _evidence_at(det, aid, cut)
+    _throwaways(det, band, n=4)  # two more on that card: four accounts of no org on one card
     after, _ = _evidence_at(det, aid, cut)
-    assert before["harvest_cross_org"] == 0.0 < after["harvest_cross_org"]
+    assert before["harvest_cross_org"] == team["harvest_cross_org"] == 0.0 < after["harvest_cross_org"]
 
 
 def test_a_harvest_on_templates_mostly_filled_by_other_orgs_is_cross_org_and_one_public_band_is_not():
