@@ -1733,6 +1733,19 @@ class _Builder:
                 template=rng.choice(_ENTERPRISE_TEMPLATES), inputs=inputs,
             ))
 
+    def _company(self, ua: str | tuple[str, ...], n_clients: tuple[int, int]
+                 ) -> tuple[str, str, tuple[int, str, int], tuple[dict[str, Any], ...]]:
+        """A company's org, card, cloud network and its ``n_clients`` (a randrange) clients in one /24 of it, with
+        the user agent ``ua`` (or one of them, drawn)."""
+        rng = self.rng
+        org, pm = f"org_{self._hex(12)}", f"pm_{self._hex()}"
+        net = rng.choice(_CLOUD)
+        subnet = rng.randrange(1024)
+        if not isinstance(ua, str):
+            ua = rng.choice(ua)
+        clients = tuple(_client(_ipv4(rng, net[0], subnet=subnet), net, ua) for _ in range(rng.randrange(*n_clients)))
+        return org, pm, net, clients
+
     def _content_org(self, n: int, job: tuple[str, str | None, str]) -> None:
         """A business generating long content around the clock through several accounts of one org on one
         card (one account per product line or worker pool): the legitimate look-alike of a harvest. One
@@ -1740,11 +1753,7 @@ class _Builder:
         solutions, as a distiller harvesting reasoning would."""
         rng = self.rng
         inputs_name, system, fmt = job
-        org, pm = f"org_{self._hex(12)}", f"pm_{self._hex()}"
-        net = rng.choice(_CLOUD)
-        subnet = rng.randrange(1024)
-        ua = rng.choice(("anthropic-python/0.49.0", "anthropic-typescript/0.39.0"))
-        clients = tuple(_client(_ipv4(rng, net[0], subnet=subnet), net, ua) for _ in range(rng.randrange(1, 4)))
+        org, pm, net, clients = self._company(("anthropic-python/0.49.0", "anthropic-typescript/0.39.0"), (1, 4))
         pool = self.content_inputs[inputs_name]
         for _ in range(n):
             created = self._old(90, 900)
@@ -1767,11 +1776,8 @@ class _Builder:
         ships the upgrade on launch day)."""
         rng = self.rng
         source, system = app
-        org, pm = f"org_{self._hex(12)}", f"pm_{self._hex()}"
-        net = rng.choice(_CLOUD)
-        subnet = rng.randrange(1024)
-        ua = rng.choice(("anthropic-typescript/0.39.0", "anthropic-python/0.49.0", "node-fetch/3.3.2"))
-        clients = tuple(_client(_ipv4(rng, net[0], subnet=subnet), net, ua) for _ in range(rng.randrange(2, 5)))
+        org, pm, net, clients = self._company(
+            ("anthropic-typescript/0.39.0", "anthropic-python/0.49.0", "node-fetch/3.3.2"), (2, 5))
         prompts = {"coding": self.app_coding, "tutor": self.app_tutor}.get(source, self.chat_en)
         switch = self.release + rng.randrange(HOUR, 8 * HOUR)
         asks = tuple(rng.sample(_NOTE_ASKS, 3))
@@ -1795,10 +1801,7 @@ class _Builder:
         customers: their learners send textbook exercises, which public datasets (and campaigns) hold too."""
         rng = self.rng
         system, fmt, ua, fill = vendor
-        org, pm = f"org_{self._hex(12)}", f"pm_{self._hex()}"
-        net = rng.choice(_CLOUD)
-        subnet = rng.randrange(1024)
-        clients = tuple(_client(_ipv4(rng, net[0], subnet=subnet), net, ua) for _ in range(rng.randrange(1, 3)))
+        org, pm, net, clients = self._company(ua, (1, 3))
         inputs = self.content_inputs["exercises"] if fill == "public_exercise" else ()
         # The company's own code base: identifiers of its own (another company's code shares its syntax, not them).
         prefix = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randrange(3, 6)))
