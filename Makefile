@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DURATION ?= 60
 
-.PHONY: install demo test test-unit lint evaluate bench chaos broker-jars clean
+.PHONY: install demo test test-unit lint evaluate bench bench-groupby chaos broker-jars clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ evaluate: install  ## scenarios through replay; writes EVALUATION.md and plots i
 
 bench: broker-jars  ## raw consumer vs worker rate, latency, memory per account; writes bench/results/latest.json
 	$(PY) -m bench.run
+
+bench-groupby: broker-jars  ## what a Faust group_by stage keyed by cluster id adds to an event's trip; writes bench/results/groupby.json
+	$(PY) -m bench.groupby
 
 chaos: broker-jars  ## kill -9 workers, restart the broker, rebalance under load; ends with "chaos: faults=... lost=L duplicated=D uncommitted=U"
 	$(VENV)/bin/detector chaos

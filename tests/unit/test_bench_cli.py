@@ -1,4 +1,5 @@
-"""``python -m bench.run`` refuses a bad ``--worker-env`` in one line, before it starts anything."""
+"""``python -m bench.run`` refuses a bad ``--worker-env``, and ``python -m bench.groupby`` bad options, in one line,
+before they start anything."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import run
+from bench import groupby, run
 
 
 @pytest.mark.parametrize(("item", "says"), [
@@ -37,3 +38,16 @@ def test_a_phase_setting_wins_over_worker_env(tmp_path: Path, monkeypatch: pytes
     assert envs[0]["DETECTOR_WORKER__SHARE_CLUSTERS"] == "false"
     assert envs[0]["DETECTOR_WORKER__BATCH_MAX_BYTES"] == "2097152"
     assert envs[0]["DETECTOR_WORKER__APP_ID"] == "app"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--rates", "500,fast"], "--rates must be numbers separated by commas, got '500,fast'"),
+    (["--modes", "direct,shuffle"], "--modes takes some of direct, group_by, bundled, got 'direct,shuffle'"),
+])
+def test_the_group_by_bench_refuses_bad_options_in_one_line(args: list[str], says: str,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run, "start_broker", lambda *a, **k: pytest.fail("a broker was started"))
+    assert groupby.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {says}"]
