@@ -21,6 +21,7 @@ paces events at a fixed rate for a warm-up and a window, then drains a backlog t
 
     python -m bench.groupby                       # about 10 minutes; results to bench/results/groupby.json
     python -m bench.groupby --rates 500,2000 --window-s 30
+    python -m bench.groupby --plot bench/results/groupby.json   # redraw bench/results/groupby.png
 
 A lower bound on the stage's cost: a real one would also carry the cluster's windows back (hundreds of bytes, not
 a count), re-key them when clusters merge, and score after the reply.
@@ -333,6 +334,63 @@ def measure_drain(bootstrap: str, mode: str, n: int, tmp: Path, run: str) -> dic
     return {"mode": mode, "events": n, "events_per_s": round(rate)}
 
 
+def draw(result: dict[str, Any], out: Path, worker_drain: float | None = None) -> Path:
+    """Two panels of ``result`` (a ``groupby.json``): latency against the offered rate per mode (a cross at the top
+    where no event of the window came back), and each mode's drain beside the detector worker's (``worker_drain``,
+    from ``bench/results/latest.json``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"direct": "#888888", "group_by": "#c0392b", "bundled": "#3b75af"}
+    fig, (ax_l, ax_d) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    machine = result.get("machine", {})
+    fig.suptitle(f"make bench-groupby, {machine.get('git_commit', '?')}: the trip to a cluster's partition and back, "
+                 f"transport only ({machine.get('cores', '?')} cores)", fontsize=11)
+    top = max([r["p99_ms"] for r in result["paced"] if r["p99_ms"]] + [1.0]) * 2
+    for mode, colour in colours.items():
+        runs = [r for r in result["paced"] if r["mode"] == mode]
+        if not runs:
+            continue
+        rates = [r["offered_per_s"] for r in runs]
+        for q, style in (("p50_ms", "-"), ("p99_ms", ":")):
+            ax_l.plot(rates, [r[q] if r[q] is not None else float("nan") for r in runs], style, marker="o",
+                      color=colour, label=f"{mode} {q[:3]}")
+        lost = [r["offered_per_s"] for r in runs if r["p50_ms"] is None]
+        ax_l.plot(lost, [top] * len(lost), "x", color=colour, ms=10, mew=2,
+                  label=f"{mode}: none back within 60 s" if lost else None)
+    ax_l.axhline(1000, color="#555555", ls="--", lw=1, label="the worker's p99 target (1 s)")
+    ax_l.set_yscale("log")
+    ax_l.set_xlabel("offered events per second")
+    ax_l.set_ylabel("event sent to back on the account's partition, ms (log)")
+    ax_l.set_title("latency of the trip", fontsize=10)
+    ax_l.legend(fontsize=7, ncol=2, loc="upper left")
+
+    bars = [(r["mode"], float(r["events_per_s"])) for r in result["drain"]]
+    if worker_drain:
+        bars.append(("detector worker\n(all of detection)", worker_drain))
+    ax_d.bar([n for n, _ in bars], [v for _, v in bars],
+             color=[colours.get(n, "#2e8b57") for n, _ in bars])
+    for x, (_, v) in enumerate(bars):
+        ax_d.text(x, v, f"{v:,.0f}/s", ha="center", va="bottom", fontsize=8)
+    ax_d.set_ylabel("events per second")
+    ax_d.set_title("backlog drain", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _worker_drain() -> float | None:
+    """The detector worker's drain (envelopes) in the last ``make bench``, if there is one."""
+    try:
+        return float(json.loads((ROOT / "bench" / "results" / "latest.json").read_text())["worker_events_per_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
@@ -345,8 +403,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-s", type=float, default=30.0)
     p.add_argument("--drain", type=int, default=30_000, help="events in the backlog drained by each mode")
     p.add_argument("--modes", default=",".join(MODES), help=f"some of {', '.join(MODES)}")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (the plot goes beside it, .png)")
+    p.add_argument("--plot", type=Path, metavar="RESULTS",
+                   help="only draw the plot of a results JSON written before (beside it, .png)")
     args = p.parse_args(argv)
+    if args.plot is not None:
+        try:
+            say(f"plot: {draw(json.loads(args.plot.read_text()), args.plot.with_suffix('.png'), _worker_drain())}")
+        except FileNotFoundError:
+            print(f"error: no such file: {args.plot}", file=sys.stderr)
+            return 2
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"error: {args.plot} is not a bench.groupby results file ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            return 2
+        except ImportError:
+            print("error: matplotlib is not installed (pip install -e '.[plots]')", file=sys.stderr)
+            return 2
+        return 0
     try:
         rates = [float(r) for r in args.rates.split(",")]
     except ValueError:
@@ -394,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['not_back']:>8,} of {r['window_events']:,}")
     for r in drains:
         print(f"{r['mode']:>9} drain {r['events_per_s']:>10,}/s")
+    try:
+        say(f"plot: {draw(result, args.out.with_suffix('.png'), _worker_drain())}")
+    except ImportError:
+        say("plot: skipped (matplotlib is not installed: pip install -e '.[plots]')")
     return 0
 
 

@@ -41,3 +41,30 @@ def test_a_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert plot.main([str(tmp_path / "nope.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench.plot: error: no such file")
+
+
+def test_the_group_by_plot_draws_the_committed_results(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench import groupby
+
+    results = tmp_path / "groupby.json"
+    results.write_bytes((plot.RESULTS.parent / "groupby.json").read_bytes())
+    assert groupby.main(["--plot", str(results)]) == 0
+    assert (tmp_path / "groupby.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (None, "error: no such file"),
+    (b'{"paced": []}', "is not a bench.groupby results file (KeyError: 'drain')"),
+])
+def test_the_group_by_plot_of_a_bad_file_is_one_line(content: bytes | None, says: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    from bench import groupby
+
+    results = tmp_path / "groupby.json"
+    if content is not None:
+        results.write_bytes(content)
+    assert groupby.main(["--plot", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err
