@@ -52,15 +52,15 @@ MODES = ("direct", "group_by", "bundled")
 BATCH, BATCH_WITHIN_S = 2000, 0.2  # bundled: what the first agent takes at a time (the worker's defaults)
 
 
+_T0 = time.monotonic()
+
+
 def say(msg: str) -> None:
     print(f"[groupby {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-_T0 = time.monotonic()
-
-
 # ------------------------------------------------------------------------------------------------------
-# The worker (a subprocess): a Faust app in one of the two modes.
+# The worker (a subprocess): a Faust app in one of the modes.
 
 def worker(bootstrap: str, prefix: str, mode: str, out: Path) -> None:
     from detector.envelope import account_partition
