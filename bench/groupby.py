@@ -73,7 +73,7 @@ def worker(bootstrap: str, prefix: str, mode: str, out: Path) -> None:
     app = _App(
         f"{prefix}-app", broker=f"kafka://{bootstrap}", store="memory://", topic_partitions=PARTITIONS,
         topic_replication_factor=1, consumer_auto_offset_reset="earliest", web_enabled=False,
-        table_standby_replicas=0, autodiscover=False, producer_acks=-1,
+        table_standby_replicas=0, autodiscover=False, producer_acks=-1, datadir=out.with_suffix(".data"),
         consumer_max_fetch_size=CONSUMER_MAX_FETCH_BYTES, stream_buffer_maxsize=max(4096, 4 * w.batch_size),
     )
     app.conf.detector_fetch_max_wait_ms = w.fetch_max_wait_ms  # type: ignore[attr-defined]
