@@ -24,7 +24,11 @@ paces events at a fixed rate for a warm-up and a window, then drains a backlog t
     python -m bench.groupby --plot bench/results/groupby.json   # redraw bench/results/groupby.png
 
 A lower bound on the stage's cost: a real one would also carry the cluster's windows back (hundreds of bytes, not
-a count), re-key them when clusters merge, and score after the reply.
+a count), re-key them when clusters merge, and score after the reply. How often that re-keying would happen is the
+last measurement, with no broker: the linker's merges over a scenario's replay, and how many of them join two
+clusters that both hold windows (keyed state a stage would move between partitions)::
+
+    python -m bench.groupby --merges-only         # default, seed 7: about 3 minutes; into the results JSON
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +339,55 @@ def measure_drain(bootstrap: str, mode: str, n: int, tmp: Path, run: str) -> dic
     return {"mode": mode, "events": n, "events_per_s": round(rate)}
 
 
+def count_merges(events: Iterable[dict[str, Any]], start_ts: int | None = None) -> dict[str, Any]:
+    """Fold ``events`` (valid, in time order) into a detector; count the linker's merges, and those that joined two
+    clusters that both held windows (``Detector.clusters``): the keyed state a stage keyed by cluster id would
+    move between partitions. ``moves_by_hour`` counts the latter by hours from ``start_ts`` (the first event's)."""
+    from detector.detection import Detector
+
+    class Counting(Detector):
+        def _apply_merges(self) -> None:
+            for absorbed, _ in self.linker.merges:
+                tally["merges"] += 1
+                if absorbed in self.clusters:
+                    tally["moves"] += 1
+                    moves_at.append(self._last_ts)
+            super()._apply_merges()
+
+    tally = {"events": 0, "merges": 0, "moves": 0}
+    moves_at: list[int] = []
+    det = Counting()
+    for ev in events:
+        if start_ts is None:
+            start_ts = ev["ts"]
+        det.process(ev)
+        tally["events"] += 1
+    by_hour: dict[int, int] = {}
+    for ts in moves_at:
+        by_hour[(ts - (start_ts or 0)) // 3_600_000] = by_hour.get((ts - (start_ts or 0)) // 3_600_000, 0) + 1
+    return {**tally, "moves_by_hour": by_hour, "clusters_with_windows": len(det.clusters)}
+
+
+def measure_merges(scenario: str, seed: int) -> dict[str, Any]:
+    """:func:`count_merges` over a simulated scenario (scale 1), with progress."""
+    from detector import simulate
+
+    sim = simulate.build(scenario, seed=seed)
+    say(f"merges: replaying {scenario} (seed {seed}) through one detector")
+    began = time.monotonic()
+
+    def paced() -> Iterator[dict[str, Any]]:
+        for i, ev in enumerate(sim.events(), 1):
+            if i % 100_000 == 0:
+                say(f"merges: {i:,} events ({time.monotonic() - began:.0f}s)")
+            yield ev
+
+    out = {"scenario": scenario, "seed": seed, **count_merges(paced(), sim.start_ts)}
+    say(f"merges: {out['merges']:,} merges over {out['events']:,} events, {out['moves']} of them between two clusters "
+        f"with windows")
+    return out
+
+
 def draw(result: dict[str, Any], out: Path, worker_drain: float | None = None) -> Path:
     """Two panels of ``result`` (a ``groupby.json``): latency against the offered rate per mode (a cross at the top
     where no event of the window came back), and each mode's drain beside the detector worker's (``worker_drain``,
@@ -406,7 +460,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (the plot goes beside it, .png)")
     p.add_argument("--plot", type=Path, metavar="RESULTS",
                    help="only draw the plot of a results JSON written before (beside it, .png)")
+    p.add_argument("--merges", default="default", metavar="SCENARIO",
+                   help="the scenario whose cluster merges are counted (seed 7, scale 1; about 3 minutes); none: skip")
+    p.add_argument("--merges-only", action="store_true",
+                   help="only count the merges (no broker); into the results JSON, the rest of it kept")
     args = p.parse_args(argv)
+    from detector.simulate import scenario_names
+
+    if args.merges != "none" and args.merges not in scenario_names():
+        print(f"error: --merges takes a scenario ({', '.join(scenario_names())}) or none, got {args.merges!r}",
+              file=sys.stderr)
+        return 2
+    if args.merges_only:
+        if args.merges == "none":
+            print("error: --merges-only needs a scenario (--merges)", file=sys.stderr)
+            return 2
+        try:
+            kept = json.loads(args.out.read_text()) if args.out.exists() else {}
+        except ValueError:
+            print(f"error: {args.out} is not JSON", file=sys.stderr)
+            return 2
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**kept, "merges": measure_merges(args.merges, 7)}, indent=2) + "\n")
+        return 0
     if args.plot is not None:
         try:
             say(f"plot: {draw(json.loads(args.plot.read_text()), args.plot.with_suffix('.png'), _worker_drain())}")
@@ -456,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     for r in paced:
         del r["output"]  # in the temporary directory, gone now
-    result = {"machine": machine_info(), "paced": paced, "drain": drains,
+    merges = measure_merges(args.merges, 7) if args.merges != "none" else None
+    result = {"machine": machine_info(), "paced": paced, "drain": drains, "merges": merges,
               "method": "faust-streaming agents, 4 partitions; a fresh worker subprocess per measurement; latency = "
                         "receipt in the last agent minus the producer's send time (kafka-python, linger 5 ms); drain "
                         "= events over the time from the first event back to the last"}
