@@ -19,7 +19,7 @@ by hand in batches, as the gateway SDK's envelopes carry events to the detector 
 worker subprocess (``python -m bench.groupby worker ...``) that writes a line per event back; the harness
 paces events at a fixed rate for a warm-up and a window, then drains a backlog to find the sustained rate::
 
-    python -m bench.groupby                       # about 10 minutes; results to bench/results/groupby.json
+    python -m bench.groupby                       # about 13 minutes; results to bench/results/groupby.json
     python -m bench.groupby --rates 500,2000 --window-s 30
     python -m bench.groupby --plot bench/results/groupby.json   # redraw bench/results/groupby.png
 
