@@ -67,7 +67,7 @@ def say(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------------
 # The worker (a subprocess): a Faust app in one of the modes.
 
-def worker(bootstrap: str, prefix: str, mode: str, out: Path) -> None:
+def worker(bootstrap: str, prefix: str, mode: str, out: Path, within_s: float = BATCH_WITHIN_S) -> None:
     from detector.envelope import account_partition
     from detector.settings import WorkerSettings
     from detector.streaming.app import CONSUMER_MAX_FETCH_BYTES, _App
@@ -111,7 +111,7 @@ def worker(bootstrap: str, prefix: str, mode: str, out: Path) -> None:
 
         @app.agent(events)
         async def to_clusters(stream: Any) -> None:
-            async for batch in stream.take(BATCH, within=BATCH_WITHIN_S):
+            async for batch in stream.take(BATCH, within=within_s):
                 by_partition: dict[int, list[Any]] = {}
                 for value in batch:
                     ev = orjson.loads(value)
@@ -184,9 +184,11 @@ def _producer(bootstrap: str) -> Any:
     return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, client_id="bench-groupby")
 
 
-def _start_worker(bootstrap: str, prefix: str, mode: str, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def _start_worker(bootstrap: str, prefix: str, mode: str, tmp: Path,
+                  within_s: float = BATCH_WITHIN_S) -> tuple[subprocess.Popen[bytes], Path]:
     out = tmp / f"{prefix}.lat"
-    proc = subprocess.Popen([sys.executable, "-m", "bench.groupby", "worker", bootstrap, prefix, mode, str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "bench.groupby", "worker", bootstrap, prefix, mode, str(out),
+                             str(within_s)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out.with_suffix(".log").open("wb"))
     return proc, out
 
@@ -260,11 +262,12 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def measure_paced(bootstrap: str, mode: str, rate: float, warmup_s: float, window_s: float, tmp: Path,
-                  run: str) -> dict[str, Any]:
-    """Offer ``rate`` events/s to a fresh worker; latency percentiles of the events sent in the window."""
+                  run: str, within_s: float = BATCH_WITHIN_S) -> dict[str, Any]:
+    """Offer ``rate`` events/s to a fresh worker; latency percentiles of the events sent in the window.
+    ``within_s``: how long the bundled mode's first agent waits to fill a batch."""
     prefix = f"gb-{run}-{mode.replace('_', '')}-{int(rate)}"
     _create_topics(bootstrap, prefix)
-    proc, out = _start_worker(bootstrap, prefix, mode, tmp)
+    proc, out = _start_worker(bootstrap, prefix, mode, tmp, within_s)
     producer = _producer(bootstrap)
     topic = f"{prefix}-events"
     try:
@@ -309,7 +312,8 @@ def measure_paced(bootstrap: str, mode: str, rate: float, warmup_s: float, windo
     # Percentiles of the events back; none when the trip fell so far behind that none came back in time.
     p50, p99, top = ((round(1000 * _pct(lat, 0.5), 1), round(1000 * _pct(lat, 0.99), 1), round(1000 * max(lat), 1))
                      if lat else (None, None, None))
-    return {"mode": mode, "offered_per_s": rate, "sent": sent, "window_events": sent - lo,
+    return {"mode": mode, "offered_per_s": rate, "bundle_within_s": within_s if mode == "bundled" else None,
+            "sent": sent, "window_events": sent - lo,
             "not_back": sent - lo - len(lat), "back_twice": again, "output": str(out),
             "p50_ms": p50, "p99_ms": p99, "max_ms": top}
 
@@ -448,8 +452,8 @@ def _worker_drain() -> float | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
-        bootstrap, prefix, mode, out = argv[1:5]
-        worker(bootstrap, prefix, mode, Path(out))
+        bootstrap, prefix, mode, out, within_s = argv[1:6]
+        worker(bootstrap, prefix, mode, Path(out), float(within_s))
         return 0
     p = argparse.ArgumentParser(prog="python -m bench.groupby", description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="500,2000", help="offered events/s, comma-separated")
@@ -457,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-s", type=float, default=30.0)
     p.add_argument("--drain", type=int, default=30_000, help="events in the backlog drained by each mode")
     p.add_argument("--modes", default=",".join(MODES), help=f"some of {', '.join(MODES)}")
+    p.add_argument("--bundle-within-s", type=float, default=BATCH_WITHIN_S,
+                   help="how long the bundled mode waits to fill a batch of 2,000 (default: the worker's 0.2 s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (the plot goes beside it, .png)")
     p.add_argument("--plot", type=Path, metavar="RESULTS",
                    help="only draw the plot of a results JSON written before (beside it, .png)")
@@ -520,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                 paced = []
                 for rate in rates:
                     for mode in modes:
-                        r = measure_paced(bootstrap, mode, rate, args.warmup_s, args.window_s, tmp, run)
+                        r = measure_paced(bootstrap, mode, rate, args.warmup_s, args.window_s, tmp, run,
+                                          args.bundle_within_s)
                         paced.append(r)
                         say(f"{mode} at {rate:,.0f}/s: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms; "
                             f"{r['not_back']:,} of {r['window_events']:,} events not back within 60 s")
