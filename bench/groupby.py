@@ -203,11 +203,38 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _read(out: Path) -> list[tuple[int, float]]:
-    """(event index, latency in seconds) of every event the worker got back so far."""
-    if not out.exists():
-        return []
-    return [(int(f[0]), float(f[2])) for f in (line.split() for line in out.read_text().splitlines() if line)]
+class _Returns:
+    """What came back to a worker, from its output file, read as it grows: each line is parsed once. (The harness
+    polls while the worker it measures runs on the same cores; parsing the whole file at every poll took a
+    growing share of them.)"""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.first: dict[int, float] = {}  # event index: its first latency, in seconds
+        self.again: list[int] = []  # the index of each event back once more
+        self._read_to = 0
+
+    def poll(self) -> _Returns:
+        if self.out.exists():
+            with self.out.open("rb") as f:
+                f.seek(self._read_to)
+                chunk = f.read()
+            whole = chunk.rfind(b"\n") + 1  # a line the worker is still writing waits for the next poll
+            self._read_to += whole
+            for line in chunk[:whole].splitlines():
+                fields = line.split()
+                i = int(fields[0])
+                if i in self.first:
+                    self.again.append(i)
+                else:
+                    self.first[i] = float(fields[2])
+        return self
+
+    def back(self, lo: int, hi: int) -> tuple[list[float], int]:
+        """The first latencies of the events of indices ``lo`` to ``hi - 1`` that came back, and how many of them
+        came back more than once."""
+        return ([lat for i, lat in self.first.items() if lo <= i < hi],
+                sum(1 for i in self.again if lo <= i < hi))
 
 
 def cluster_tally(out: Path) -> dict[str, tuple[int, int]]:
@@ -218,20 +245,6 @@ def cluster_tally(out: Path) -> dict[str, tuple[int, int]]:
         back, top = tally.get(f[3], (0, 0))
         tally[f[3]] = (back + 1, max(top, int(f[4])))
     return tally
-
-
-def _back(out: Path, lo: int, hi: int) -> tuple[dict[int, float], int]:
-    """The events of indices ``lo`` to ``hi - 1`` that came back (index: first latency), and how many came back
-    more than once."""
-    first: dict[int, float] = {}
-    again = 0
-    for i, lat in _read(out):
-        if lo <= i < hi:
-            if i in first:
-                again += 1
-            else:
-                first[i] = lat
-    return first, again
 
 
 class GroupByBenchError(Exception):
@@ -268,6 +281,7 @@ def measure_paced(bootstrap: str, mode: str, rate: float, warmup_s: float, windo
     prefix = f"gb-{run}-{mode.replace('_', '')}-{int(rate)}"
     _create_topics(bootstrap, prefix)
     proc, out = _start_worker(bootstrap, prefix, mode, tmp, within_s)
+    returns = _Returns(out)
     producer = _producer(bootstrap)
     topic = f"{prefix}-events"
     try:
@@ -276,7 +290,7 @@ def measure_paced(bootstrap: str, mode: str, rate: float, warmup_s: float, windo
         # probe (negative indices) until one comes back, then pace.
         probes = 0
         began = time.monotonic()
-        while not _read(out):
+        while not returns.poll().first:
             probes += 1
             key, value = _event(-probes, time.time())
             producer.send(topic, key=key, value=value)
@@ -302,13 +316,12 @@ def measure_paced(bootstrap: str, mode: str, rate: float, warmup_s: float, windo
         lo = sent if window_from is None else window_from
         # Wait until every event of the window came back (or 60 s: a trip slower than the offered rate).
         drained = time.monotonic()
-        while len(_back(out, lo, sent)[0]) < sent - lo and time.monotonic() - drained < 60:
+        while len(returns.poll().back(lo, sent)[0]) < sent - lo and time.monotonic() - drained < 60:
             time.sleep(0.5)
     finally:
         producer.close()
         _stop(proc)
-    first, again = _back(out, lo, sent)
-    lat = list(first.values())
+    lat, again = returns.poll().back(lo, sent)
     # Percentiles of the events back; none when the trip fell so far behind that none came back in time.
     p50, p99, top = ((round(1000 * _pct(lat, 0.5), 1), round(1000 * _pct(lat, 0.99), 1), round(1000 * max(lat), 1))
                      if lat else (None, None, None))
@@ -331,12 +344,13 @@ def measure_drain(bootstrap: str, mode: str, n: int, tmp: Path, run: str) -> dic
     producer.flush()
     producer.close()
     proc, out = _start_worker(bootstrap, prefix, mode, tmp)
+    returns = _Returns(out)
     try:
-        _wait(lambda: len(_back(out, 0, n)[0]) >= n, proc, out, 600, f"{mode} drain")
+        _wait(lambda: len(returns.poll().first) >= n, proc, out, 600, f"{mode} drain")
     finally:
         _stop(proc)
     # The worker's receive times, from each latency and its send time (all sent at ``now``).
-    received = sorted(now + lat for lat in _back(out, 0, n)[0].values())
+    received = sorted(now + lat for lat in returns.poll().back(0, n)[0])
     first, last = received[0], received[-1]
     rate = (n - 1) / (last - first)
     say(f"{mode}: drained {n:,} events at {rate:,.0f}/s")
