@@ -163,8 +163,9 @@ def metrics(outcome: Outcome, labels: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_scenario(scenario: str, models: list[str], settings: Settings, *, scale: float = 1.0,
                       seed: int = 7, workers: int = 1, share: bool = True,
-                      signal_lag_ms: int = SIGNAL_LAG_MS) -> tuple[Any, list[Outcome]]:
-    """Generate ``scenario`` once and run one detector per model over it.
+                      signal_lag_ms: int = SIGNAL_LAG_MS, days: int | None = None) -> tuple[Any, list[Outcome]]:
+    """Generate ``scenario`` once (over ``days``, if given: :func:`detector.simulate.build`) and run one detector
+    per model over it.
 
     ``workers`` > 1: the accounts are split over that many detectors per model by their partition
     (:func:`detector.envelope.account_partition` over ``workers`` partitions), as that many workers would
@@ -174,7 +175,8 @@ def evaluate_scenario(scenario: str, models: list[str], settings: Settings, *, s
     from detector import simulate
     from detector.envelope import account_partition
 
-    sim = simulate.build(scenario, seed=seed, scale=scale, fingerprint_key=settings.fingerprint_key.reveal().encode())
+    sim = simulate.build(scenario, seed=seed, scale=scale, fingerprint_key=settings.fingerprint_key.reveal().encode(),
+                         days=days)
     labels = sim.labels
     secret = settings.fingerprint_key.reveal().encode()
     sharing = share and workers > 1
@@ -230,7 +232,8 @@ def _events(sim: Any, label: str) -> Iterator[dict[str, Any]]:
 
 
 def evaluate_restart(scenario: str, model: str, settings: Settings, *, at_h: float, scale: float = 1.0,
-                     seed: int = 7, lookback_h: float = 24.0) -> tuple[Any, dict[str, Outcome]]:
+                     seed: int = 7, lookback_h: float = 24.0, days: int | None = None
+                     ) -> tuple[Any, dict[str, Outcome]]:
     """One worker holding every account restarts ``at_h`` hours into ``scenario``; three runs in one pass.
 
     ``running``: no restart. At the restart the others take the accounts back from their snapshots
@@ -244,7 +247,8 @@ def evaluate_restart(scenario: str, model: str, settings: Settings, *, at_h: flo
     from detector import simulate
     from detector.detection import dump_account
 
-    sim = simulate.build(scenario, seed=seed, scale=scale, fingerprint_key=settings.fingerprint_key.reveal().encode())
+    sim = simulate.build(scenario, seed=seed, scale=scale, fingerprint_key=settings.fingerprint_key.reveal().encode(),
+                         days=days)
     secret = settings.fingerprint_key.reveal().encode()
 
     def fresh() -> Detector:
@@ -373,24 +377,26 @@ def _fmt_hours(h: float | None) -> str:
 
 def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: str, scale: float,
                    out_dir: Path, seed: int = 7, compare_all: bool = False, workers: tuple[int, ...] = (),
-                   restart_at_h: float = 0.0) -> int:
+                   restart_at_h: float = 0.0, days: int | None = None) -> int:
     """Run the suite, print a table per scenario, write ``EVALUATION.md`` and plots under ``docs/eval``.
 
     The candidate models are compared on the first scenario; the chosen one alone runs the rest (each
     model costs a full pass), unless ``compare_all``. ``workers``: worker counts for which the chosen model
     also runs the first scenario with the accounts split over that many detectors (one pass each).
     ``restart_at_h`` (0: not): the chosen model also runs the first scenario with the worker restarted that many
-    hours in, cold and warm (:func:`evaluate_restart`).
+    hours in, cold and warm (:func:`evaluate_restart`). ``days``: every scenario runs that many days instead of
+    its own.
     """
     from detector import simulate
 
     names = list(scenarios or DEFAULT_SUITE)
+    days_opt = f" --days {days}" if days is not None else ""
     runs = [suite_entry(name, seed, simulate.scenario_names()) for name in names]
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     plot_dir = out_dir / "docs" / "eval"
     plot_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# Evaluation", "",
-             f"Reproduce: `detector evaluate --scale {scale:g} --seed {seed}` "
+             f"Reproduce: `detector evaluate --scale {scale:g} --seed {seed}{days_opt}` "
              f"(models compared on {names[0]}: {', '.join(model_list)}; the chosen one runs the other "
              f"scenarios). Generated {time.strftime('%Y-%m-%d')} on "
              f"{_machine()}.", "",
@@ -405,7 +411,7 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
              f"{TARGETS['first_detect_share']:.1%}, served share ≤ {TARGETS['served_share']:.0%}.", ""]
     summary = []
     for entry, (scenario, run_seed) in zip(names, runs, strict=True):
-        sim, outcomes = evaluate_scenario(scenario, model_list, settings, scale=scale, seed=run_seed)
+        sim, outcomes = evaluate_scenario(scenario, model_list, settings, scale=scale, seed=run_seed, days=days)
         results = [metrics(o, sim.labels) for o in outcomes]
         chosen = choose(results)
         lines += [f"## {entry}", "", sim.description, "",
@@ -439,9 +445,9 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
         lines.append("")
     first, first_seed = runs[0]
     if workers and summary:
-        lines += _scale_out(first, summary[0][1], workers, settings, scale, first_seed)
+        lines += _scale_out(first, summary[0][1], workers, settings, scale, first_seed, days)
     if restart_at_h and summary:
-        lines += _restart_section(first, summary[0][1]["model"], restart_at_h, settings, scale, first_seed)
+        lines += _restart_section(first, summary[0][1]["model"], restart_at_h, settings, scale, first_seed, days)
     lines[8:8] = _summary_table(summary)
     (out_dir / "EVALUATION.md").write_text("\n".join(lines) + "\n")
     print(f"evaluate: wrote {out_dir / 'EVALUATION.md'} and plots in {plot_dir}", file=sys.stderr)
@@ -471,7 +477,7 @@ def suite_entry(name: str, seed: int, known: list[str]) -> tuple[str, int]:
 
 
 def _scale_out(scenario: str, one: dict[str, Any], workers: tuple[int, ...], settings: Settings, scale: float,
-               seed: int) -> list[str]:
+               seed: int, days: int | None = None) -> list[str]:
     """The section on detection with the accounts split over several workers, with and without cluster signals."""
     model = one["model"]
     lines = [f"## {scenario}, accounts split over several workers", "",
@@ -489,7 +495,7 @@ def _scale_out(scenario: str, one: dict[str, Any], workers: tuple[int, ...], set
             r = one
         else:
             sim, [outcome] = evaluate_scenario(scenario, [model], settings, scale=scale, seed=seed, workers=n,
-                                               share=share)
+                                               share=share, days=days)
             r = metrics(outcome, sim.labels)
             print(f"{scenario:<14} {model:<10} {n} workers {'shared' if share else 'not shared'}: "
                   f"recall={r['recall']:.3f} fpr={r['fpr']:.4%} first_detect={r['first_detect_share']:.3%} "
@@ -502,7 +508,7 @@ def _scale_out(scenario: str, one: dict[str, Any], workers: tuple[int, ...], set
 
 
 def _restart_section(scenario: str, model: str, at_h: float, settings: Settings, scale: float,
-                     seed: int) -> list[str]:
+                     seed: int, days: int | None = None) -> list[str]:
     """The section on a worker restart: running on, cold, and warm from the cluster signals."""
     lookback_h = settings.worker.signals_lookback_s / 3600
     lines = [f"## {scenario}, the worker restarted at {at_h:g} h", "",
@@ -516,7 +522,7 @@ def _restart_section(scenario: str, model: str, at_h: float, settings: Settings,
              "| run | recall | FPR | FP / ordinary | first-detect share | served share | per campaign: served share |",
              "|---|---|---|---|---|---|---|"]
     sim, outcomes = evaluate_restart(scenario, model, settings, at_h=at_h, scale=scale, seed=seed,
-                                     lookback_h=lookback_h)
+                                     lookback_h=lookback_h, days=days)
     for name, outcome in outcomes.items():
         r = metrics(outcome, sim.labels)
         per = ", ".join(f"{c_name} {c['served_share']:.2%}" for c_name, c in r["campaigns"].items())

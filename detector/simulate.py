@@ -181,6 +181,29 @@ def scenario_names() -> list[str]:
     return list(_SCENARIOS)
 
 
+def config(scenario: str, *, seed: int = 7, days: int | None = None) -> _Config:
+    """The scenario's settings as ``seed`` draws them, over ``days`` if given. Raises ValueError, in one line, for
+    an unknown scenario or days that end before the scenario's new model is released (its campaigns' move to it
+    would not happen).
+
+    >>> config("default", days=44).days, config("default").days
+    (44, 3)
+    >>> config("default", days=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: days: 'default' releases its new model 1.7 days in; run at least 2 days
+    """
+    if scenario not in _SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose from {scenario_names()}")
+    cfg = _SCENARIOS[scenario](random.Random(f"{seed}/{scenario}/config"))
+    if days is None:
+        return cfg
+    if days * DAY <= cfg.release_after:
+        raise ValueError(f"days: {scenario!r} releases its new model {cfg.release_after / DAY:.1f} days in; "
+                         f"run at least {cfg.release_after // DAY + 1} days")
+    return dataclasses.replace(cfg, days=days)
+
+
 def build(
     scenario: str = "default",
     *,
@@ -188,18 +211,20 @@ def build(
     scale: float = 1.0,
     prompts_dir: Path | None = None,
     fingerprint_key: bytes = DEFAULT_KEY,
+    days: int | None = None,
 ) -> Simulation:
     """Build a scenario: accounts, labels and behaviour now; events later, lazily.
 
     ``scale`` multiplies account counts (each kind keeps at least one account); per-account volumes do
-    not change. ``prompts_dir`` defaults to :func:`detector.prompts.default_prompts_dir`, falling back
-    to the bundled sample. Building ``default`` takes about a second (mostly reading prompt files).
+    not change. ``days`` runs the scenario for that many days instead of its own (:func:`config`): as many
+    accounts of each kind, most of them the very same (the seed draws by the scenario's name, but some draws
+    depend on the window's end), and the new model released where the scenario puts it. ``prompts_dir``
+    defaults to :func:`detector.prompts.default_prompts_dir`, falling back to the bundled sample. Building
+    ``default`` takes about a second (mostly reading prompt files).
     """
-    if scenario not in _SCENARIOS:
-        raise ValueError(f"unknown scenario {scenario!r}; choose from {scenario_names()}")
     if scale <= 0:
         raise ValueError("scale must be > 0")
-    cfg = _SCENARIOS[scenario](random.Random(f"{seed}/{scenario}/config"))
+    cfg = config(scenario, seed=seed, days=days)
     builder = _Builder(cfg, seed, scale, prompts_dir)
     builder.populate()
     labels = dict(sorted(builder.labels.items()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import pytest
 
@@ -73,6 +74,32 @@ def test_the_cli_refuses_a_bad_suite_entry_in_one_line(entry, says, tmp_path, ca
     from detector.cli import main
 
     assert main(["evaluate", "--scenario", entry, "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("detector: error: ") and says in err[0]
+    assert not (tmp_path / "EVALUATION.md").exists()
+
+
+def test_days_runs_the_same_accounts_for_that_long(tmp_path):
+    """``--days``: the scenario's population over another span (here shorter, to keep the test short), the
+    option in the report's reproduce line."""
+    from detector import simulate
+
+    assert run_evaluation(Settings(), scenarios=["default"], models="population", scale=SCALE, out_dir=tmp_path,
+                          workers=(), restart_at_h=0, days=2) == 0
+    text = (tmp_path / "EVALUATION.md").read_text()
+    assert "`detector evaluate --scale 0.02 --seed 7 --days 2`" in text
+    assert "Scenario 'default': 2 simulated days" in text
+    other, own = simulate.build("default", scale=SCALE, days=44), simulate.build("default", scale=SCALE)
+    assert other.end_ts - other.start_ts == 44 * simulate.DAY
+    assert Counter(lab.kind for lab in other.labels.values()) == Counter(lab.kind for lab in own.labels.values())
+
+
+@pytest.mark.parametrize(("days", "says"), [("1", "releases its new model 1.7 days in; run at least 2 days"),
+                                            ("0", "run at least 2 days")])
+def test_the_cli_refuses_days_that_end_before_the_release_in_one_line(days, says, tmp_path, capsys):
+    from detector.cli import main
+
+    assert main(["evaluate", "--scenario", "default", "--days", days, "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("detector: error: ") and says in err[0]
     assert not (tmp_path / "EVALUATION.md").exists()
