@@ -438,7 +438,9 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
                          f"{_fmt_hours(c['hours_to_first_detection'])} | {c['first_detect_share']:.3%} | "
                          f"{c['served_share']:.2%} |")
         try:
-            files = _plots(plot_dir, entry.replace("@", "-seed"), sim, outcomes, chosen)
+            # Named for the run's length too: a --days run does not overwrite the suite's plots.
+            stem = entry.replace("@", "-seed") + (f"-{days}d" if days is not None else "")
+            files = _plots(plot_dir, stem, sim, outcomes, chosen)
             lines += [""] + [f"![{f}](docs/eval/{f})" for f in files]
         except ImportError:
             lines += ["", "(plots skipped: matplotlib is not installed; `pip install -e '.[plots]'`)"]

@@ -89,6 +89,9 @@ def test_days_runs_the_same_accounts_for_that_long(tmp_path):
     text = (tmp_path / "EVALUATION.md").read_text()
     assert "`detector evaluate --scale 0.02 --seed 7 --days 2`" in text
     assert "Scenario 'default': 2 simulated days" in text
+    # its plots beside the suite's, not over them
+    assert (tmp_path / "docs" / "eval" / "default-2d-timeline.png").exists() or "plots skipped" in text
+    assert not (tmp_path / "docs" / "eval" / "default-timeline.png").exists()
     other, own = simulate.build("default", scale=SCALE, days=44), simulate.build("default", scale=SCALE)
     assert other.end_ts - other.start_ts == 44 * simulate.DAY
     assert Counter(lab.kind for lab in other.labels.values()) == Counter(lab.kind for lab in own.labels.values())
