@@ -68,18 +68,23 @@ def test_a_suite_entry_runs_with_its_own_seed(tmp_path):
                        out_dir=tmp_path)
 
 
-@pytest.mark.parametrize(("entry", "says"), [("nosuch@3", "unknown scenario 'nosuch'"),
-                                             ("holdout@x", "the seed after @ must be an integer")])
-def test_the_cli_refuses_a_bad_suite_entry_in_one_line(entry, says, tmp_path, capsys):
+@pytest.mark.parametrize(("args", "says"), [
+    (["--scenario", "nosuch@3"], "unknown scenario 'nosuch'"),
+    (["--scenario", "holdout@x"], "the seed after @ must be an integer"),
+    (["--scenario", "default", "--days", "1"], "releases its new model 1.7 days in; run at least 2 days"),
+    (["--scenario", "default", "--days", "0"], "run at least 2 days"),
+])
+def test_the_cli_refuses_a_bad_suite_entry_or_days_in_one_line(args, says, tmp_path, capsys):
+    """A bad entry, or days that end before the scenario's new model is released, before anything runs."""
     from detector.cli import main
 
-    assert main(["evaluate", "--scenario", entry, "--out-dir", str(tmp_path)]) == 2
+    assert main(["evaluate", *args, "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("detector: error: ") and says in err[0]
     assert not (tmp_path / "EVALUATION.md").exists()
 
 
-def test_days_runs_the_same_accounts_for_that_long(tmp_path):
+def test_days_runs_the_same_population_for_that_long(tmp_path):
     """``--days``: the scenario's population over another span (here shorter, to keep the test short), the
     option in the report's reproduce line."""
     from detector import simulate
@@ -95,14 +100,3 @@ def test_days_runs_the_same_accounts_for_that_long(tmp_path):
     other, own = simulate.build("default", scale=SCALE, days=44), simulate.build("default", scale=SCALE)
     assert other.end_ts - other.start_ts == 44 * simulate.DAY
     assert Counter(lab.kind for lab in other.labels.values()) == Counter(lab.kind for lab in own.labels.values())
-
-
-@pytest.mark.parametrize(("days", "says"), [("1", "releases its new model 1.7 days in; run at least 2 days"),
-                                            ("0", "run at least 2 days")])
-def test_the_cli_refuses_days_that_end_before_the_release_in_one_line(days, says, tmp_path, capsys):
-    from detector.cli import main
-
-    assert main(["evaluate", "--scenario", "default", "--days", days, "--out-dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("detector: error: ") and says in err[0]
-    assert not (tmp_path / "EVALUATION.md").exists()
