@@ -39,7 +39,7 @@ from itertools import islice
 from typing import Any
 
 from detector import features as feat
-from detector.clusters import KEY_KINDS, ClusterState, Linker, link_keys
+from detector.clusters import KEY_KINDS, ClusterState, Linker, OpenedOnCard, link_keys
 from detector.content import CaughtContent, ContentIndex, SeenBits, SeenFilter
 from detector.fusion import ACTIONS, PRIOR_WEIGHTS, Fusion, decide, detail
 from detector.keyblocks import KEY_BLOCK_KINDS, REPUBLISH_WEIGHT_CHANGE, key_block_record
@@ -113,6 +113,9 @@ ECHO_SHARE_FROM = 0.05
 ECHO_SHARE_SPAN = 0.15
 ECHO_VOLUME_FROM = 20.0
 ECHO_VOLUME_SPAN = 40.0
+# A member throttled with echoes_caught this share of the push or more is not counted toward its cluster's block
+# (Detector._echoed).
+ECHO_SPREADS_BELOW = 0.5
 # harvest_cross_org trusts a harvest's pace before a whole hour of it (its kept-up factor starts at 2/3, not 1/3)
 # once the account has made this many calls in its day window (see Detector._evidence).
 CROSS_ORG_PACE_EVENTS = 12.0
@@ -264,6 +267,7 @@ class _Account(feat.AccountState):
     seq = feat.Packed(_AT + 168, "q")  # position (offset) of the last event folded in from ``shard``
     blocked_counted = feat.Packed(_AT + 176, "?")
     throttled_counted = feat.Packed(_AT + 177, "?")
+    confirmed = feat.Packed(_AT + 178, "?")  # an analyst's attack verdict: blocked until a benign one
     _zero = array(feat.WINDOW_TYPECODE, bytes(_AT + 180))
 
     def __init__(self, created_ts: int | None) -> None:
@@ -319,7 +323,7 @@ _SNAPSHOT_VERSION = 2
 _V1_SLOTS = feat.N_SLOTS - 1
 _HEAD = struct.Struct("<BBBBqqqqqqqqdddddQQQ")
 _SEEN_BYTES = SeenFilter.SIZE // 8
-_HAS_CREATED, _ALLOWLISTED = 1, 2
+_HAS_CREATED, _ALLOWLISTED, _CONFIRMED = 1, 2, 4
 
 
 def dump_account(acct: _Account, allowlisted: bool = False) -> bytes:
@@ -331,7 +335,8 @@ def dump_account(acct: _Account, allowlisted: bool = False) -> bytes:
     topic. Cost: about 2 µs.
     """
     st = acct.state
-    flags = (_HAS_CREATED if st.created_ts is not None else 0) | (_ALLOWLISTED if allowlisted else 0)
+    flags = ((_HAS_CREATED if st.created_ts is not None else 0) | (_ALLOWLISTED if allowlisted else 0)
+             | (_CONFIRMED if acct.confirmed else 0))
     head = _HEAD.pack(_SNAPSHOT_VERSION, ACTIONS.index(acct.action), flags, len(acct.recent_ids) // 8,
                       st.created_ts or 0, st.first_ts, st.last_ts, st.t0, st.events, acct.learned_ts,
                       acct.shard, acct.seq, st.n_10m, st.n_1h, st.new_model_1h, acct.score, acct.emitted_score,
@@ -346,10 +351,10 @@ def load_account(blob: bytes) -> tuple[_Account, bool]:
     Raises ValueError on a blob of another version or the wrong length.
 
     >>> acct = _Account(created_ts=5)
-    >>> acct.state.events, acct.seq, acct.recent, acct.action = 3, 41, array("Q", [7, 9]), "watch"
+    >>> acct.state.events, acct.seq, acct.recent, acct.action, acct.confirmed = 3, 41, array("Q", [7, 9]), "watch", True
     >>> back, allowlisted = load_account(dump_account(acct, allowlisted=True))
-    >>> back.state.events, back.state.created_ts, back.seq, list(back.recent), back.action, allowlisted
-    (3, 5, 41, [7, 9], 'watch', True)
+    >>> back.state.events, back.state.created_ts, back.seq, list(back.recent), back.action, back.confirmed, allowlisted
+    (3, 5, 41, [7, 9], 'watch', True, True)
     >>> load_account(b"\\x03junk")
     Traceback (most recent call last):
     ...
@@ -371,6 +376,7 @@ def load_account(blob: bytes) -> tuple[_Account, bool]:
     st.ip_bits, st.asn_bits, st.ua_bits = ip_bits, asn_bits, ua_bits
     acct.action, acct.score, acct.emitted_score = ACTIONS[action], score, emitted_score
     acct.learned_ts, acct.shard, acct.seq = learned_ts, shard, seq
+    acct.confirmed = bool(flags & _CONFIRMED)
     at = _HEAD.size
     acct.bits = int.from_bytes(blob[at:at + _SEEN_BYTES], "little")
     at += _SEEN_BYTES
@@ -389,8 +395,9 @@ class Detector:
 
     ``anomaly_model`` is one of :data:`detector.models.MODEL_NAMES` (default: the settings'). Memory: about
     960 bytes per tracked account (bench/run.py, 1M accounts) plus a fixed 64 MiB content sketch, plus at most 16 MB of
-    recent event ids (:class:`RecentIds`, ``dedup_ids``); accounts idle for ``idle_evict_s`` of event time,
-    and the least recently active beyond ``max_accounts``, are evicted.
+    recent event ids (:class:`RecentIds`, ``dedup_ids``) and 21 MiB of the new accounts each card brought in
+    (:class:`~detector.clusters.OpenedOnCard`); accounts idle for ``idle_evict_s`` of event time, and the least
+    recently active beyond ``max_accounts``, are evicted.
 
     An event whose ``event_id`` was seen lately (Kafka's at-least-once redelivery) changes nothing:
     ``process`` returns None and counts it in ``stats["duplicates"]``.
@@ -418,6 +425,7 @@ class Detector:
         self._evict_ahead: dict[str, None] = {}
         self.clusters: dict[str, ClusterState] = {}
         self.linker = Linker()
+        self.opened_on_card = OpenedOnCard()  # new accounts each card brought in, remembered past their eviction
         self.content = content or ContentIndex()
         self.caught_content = CaughtContent()
         self.model = RankScorer(make_model(anomaly_model, seed))
@@ -550,6 +558,8 @@ class Detector:
         age_days = (ts - st.created_ts) / feat.DAY_MS if st.created_ts is not None else math.inf
         cot, max_len = prompt["cot"], event["response"].get("stop_reason") == "max_tokens"
         new_account, new_model = age_days < NEW_ACCOUNT_DAYS, model_age < feat.NEW_MODEL_MS
+        if new_account and not held:
+            self._note_opened(aid, ts)
         rerooted, acct.root = root != acct.root, root
         settings = self.settings
         # Scoring on change: a quiet account was scored moments ago, and it joined no cluster and no blocked one
@@ -595,7 +605,7 @@ class Detector:
         x = squash(f)
         rank = self.model.score_one(x)
         evidence, values, size = self._evidence(f, rank, cluster, root, ts, aid)
-        score = self.fusion.score(evidence)
+        score = 1.0 if acct.confirmed else self.fusion.score(evidence)
         action = decide(score, acct.action, self.settings)
         if action in CAUGHT:
             self.caught_content.add(bands, ts)
@@ -603,7 +613,7 @@ class Detector:
             self.model.learn_one(x)
             acct.learned_ts = ts
         blocks = False
-        if action in CAUGHT and root in self.clusters:
+        if action in CAUGHT and root in self.clusters and (action == "block" or not self._echoed(evidence)):
             counted = (acct.throttled_counted, acct.blocked_counted)
             blocks = self._count_caught(acct, action, cluster, size)
             if self._signals is not None and counted != (acct.throttled_counted, acct.blocked_counted):
@@ -620,6 +630,14 @@ class Detector:
         reasons = [(code, share, values.get(code, 0.0), int(size)) for code, share in self.fusion.reasons(evidence)]
         cluster_id = self.linker.cluster_id(aid) if self.linker.size(root) > 1 else None
         return self._record(acct, aid, ts, score, action, reasons, cluster_id, emitted_at)
+
+    def _echoed(self, evidence: dict[str, float]) -> bool:
+        """Whether ``echoes_caught`` is half or more of the push behind a score. A member throttled on that does not
+        count toward its cluster's block (:meth:`_count_caught`): the echo is about its own prompts, which re-send
+        what caught accounts sent, not about the accounts it is linked to; and public prompts that a campaign
+        re-sends for weeks are a researcher's too. Over 44 days of fast_rotation, two researchers of a lab on one
+        card throttled on echoes blocked five labmates with them (docs/DETECTION-LOG.md, *Over 44 days*)."""
+        return dict(self.fusion.reasons(evidence)).get("echoes_caught", 0.0) >= ECHO_SPREADS_BELOW
 
     @staticmethod
     def _count_caught(acct: _Account, action: str, cluster: ClusterState, size: float) -> bool:
@@ -706,7 +724,10 @@ class Detector:
         foreign[aid] = ts
         self._last_ts = max(self._last_ts, ts)
         self._evict_foreign(ts)
+        first = flags & NEW_ACCOUNT and not self.linker.keys_of(aid)
         root = self.linker.link(aid, keys)
+        if first:
+            self._note_opened(aid, ts)
         self._apply_merges()
         cluster = self.clusters.get(root)
         if cluster is None:
@@ -716,6 +737,13 @@ class Detector:
         cluster.add(ts, arrival=bool(flags & ARRIVAL), templated=bool(flags & TEMPLATED), cot=bool(flags & COT),
                     max_len=bool(flags & MAX_LEN), new_account=bool(flags & NEW_ACCOUNT),
                     machine=bool(flags & MACHINE), new_model=bool(flags & NEW_MODEL), org=org)
+
+    def _note_opened(self, aid: str, ts: int) -> None:
+        """A newly created account first seen here (its own event or another worker's signal): count it on its card
+        if it pays with one of its own, outside any organisation (:class:`OpenedOnCard`)."""
+        card = self.linker.personal_card(aid)
+        if card is not None:
+            self.opened_on_card.note(card, aid, ts)
 
     def _foreign_caught(self, aid: str, level: int) -> bool:
         """Count another worker's account caught in its cluster's tallies; False if it is in no cluster here."""
@@ -852,6 +880,12 @@ class Detector:
                 account, "tmpl", self._suspect, min_degree=ORG_SHARED_BAND_HOLDERS)
         jump = f["new_model_share_1h"] * f["n_1h"] / (f["n_1h"] + 2.0)  # last-hour share on a new model
         shared_card = _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN)
+        # The accounts a card brought in one after another, within two weeks, count as well as those it pays for at
+        # once: a campaign rotating its accounts daily holds two or three on a card at a time (OpenedOnCard).
+        opened = card
+        if age < NEW_ACCOUNT_DAYS:
+            on = self.linker.personal_card(account)
+            opened = max(card, self.opened_on_card.count(on, ts)) if on is not None else card
         # Its card or IP range shared with another organisation's accounts, read only in a cluster that spans two
         # or more organisations (a scan of up to 64 holders of each).
         across_orgs = self.linker.across_orgs(account) if c["orgs"] >= 2.0 else 0.0
@@ -876,7 +910,7 @@ class Detector:
             "harvest_cross_org": f["out_tokens"],
             "across_orgs": c["orgs"],
             "shared_payment": float(card),
-            "fresh_card": float(card),
+            "fresh_card": float(opened),
             "network_rotation": asns,
             "echoes_caught": echo,
         }
@@ -929,7 +963,8 @@ class Detector:
             # A family or a small team on one card: weak; a card paying for dozens of personal accounts: strong.
             "shared_payment": shared_card,
             # ... and those accounts freshly created: accounts opened in bulk on one card.
-            "fresh_card": shared_card * (age < NEW_ACCOUNT_DAYS) * c["new_account_share"],
+            "fresh_card": _clip((opened - SHARED_CARD_FROM) / SHARED_CARD_SPAN) * (age < NEW_ACCOUNT_DAYS)
+                          * c["new_account_share"],
             # Calls from many networks within a day or two: proxy rotation (a VPN user alone reaches a few).
             "network_rotation": _clip((asns - ROTATION_FROM) / ROTATION_SPAN) * n / (n + 10.0),
             # A good share of its prompts, and many a day, re-send (reworded or not) what caught accounts sent:
@@ -1093,8 +1128,19 @@ class Detector:
     # ----------------------------------------------------------------------------------------------
     def apply_label(self, label: dict[str, Any], emitted_at: int | None = None) -> dict[str, Any] | None:
         """Learn from an analyst verdict (``schemas/analyst_label.v1.json``) and act on it at once:
-        ``attack`` blocks the account (and marks its cluster blocked), ``benign`` allowlists it. The fusion
-        model learns from the account's current evidence. Returns the record to publish, if any."""
+        ``attack`` blocks the account (and marks its cluster blocked) until a ``benign`` verdict, which
+        allowlists it. The fusion model learns from the account's current evidence. Returns the record to
+        publish, if any.
+
+        >>> from detector.gateway import make_event
+        >>> det = Detector()
+        >>> _ = det.apply_label({"account_id": "a1", "label": "attack", "ts": 1})
+        >>> ev = make_event(account_id="a1", ts=1775000000000, api_key_id="k", model="m", endpoint="/v1/x",
+        ...                 status=200, input_tokens=1, output_tokens=1, latency_ms=5, prompt_text="hi",
+        ...                 response={"stop_reason": "end_turn"}, fingerprint_key=b"k")
+        >>> _ = det.process(ev); det.accounts["a1"].action
+        'block'
+        """
         aid = label["account_id"]
         attack = label["label"] == "attack"
         self.stats["labels"] += 1
@@ -1117,7 +1163,9 @@ class Detector:
             acct = self.accounts[aid] = _Account(None)
         if self._changed is not None:
             self._changed.add(aid)
+        acct.confirmed = attack
         if attack:
+            self.allowlist.discard(aid)
             root = self.linker.root(aid)
             cluster = self.clusters.setdefault(root, ClusterState())
             if self.linker.size(root) > 1 and not cluster.blocked:

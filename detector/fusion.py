@@ -90,7 +90,8 @@ DETAILS: dict[str, str] = {
     "harvest_cross_org": "pulls long answers (~{v:.0f} output tokens each) on private templates that another "
                          "organisation's accounts fill too, and a caught or throwaway account",
     "shared_payment": "payment method shared by {v:.0f} accounts outside any organisation",
-    "fresh_card": "newly created, on a payment method shared by {v:.0f} accounts outside any organisation",
+    "fresh_card": "newly created, on a payment method that {v:.0f} accounts outside any organisation share or were "
+                  "opened on within two weeks",
     "network_rotation": "calls from {v:.0f} networks (ASNs) in the last one to two days",
     "linked_to_blocked": "linked to a blocked cluster",
     "near_blocked": "shares templates or infrastructure with a blocked cluster",

@@ -292,6 +292,49 @@ def test_two_throttled_members_block_their_cluster():
     assert rec is None and one.accounts["acct_old"].action == "allow"
 
 
+def test_members_throttled_on_echoes_alone_do_not_block_their_cluster():
+    """Two of a lab's three accounts on one card re-send what a caught account sent (public prompts a campaign
+    sends too) and are throttled on that: the echo is about their own prompts, so the lab's third account is not
+    blocked with them, as two members throttled on other evidence would block it
+    (test_two_throttled_members_block_their_cluster)."""
+    rng = random.Random(3)
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(80)]
+    bot = {"ip": "203.0.113.9", "asn": 64999, "country": "SG", "user_agent": "python-httpx/0.27", "tls_fp": "t13d_bot"}
+    card = {"payment_fp": "pm_lab", "tier": "build", "account_created_ts": BASE_TS - 400 * 86_400_000}
+    det = Detector(DetectionSettings(rescore_ms=0))
+    det.process(event("acct_caught", BASE_TS, client=bot))
+    det.apply_label({"account_id": "acct_caught", "label": "attack", "ts": BASE_TS})
+    for i, text in enumerate(prompts):  # a caught account's prompts
+        det.process(event("acct_caught", BASE_TS + 1000 + i, text, client=bot))
+    # On this weight the lab's two busy accounts reach throttle (0.72) on their echoes alone.
+    det.fusion._weights = {**det.fusion._weights, "echoes_caught": 6.8}
+    det.process(event("acct_lab2", BASE_TS + 100_000, billing=card))
+    for i, text in enumerate(prompts):
+        for j in range(2):
+            det.process(event(f"acct_lab{j}", BASE_TS + HOUR + i * 40_000 + j, text, billing=card,
+                              client={"ip": f"198.51.100.{j}", "asn": 64500, "country": "US",
+                                      "user_agent": "Mozilla/5.0", "tls_fp": "t13d_browser"}))
+    assert [det.accounts[f"acct_lab{j}"].action for j in range(2)] == ["throttle", "throttle"]
+    assert det.linker.root("acct_lab0") == det.linker.root("acct_lab2") != det.linker.root("acct_caught")
+    rec = det.process(event("acct_lab2", BASE_TS + 5 * HOUR, billing=card))
+    assert rec is None and det.accounts["acct_lab2"].action == "allow"
+    assert not det.clusters[det.linker.root("acct_lab2")].blocked
+
+
+def test_an_analyst_attack_verdict_holds_on_the_accounts_next_calls():
+    """An attack verdict on an account alone (no cluster to block) is not undone by its next, ordinary-looking
+    call; a benign verdict lifts it."""
+    det = Detector()
+    det.process(event("acct_1", BASE_TS))
+    det.apply_label({"account_id": "acct_1", "label": "attack", "ts": BASE_TS + HOUR})
+    assert det.linker.size(det.linker.root("acct_1")) == 1
+    assert det.process(event("acct_1", BASE_TS + 2 * HOUR)) is None
+    assert det.accounts["acct_1"].action == "block"
+    det.apply_label({"account_id": "acct_1", "label": "benign", "ts": BASE_TS + 3 * HOUR})
+    det.process(event("acct_1", BASE_TS + 4 * HOUR))
+    assert det.accounts["acct_1"].action == "allow"
+
+
 def test_a_shared_band_ties_to_a_blocked_cluster_only_if_that_cluster_is_templated():
     """A band the blocked cluster used only in passing ("Think step by step") is boilerplate, which public
     benchmark runs share too; a band of a campaign that fills templates is the campaign's."""
