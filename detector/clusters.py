@@ -656,6 +656,11 @@ class OpenedOnCard:
     >>> cards.note("pm_1", "acct_4", 4 * DAY_MS)  # the same account again
     >>> cards.count("pm_1", 4 * DAY_MS), cards.count("pm_1", 15 * DAY_MS), cards.count("pm_2", 0)
     (5, 4, 0)
+    >>> few = OpenedOnCard(max_cards=2)
+    >>> for i in range(3):
+    ...     few.note(f"pm_{i}", "acct_1", 0)
+    >>> len(few), few.count("pm_0", 0), few.count("pm_2", 0)
+    (2, 0, 1)
     """
 
     def __init__(self, horizon_ms: int = 14 * DAY_MS, per_card: int = 32, max_cards: int = 1 << 16) -> None:

@@ -292,6 +292,28 @@ def test_two_throttled_members_block_their_cluster():
     assert rec is None and one.accounts["acct_old"].action == "allow"
 
 
+def test_a_card_opening_an_account_a_day_counts_them_after_they_are_evicted():
+    """A campaign rotating daily keeps one account at work on its card, and the linker forgets the idle ones:
+    fresh_card counts the new accounts the card brought in within two weeks, not the two or three live on it."""
+    det = Detector(DetectionSettings(idle_evict_s=2 * 86_400, rescore_ms=0))
+    card = {"payment_fp": "pm_chain", "tier": "free"}
+    day = 86_400_000
+    for i in range(20):
+        aid, start = f"acct_chain{i:02d}", BASE_TS + i * day
+        for k in range(20):
+            det.process(event(aid, start + k * HOUR, billing={**card, "account_created_ts": start - HOUR},
+                              client={"ip": f"203.0.113.{i}", "asn": 64999, "country": "SG",
+                                      "user_agent": "python-httpx/0.27", "tls_fp": "t13d_bot"}))
+    last, ts = "acct_chain19", BASE_TS + 19 * day + 19 * HOUR
+    assert det.linker.card_sharers(last) <= 3
+    acct = det.accounts[last]
+    f = feat.features(acct.state, ts)
+    root = det.linker.root(last)
+    evidence, values, _ = det._evidence(f, 0.0, det.clusters.get(root) or ClusterState(), root, ts, last)
+    assert values["fresh_card"] == 14  # first seen within the 14 days before: days 6 to 19, itself included
+    assert evidence["fresh_card"] > 0.3
+
+
 def test_members_throttled_on_echoes_alone_do_not_block_their_cluster():
     """Two of a lab's three accounts on one card re-send what a caught account sent (public prompts a campaign
     sends too) and are throttled on that: the echo is about their own prompts, so the lab's third account is not
