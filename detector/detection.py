@@ -88,6 +88,10 @@ ORG_SHARED_BAND_HOLDERS = 4
 # full at SHARED_CARD_FROM + SHARED_CARD_SPAN accounts.
 SHARED_CARD_FROM = 3
 SHARED_CARD_SPAN = 27
+# card_cycling: a new account on a card that brought in new accounts within two weeks which have since gone quiet
+# and been evicted: more than CYCLED_FROM of them is evidence, full at CYCLED_FROM + CYCLED_SPAN.
+CYCLED_FROM = 2
+CYCLED_SPAN = 8
 # A cluster that is one organisation (every member's traffic under the same org) is one paying customer:
 # its accounts share templates, networks and a card because they are one company's pipeline, not to stay
 # under per-account limits. Its coordination terms count this much (see Detector._evidence).
@@ -911,6 +915,7 @@ class Detector:
             "across_orgs": c["orgs"],
             "shared_payment": float(card),
             "fresh_card": float(opened),
+            "card_cycling": float(opened - card),
             "network_rotation": asns,
             "echoes_caught": echo,
         }
@@ -965,6 +970,12 @@ class Detector:
             # ... and those accounts freshly created: accounts opened in bulk on one card.
             "fresh_card": _clip((opened - SHARED_CARD_FROM) / SHARED_CARD_SPAN) * (age < NEW_ACCOUNT_DAYS)
                           * c["new_account_share"],
+            # ... and most of those accounts already dropped: each used for days, then the next opened on the same
+            # card. A team's accounts stay in use (and on the card's live count); a campaign rotating its accounts
+            # daily, to stay under per-account limits and out of clusters, leaves a trail of them. Only a new
+            # account counts, and only accounts evicted as idle (idle_evict_s) are "dropped" (or as the least
+            # recently active beyond max_accounts, on a worker at its bound).
+            "card_cycling": (age < NEW_ACCOUNT_DAYS) * _clip((opened - card - CYCLED_FROM) / CYCLED_SPAN),
             # Calls from many networks within a day or two: proxy rotation (a VPN user alone reaches a few).
             "network_rotation": _clip((asns - ROTATION_FROM) / ROTATION_SPAN) * n / (n + 10.0),
             # A good share of its prompts, and many a day, re-send (reworded or not) what caught accounts sent:

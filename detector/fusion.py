@@ -59,6 +59,9 @@ PRIOR_WEIGHTS: dict[str, float] = {
     # hydra served 2.13% -> 0.92% on paraphrase). Ordinary accounts reach 0.27 of it at most (a coding team on one
     # card with a few new members).
     "fresh_card": 3.0,
+    # ... and many of the card's recent new accounts already dropped: a campaign rotating throwaway accounts daily
+    # on one card, one or two at work at a time (docs/DETECTION-LOG.md, *Over 44 days*).
+    "card_cycling": 3.0,
     "network_rotation": 1.5,  # calls from many networks (ASNs) within a day or two: rotating proxies
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
     "near_blocked": 5.0,  # shares keys or templates with a blocked cluster, below the linking threshold
@@ -92,6 +95,8 @@ DETAILS: dict[str, str] = {
     "shared_payment": "payment method shared by {v:.0f} accounts outside any organisation",
     "fresh_card": "newly created, on a payment method that {v:.0f} accounts outside any organisation share or were "
                   "opened on within two weeks",
+    "card_cycling": "newly created, on a payment method whose {v:.0f} other new accounts of the last two weeks "
+                    "went quiet",
     "network_rotation": "calls from {v:.0f} networks (ASNs) in the last one to two days",
     "linked_to_blocked": "linked to a blocked cluster",
     "near_blocked": "shares templates or infrastructure with a blocked cluster",

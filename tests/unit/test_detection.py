@@ -294,7 +294,8 @@ def test_two_throttled_members_block_their_cluster():
 
 def test_a_card_opening_an_account_a_day_counts_them_after_they_are_evicted():
     """A campaign rotating daily keeps one account at work on its card, and the linker forgets the idle ones:
-    fresh_card counts the new accounts the card brought in within two weeks, not the two or three live on it."""
+    fresh_card counts the new accounts the card brought in within two weeks, not the two or three live on it,
+    and card_cycling those of them already dropped."""
     det = Detector(DetectionSettings(idle_evict_s=2 * 86_400, rescore_ms=0))
     card = {"payment_fp": "pm_chain", "tier": "free"}
     day = 86_400_000
@@ -312,6 +313,9 @@ def test_a_card_opening_an_account_a_day_counts_them_after_they_are_evicted():
     evidence, values, _ = det._evidence(f, 0.0, det.clusters.get(root) or ClusterState(), root, ts, last)
     assert values["fresh_card"] == 14  # first seen within the 14 days before: days 6 to 19, itself included
     assert evidence["fresh_card"] > 0.3
+    # ... of which all but those still held (idle for under two days) went quiet: card cycling, in full.
+    assert values["card_cycling"] == 14 - det.linker.card_sharers(last) >= 11
+    assert evidence["card_cycling"] == 1.0
 
 
 def test_members_throttled_on_echoes_alone_do_not_block_their_cluster():
