@@ -650,6 +650,9 @@ class OpenedOnCard:
     forgotten first), so a flood of random new accounts on random cards cannot grow it without bound: at most about
     21 MiB (333 bytes a card with one account, measured with tracemalloc over 300,000 cards).
 
+    Not in the account snapshots, as the links are not: after a restart it refills from the stream, so for up to two
+    weeks ``fresh_card`` and ``card_cycling`` see only the accounts a card brought in since.
+
     >>> cards = OpenedOnCard()
     >>> for day in range(5):
     ...     cards.note("pm_1", f"acct_{day}", day * DAY_MS)

@@ -797,7 +797,8 @@ class Detector:
                   ts: int, account: str) -> tuple[dict[str, float], dict[str, float], float]:
         """Evidence terms in [0, 1], the raw values behind them (for reason texts) and cluster size."""
         n = f["n_24h"]
-        card = self.linker.card_sharers(account)
+        on = self.linker.personal_card(account)  # its card, if a personal account's (else None)
+        card = self.linker.degree(("pay", on)) if on is not None else 0  # the accounts on it now (card_sharers)
         shrink = n / (n + 2.0)  # one event is weak evidence of a share
         age = f["account_age_days"]
         c = cluster.features(ts, self.linker.size(root))
@@ -886,10 +887,7 @@ class Detector:
         shared_card = _clip((card - SHARED_CARD_FROM) / SHARED_CARD_SPAN)
         # The accounts a card brought in one after another, within two weeks, count as well as those it pays for at
         # once: a campaign rotating its accounts daily holds two or three on a card at a time (OpenedOnCard).
-        opened = card
-        if age < NEW_ACCOUNT_DAYS:
-            on = self.linker.personal_card(account)
-            opened = max(card, self.opened_on_card.count(on, ts)) if on is not None else card
+        opened = max(card, self.opened_on_card.count(on, ts)) if on is not None and age < NEW_ACCOUNT_DAYS else card
         # Its card or IP range shared with another organisation's accounts, read only in a cluster that spans two
         # or more organisations (a scan of up to 64 holders of each).
         across_orgs = self.linker.across_orgs(account) if c["orgs"] >= 2.0 else 0.0
@@ -970,7 +968,7 @@ class Detector:
             # ... and those accounts freshly created: accounts opened in bulk on one card.
             "fresh_card": _clip((opened - SHARED_CARD_FROM) / SHARED_CARD_SPAN) * (age < NEW_ACCOUNT_DAYS)
                           * c["new_account_share"],
-            # ... and most of those accounts already dropped: each used for days, then the next opened on the same
+            # ... and those accounts already dropped: each used for days, then the next opened on the same
             # card. A team's accounts stay in use (and on the card's live count); a campaign rotating its accounts
             # daily, to stay under per-account limits and out of clusters, leaves a trail of them. Only a new
             # account counts, and only accounts evicted as idle (idle_evict_s) are "dropped" (or as the least
