@@ -73,9 +73,13 @@ def test_a_suite_entry_runs_with_its_own_seed(tmp_path):
     (["--scenario", "holdout@x"], "the seed after @ must be an integer"),
     (["--scenario", "default", "--days", "1"], "releases its new model 1.7 days in; run at least 2 days"),
     (["--scenario", "default", "--days", "0"], "run at least 2 days"),
+    (["--scenario", "default", "--restart-at", "72"], "within the first scenario's 72 hours"),
+    (["--scenario", "default", "--days", "2", "--restart-at", "50"], "within the first scenario's 48 hours"),
+    (["--scenario", "default", "--restart-at", "-1"], "must be 0 (no restart)"),
 ])
 def test_the_cli_refuses_a_bad_suite_entry_or_days_in_one_line(args, says, tmp_path, capsys):
-    """A bad entry, or days that end before the scenario's new model is released, before anything runs."""
+    """A bad entry, days that end before the scenario's new model is released, or a restart at or past the first
+    scenario's end (it would restart nothing), before anything runs."""
     from detector.cli import main
 
     assert main(["evaluate", *args, "--out-dir", str(tmp_path)]) == 2
