@@ -466,6 +466,33 @@ class Linker:
             best[key[0]] = max(best.get(key[0], 0.0), key_weight(key[0], self._key_degree[key]))
         return sum(best.values())
 
+    def filled_by(self, account: str, kind: str, accept: Callable[[str], bool], min_holders: int = 4,
+                  share: float = 0.75) -> bool:
+        """Whether a key of ``kind`` of ``account`` has, among its recent holders (its representative and newest
+        :data:`LINK_HOLDERS` others, ``account`` aside), ``min_holders`` or more that ``accept`` picks, and they are
+        ``share`` or more of them: an IP range a campaign's accounts fill, however many of them there are. (Its
+        weight falls with its holders, so the more accounts a campaign puts on a range the weaker it links them.)
+
+        >>> lk = Linker()
+        >>> for i in range(6):
+        ...     _ = lk.link(f"c{i}", [("ip24", "10.0.0")])
+        >>> _ = lk.link("new", [("ip24", "10.0.0")])
+        >>> caught = {"c0", "c1", "c2", "c3", "c4"}
+        >>> lk.filled_by("new", "ip24", caught.__contains__), lk.filled_by("new", "ip24", {"c0", "c1"}.__contains__)
+        (True, False)
+        """
+        for key in self._keys.get(account, ()):
+            if key[0] != kind:
+                continue
+            held = picked = 0
+            for holder in self._holders(key):
+                if holder != account:
+                    held += 1
+                    picked += accept(holder)
+            if picked >= min_holders and picked >= share * held:
+                return True
+        return False
+
     def keys_into(self, account: str, accept: Callable[[str], bool], kind: str, min_degree: int = 1) -> int:
         """How many of ``account``'s keys of ``kind``, each held by ``min_degree`` or more live accounts, point
         into other clusters ``accept`` picks (linked or not): "fills two of a blocked cluster's templates".

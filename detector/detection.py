@@ -811,6 +811,12 @@ class Detector:
             # cluster: a reseller proxy mixing a campaign's traffic with its customers'.
             blocked = self._blocked_roots
             toward = self.linker.link_weight_to(account, lambda r: r in blocked, NEAR_KINDS)
+            # A new personal account on an IP range that caught accounts fill: its range counts in full, however
+            # many accounts hold it. A campaign opening accounts day after day on its hosting ranges makes them
+            # common (hundreds of holders over a few days: no weight), and each new card is on no blocked cluster.
+            if (on is not None and age < NEW_ACCOUNT_DAYS and toward < KEY_KINDS["ip24"][0]
+                    and self.linker.filled_by(account, "ip24", self._caught_or_blocked)):
+                toward = KEY_KINDS["ip24"][0]
             # Through templates: two or more recurring bands of the blocked cluster's, on prompts of its own.
             # One shared band can be boilerplate ("Let's think step by step.") that a benchmark run sends too.
             shared = self.linker.keys_into(account, lambda r: r in blocked and self._templated(r, ts), "tmpl",
@@ -988,6 +994,13 @@ class Detector:
             evidence["near_blocked"] = near
             values["near_blocked"] = toward
         return evidence, values, c["size"]
+
+    def _caught_or_blocked(self, aid: str) -> bool:
+        """Whether ``aid`` is throttled or blocked (here or, from its signals, on another worker), or in a blocked
+        cluster."""
+        acct = self.accounts.get(aid)
+        return ((acct is not None and acct.action in CAUGHT) or aid in self._foreign_caught_ids
+                or self.linker.root(aid) in self._blocked_roots)
 
     def _suspect(self, aid: str) -> bool:
         """Whether ``aid`` is throttled or blocked (here, or on another worker: its signals folded in), or one of

@@ -318,6 +318,39 @@ def test_a_card_opening_an_account_a_day_counts_them_after_they_are_evicted():
     assert evidence["card_cycling"] == 1.0
 
 
+def test_a_new_account_on_an_ip_range_that_caught_accounts_fill_is_near_them():
+    """A campaign opening accounts day after day on its hosting ranges makes each range common to the linker (it
+    weighs a range by how few hold it), so a new card's first account there is barely tied to the blocked
+    campaign. Where the range's recent holders are mostly caught, a new personal account on it counts the range in
+    full toward near_blocked; an old account there, and a new one on a range of ordinary accounts, do not."""
+    from detector.clusters import KEY_KINDS, key_weight
+
+    det, _ = run(campaign_and_ordinary())
+    assert det.clusters[det.linker.root("acct_x001")].blocked
+    ts = BASE_TS + 26 * HOUR
+    young, old = ts - 5 * HOUR, ts - 400 * 86_400_000
+    # Each on its own card, network and client (so none links to another), sending the same template of theirs
+    # (no band of the campaign's).
+    newcomers = {"acct_new": ("203.0.113.77", young, 64991), "acct_old": ("203.0.113.8", old, 64992),
+                 "acct_elsewhere": ("192.0.2.200", young, 64993)}
+    own = ("You maintain the release notes of a large open-source project. Rewrite the note below for the changelog,"
+           " in the imperative mood, under forty words, with the issue number last. Note: {}")
+    for k in range(4):
+        for aid, (ip, created, asn) in newcomers.items():
+            det.process(event(aid, ts + k * 60_000, own.format(TASKS[k] + " for golf"),
+                              billing={"payment_fp": f"pm_{aid}", "tier": "free", "account_created_ts": created},
+                              client={"ip": ip, "asn": asn, "country": "SG", "user_agent": f"{aid}/1", "tls_fp": None}))
+    end = ts + 4 * 60_000
+    evidence, values = _evidence_at(det, "acct_new", end)
+    weight = key_weight("ip24", det.linker.degree(("ip24", "203.0.113")))
+    assert weight < values["near_blocked"] == KEY_KINDS["ip24"][0]
+    assert evidence["near_blocked"] > 0.5
+    _, old = _evidence_at(det, "acct_old", end)  # created 400 days ago: the range at its weight
+    assert old["near_blocked"] == pytest.approx(weight)
+    _, elsewhere = _evidence_at(det, "acct_elsewhere", end)  # a range ordinary accounts fill
+    assert "near_blocked" not in elsewhere
+
+
 def test_members_throttled_on_echoes_alone_do_not_block_their_cluster():
     """Two of a lab's three accounts on one card re-send what a caught account sent (public prompts a campaign
     sends too) and are throttled on that: the echo is about their own prompts, so the lab's third account is not
