@@ -81,6 +81,10 @@ NEAR_TEMPLATE_SHARE = 0.25
 # harvesting campaign also took from public coding sets (held-out seed 41: an app's account blocked on two
 # such bands, each shared with one account of the caught model hopper).
 NEAR_BAND_HOLDERS = 3
+# near_blocked counts an IP range in full for a new personal account where this many of the range's recent holders
+# (Linker.filled_by), and this share of them, are caught or in blocked clusters (see Detector._evidence).
+RANGE_FILLED_HOLDERS = 4
+RANGE_FILLED_SHARE = 0.75
 # Two organisations share a template (ending the one-org presumption, see _evidence) through bands held by this
 # many accounts or more: a template, not one public-dataset item both happened to send.
 ORG_SHARED_BAND_HOLDERS = 4
@@ -815,7 +819,8 @@ class Detector:
             # many accounts hold it. A campaign opening accounts day after day on its hosting ranges makes them
             # common (hundreds of holders over a few days: no weight), and each new card is on no blocked cluster.
             if (on is not None and age < NEW_ACCOUNT_DAYS and toward < KEY_KINDS["ip24"][0]
-                    and self.linker.filled_by(account, "ip24", self._caught_or_blocked)):
+                    and self.linker.filled_by(account, "ip24", self._caught_or_blocked, RANGE_FILLED_HOLDERS,
+                                              RANGE_FILLED_SHARE)):
                 toward = KEY_KINDS["ip24"][0]
             # Through templates: two or more recurring bands of the blocked cluster's, on prompts of its own.
             # One shared band can be boilerplate ("Let's think step by step.") that a benchmark run sends too.
@@ -995,20 +1000,20 @@ class Detector:
             values["near_blocked"] = toward
         return evidence, values, c["size"]
 
-    def _caught_or_blocked(self, aid: str) -> bool:
-        """Whether ``aid`` is throttled or blocked (here or, from its signals, on another worker), or in a blocked
-        cluster."""
+    def _caught(self, aid: str) -> bool:
+        """Whether ``aid`` is throttled or blocked, here or on another worker (its signals folded in)."""
         acct = self.accounts.get(aid)
-        return ((acct is not None and acct.action in CAUGHT) or aid in self._foreign_caught_ids
-                or self.linker.root(aid) in self._blocked_roots)
+        return (acct is not None and acct.action in CAUGHT) or aid in self._foreign_caught_ids
+
+    def _caught_or_blocked(self, aid: str) -> bool:
+        """Whether ``aid`` is caught (:meth:`_caught`) or in a blocked cluster."""
+        return self._caught(aid) or self.linker.root(aid) in self._blocked_roots
 
     def _suspect(self, aid: str) -> bool:
-        """Whether ``aid`` is throttled or blocked (here, or on another worker: its signals folded in), or one of
-        more than SHARED_CARD_FROM accounts of no organisation on one card (``shared_payment``): a campaign's
-        throwaway accounts. A small team on personal accounts and one card is not."""
-        acct = self.accounts.get(aid)
-        return ((acct is not None and acct.action in CAUGHT) or aid in self._foreign_caught_ids
-                or self.linker.card_sharers(aid) > SHARED_CARD_FROM)
+        """Whether ``aid`` is caught (:meth:`_caught`), or one of more than SHARED_CARD_FROM accounts of no
+        organisation on one card (``shared_payment``): a campaign's throwaway accounts. A small team on personal
+        accounts and one card is not."""
+        return self._caught(aid) or self.linker.card_sharers(aid) > SHARED_CARD_FROM
 
     def _templated(self, root: str, ts: int) -> bool:
         """Whether the cluster of ``root`` fills shared templates in :data:`NEAR_TEMPLATE_SHARE` or more of
