@@ -143,17 +143,18 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from detector import simulate
     from detector.evaluation import DEFAULT_SUITE, run_evaluation, suite_entry
 
-    hours: list[float] = []  # each scenario's length
-    for name in args.scenario or DEFAULT_SUITE:
+    first_hours = 0.0  # the first scenario's length: the restart runs on it
+    for name in args.scenario or DEFAULT_SUITE:  # every entry checked before anything runs
         try:
             scenario, seed = suite_entry(name, args.seed, simulate.scenario_names())
-            hours.append(24.0 * simulate.config(scenario, seed=seed, days=args.days).days)
+            days = simulate.config(scenario, seed=seed, days=args.days).days
         except ValueError as exc:
             raise CliError(str(exc)) from None
-    # The restart runs on the first scenario: a time at or past its end would restart nothing.
-    if args.restart_at < 0 or args.restart_at >= hours[0]:
+        first_hours = first_hours or 24.0 * days
+    # A time at or past the first scenario's end would restart nothing.
+    if args.restart_at < 0 or args.restart_at >= first_hours:
         raise CliError(f"--restart-at {args.restart_at:g}: must be 0 (no restart) or a time within the first "
-                       f"scenario's {hours[0]:g} hours")
+                       f"scenario's {first_hours:g} hours")
     return run_evaluation(settings, scenarios=args.scenario, models=args.models, scale=args.scale,
                           out_dir=args.out_dir, seed=args.seed, compare_all=args.compare_all,
                           workers=tuple(args.workers), restart_at_h=args.restart_at, days=args.days)
