@@ -810,6 +810,7 @@ class Detector:
         sf = _clip(math.log(size / 2.0) / math.log(25.0)) if size >= 3 else 0.0  # 3 -> 0.13, 10 -> 0.5, 50 -> 1
         template_share = f["template_share"] * shrink
         near = toward = 0.0
+        filled = False  # a new personal account whose IP range and client caught accounts fill (below)
         if not cluster.blocked and template_share > 0.2:
             # Below the linking threshold, but filling the templates of (or sharing keys with) a blocked
             # cluster: a reseller proxy mixing a campaign's traffic with its customers'.
@@ -822,6 +823,10 @@ class Detector:
                     and self.linker.filled_by(account, "ip24", self._caught_or_blocked, RANGE_FILLED_HOLDERS,
                                               RANGE_FILLED_SHARE)):
                 toward = KEY_KINDS["ip24"][0]
+                # ... and its client too (user agent or TLS fingerprint): the campaign's own set-up, not a VPN exit
+                # or a host's other customers on its range, who bring clients of their own.
+                filled = any(self.linker.filled_by(account, kind, self._caught_or_blocked, RANGE_FILLED_HOLDERS,
+                                                   RANGE_FILLED_SHARE) for kind in ("ua", "tls"))
             # Through templates: two or more recurring bands of the blocked cluster's, on prompts of its own.
             # One shared band can be boilerplate ("Let's think step by step.") that a benchmark run sends too.
             shared = self.linker.keys_into(account, lambda r: r in blocked and self._templated(r, ts), "tmpl",
@@ -831,7 +836,7 @@ class Detector:
             # How much of it: a share of its traffic (from 20%, full at 60%), or a volume (from NEAR_VOLUME_FROM
             # such prompts a day, full at NEAR_VOLUME_FROM + NEAR_VOLUME_SPAN), whichever is more. A reseller
             # mixing a blocked campaign's traffic with its customers' has the volume when not the share.
-            amount = max(_clip((template_share - 0.2) * 2.5),
+            amount = max(_clip((template_share - (0.0 if filled else 0.2)) * 2.5),
                          _clip((n * template_share - NEAR_VOLUME_FROM) / NEAR_VOLUME_SPAN))
             near = _clip(toward / 0.5) * amount
         # One paying organisation (a publisher's content pipeline, an enterprise's batch jobs): its accounts

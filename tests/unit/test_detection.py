@@ -351,6 +351,35 @@ def test_a_new_account_on_an_ip_range_that_caught_accounts_fill_is_near_them():
     assert "near_blocked" not in elsewhere
 
 
+def test_a_new_account_with_the_campaigns_range_and_client_counts_its_templates_from_the_first():
+    """On a range that caught accounts fill, a new personal account that also calls with their client (user agent
+    and TLS fingerprint) counts its templated share toward near_blocked from its first templated prompt, not from a
+    fifth of its traffic: the campaign's own set-up on a fresh card, mixing in prompts of its own. A newcomer on
+    the range with a client of its own (a VPN exit's or a host's other customer) counts it from a fifth, as before."""
+    det, _ = run(campaign_and_ordinary())
+    assert det.clusters[det.linker.root("acct_x001")].blocked
+    rng = random.Random(4)
+    ts = BASE_TS + 26 * HOUR
+    bot = {"user_agent": "python-httpx/0.27", "tls_fp": "t13d_bot"}  # the campaign's client (campaign_event)
+    own = ("You maintain the release notes of a large open-source project. Rewrite the note below for the changelog,"
+           " in the imperative mood, under forty words, with the issue number last. Note: {}")
+    # Each on a card and an ASN of its own; the third, elsewhere, makes their template a shared one.
+    newcomers = {"acct_kit": ("203.0.113.77", bot), "acct_vpn": ("203.0.113.78", {"user_agent": "Mozilla/5.0",
+                                                                                 "tls_fp": "t13d_browser"}),
+                 "acct_peer": ("192.0.2.201", {"user_agent": "acct_peer/1", "tls_fp": None})}
+    for k in range(10):
+        for n, (aid, (ip, client)) in enumerate(newcomers.items()):
+            text = own.format(TASKS[k] + " for golf") if k % 3 == 0 else " ".join(rng.choice(WORDS) for _ in range(40))
+            det.process(event(aid, ts + k * 60_000, text,
+                              billing={"payment_fp": f"pm_{aid}", "tier": "free", "account_created_ts": ts - 5 * HOUR},
+                              client={"ip": ip, "asn": 64980 + n, "country": "SG", **client}))
+    end = ts + 10 * 60_000
+    kit, kit_values = _evidence_at(det, "acct_kit", end)
+    vpn, vpn_values = _evidence_at(det, "acct_vpn", end)
+    assert kit_values["near_blocked"] == vpn_values["near_blocked"]  # the range, in full, for both
+    assert kit["near_blocked"] >= 0.6 > 0.4 > vpn["near_blocked"]
+
+
 def test_members_throttled_on_echoes_alone_do_not_block_their_cluster():
     """Two of a lab's three accounts on one card re-send what a caught account sent (public prompts a campaign
     sends too) and are throttled on that: the echo is about their own prompts, so the lab's third account is not
