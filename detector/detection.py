@@ -836,6 +836,9 @@ class Detector:
             # How much of it: a share of its traffic (from 20%, full at 60%), or a volume (from NEAR_VOLUME_FROM
             # such prompts a day, full at NEAR_VOLUME_FROM + NEAR_VOLUME_SPAN), whichever is more. A reseller
             # mixing a blocked campaign's traffic with its customers' has the volume when not the share.
+            # On a range and a client that caught accounts fill, the share counts from nothing (full at 40%): the
+            # account is the campaign's set-up on a fresh card, and what is not templated is what it mixes in.
+            # (The gate above still asks for over 20%, so there it reads a half or more.)
             amount = max(_clip((template_share - (0.0 if filled else 0.2)) * 2.5),
                          _clip((n * template_share - NEAR_VOLUME_FROM) / NEAR_VOLUME_SPAN))
             near = _clip(toward / 0.5) * amount
