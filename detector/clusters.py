@@ -466,8 +466,8 @@ class Linker:
             best[key[0]] = max(best.get(key[0], 0.0), key_weight(key[0], self._key_degree[key]))
         return sum(best.values())
 
-    def filled_by(self, account: str, kind: str, accept: Callable[[str], bool], min_holders: int = 4,
-                  share: float = 0.75) -> bool:
+    def filled_by(self, account: str, kind: str, accept: Callable[[str], bool], min_holders: int,
+                  share: float) -> bool:
         """Whether a key of ``kind`` of ``account`` has, among its recent holders (its representative and newest
         :data:`LINK_HOLDERS` others, ``account`` aside), ``min_holders`` or more that ``accept`` picks, and they are
         ``share`` or more of them: an IP range a campaign's accounts fill, however many of them there are. (Its
@@ -478,8 +478,10 @@ class Linker:
         ...     _ = lk.link(f"c{i}", [("ip24", "10.0.0")])
         >>> _ = lk.link("new", [("ip24", "10.0.0")])
         >>> caught = {"c0", "c1", "c2", "c3", "c4"}
-        >>> lk.filled_by("new", "ip24", caught.__contains__), lk.filled_by("new", "ip24", {"c0", "c1"}.__contains__)
-        (True, False)
+        >>> lk.filled_by("new", "ip24", caught.__contains__, 4, 0.75)
+        True
+        >>> lk.filled_by("new", "ip24", {"c0", "c1"}.__contains__, 4, 0.75)
+        False
         """
         for key in self._keys.get(account, ()):
             if key[0] != kind:

@@ -820,13 +820,11 @@ class Detector:
             # many accounts hold it. A campaign opening accounts day after day on its hosting ranges makes them
             # common (hundreds of holders over a few days: no weight), and each new card is on no blocked cluster.
             if (on is not None and age < NEW_ACCOUNT_DAYS and toward < KEY_KINDS["ip24"][0]
-                    and self.linker.filled_by(account, "ip24", self._caught_or_blocked, RANGE_FILLED_HOLDERS,
-                                              RANGE_FILLED_SHARE)):
+                    and self._filled(account, "ip24")):
                 toward = KEY_KINDS["ip24"][0]
                 # ... and its client too (user agent or TLS fingerprint): the campaign's own set-up, not a VPN exit
                 # or a host's other customers on its range, who bring clients of their own.
-                filled = any(self.linker.filled_by(account, kind, self._caught_or_blocked, RANGE_FILLED_HOLDERS,
-                                                   RANGE_FILLED_SHARE) for kind in ("ua", "tls"))
+                filled = self._filled(account, "ua") or self._filled(account, "tls")
             # Through templates: two or more recurring bands of the blocked cluster's, on prompts of its own.
             # One shared band can be boilerplate ("Let's think step by step.") that a benchmark run sends too.
             shared = self.linker.keys_into(account, lambda r: r in blocked and self._templated(r, ts), "tmpl",
@@ -1016,6 +1014,11 @@ class Detector:
     def _caught_or_blocked(self, aid: str) -> bool:
         """Whether ``aid`` is caught (:meth:`_caught`) or in a blocked cluster."""
         return self._caught(aid) or self.linker.root(aid) in self._blocked_roots
+
+    def _filled(self, account: str, kind: str) -> bool:
+        """Whether caught accounts fill ``account``'s key of ``kind``: RANGE_FILLED_HOLDERS or more of its recent
+        holders, and RANGE_FILLED_SHARE of them, caught or in blocked clusters (:meth:`Linker.filled_by`)."""
+        return self.linker.filled_by(account, kind, self._caught_or_blocked, RANGE_FILLED_HOLDERS, RANGE_FILLED_SHARE)
 
     def _suspect(self, aid: str) -> bool:
         """Whether ``aid`` is caught (:meth:`_caught`), or one of more than SHARED_CARD_FROM accounts of no
