@@ -819,9 +819,9 @@ class Detector:
             # A new personal account on an IP range that caught accounts fill: its range counts in full, however
             # many accounts hold it. A campaign opening accounts day after day on its hosting ranges makes them
             # common (hundreds of holders over a few days: no weight), and each new card is on no blocked cluster.
-            if (on is not None and age < NEW_ACCOUNT_DAYS and toward < KEY_KINDS["ip24"][0]
-                    and self._filled(account, "ip24")):
-                toward = KEY_KINDS["ip24"][0]
+            # (Read also where other keys already tie it half-way: what its client adds below is not a weight.)
+            if on is not None and age < NEW_ACCOUNT_DAYS and self._filled(account, "ip24"):
+                toward = max(toward, KEY_KINDS["ip24"][0])
                 # ... and its client too (user agent or TLS fingerprint): the campaign's own set-up, not a VPN exit
                 # or a host's other customers on its range, who bring clients of their own.
                 filled = self._filled(account, "ua") or self._filled(account, "tls")

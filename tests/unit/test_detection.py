@@ -354,8 +354,9 @@ def test_a_new_account_on_an_ip_range_that_caught_accounts_fill_is_near_them():
 def test_a_new_account_with_the_campaigns_range_and_client_counts_its_templates_from_the_first():
     """On a range that caught accounts fill, a new personal account that also calls with their client (user agent
     and TLS fingerprint) counts its templated share toward near_blocked from its first templated prompt, not from a
-    fifth of its traffic: the campaign's own set-up on a fresh card, mixing in prompts of its own. A newcomer on
-    the range with a client of its own (a VPN exit's or a host's other customer) counts it from a fifth, as before."""
+    fifth of its traffic: the campaign's own set-up on a fresh card, mixing in prompts of its own. So does one that
+    is already half-way to the campaign on other keys (its network and sign-up hour). A newcomer on the range with a
+    client of its own (a VPN exit's or a host's other customer) counts it from a fifth, as before."""
     det, _ = run(campaign_and_ordinary())
     assert det.clusters[det.linker.root("acct_x001")].blocked
     rng = random.Random(4)
@@ -366,18 +367,27 @@ def test_a_new_account_with_the_campaigns_range_and_client_counts_its_templates_
     # Each on a card and an ASN of its own; the third, elsewhere, makes their template a shared one.
     newcomers = {"acct_kit": ("203.0.113.77", bot), "acct_vpn": ("203.0.113.78", {"user_agent": "Mozilla/5.0",
                                                                                  "tls_fp": "t13d_browser"}),
-                 "acct_peer": ("192.0.2.201", {"user_agent": "acct_peer/1", "tls_fp": None})}
+                 "acct_peer": ("192.0.2.201", {"user_agent": "acct_peer/1", "tls_fp": None}),
+                 "acct_kin": ("203.0.113.79", {**bot, "tls_fp": None})}
+    # acct_kin signed up in the campaign's hour on its network (campaign_event): the range and that cohort put it
+    # half-way to the blocked cluster (toward 0.5) before the range counts in full. (With the campaign's TLS
+    # fingerprint too it would link into the cluster.)
+    joined = {"acct_kin": (BASE_TS - HOUR, 64999)}
     for k in range(10):
         for n, (aid, (ip, client)) in enumerate(newcomers.items()):
-            text = own.format(TASKS[k] + " for golf") if k % 3 == 0 else " ".join(rng.choice(WORDS) for _ in range(40))
+            topic = "chess" if aid == "acct_kin" else "golf"  # its own fill: a fourth sender would make it exact
+            text = (own.format(f"{TASKS[k]} for {topic}") if k % 3 == 0
+                    else " ".join(rng.choice(WORDS) for _ in range(40)))
+            created, asn = joined.get(aid, (ts - 5 * HOUR, 64980 + n))
             det.process(event(aid, ts + k * 60_000, text,
-                              billing={"payment_fp": f"pm_{aid}", "tier": "free", "account_created_ts": ts - 5 * HOUR},
-                              client={"ip": ip, "asn": 64980 + n, "country": "SG", **client}))
+                              billing={"payment_fp": f"pm_{aid}", "tier": "free", "account_created_ts": created},
+                              client={"ip": ip, "asn": asn, "country": "SG", **client}))
     end = ts + 10 * 60_000
     kit, kit_values = _evidence_at(det, "acct_kit", end)
     vpn, vpn_values = _evidence_at(det, "acct_vpn", end)
+    kin, _ = _evidence_at(det, "acct_kin", end)
     assert kit_values["near_blocked"] == vpn_values["near_blocked"]  # the range, in full, for both
-    assert kit["near_blocked"] >= 0.6 > 0.4 > vpn["near_blocked"]
+    assert min(kit["near_blocked"], kin["near_blocked"]) >= 0.6 > 0.4 > vpn["near_blocked"]
 
 
 def test_members_throttled_on_echoes_alone_do_not_block_their_cluster():
