@@ -46,7 +46,9 @@ TARGETS = {"recall": 0.95, "fpr": 0.001, "first_detect_share": 0.005, "served_sh
 class AccountOutcome:
     events: int = 0
     served: int = 0
+    first_ts: int | None = None
     caught_ts: int | None = None
+    caught_by: str | None = None  # what caught it: "a key block", or the catching record's reasons (caught_on)
     max_score: float = 0.0
 
 
@@ -61,20 +63,27 @@ class Outcome:
     campaign_events: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     timeline: dict[str, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
     seconds: float = 0.0
+    start_ts: int | None = None  # the first event's
 
     def observe(self, ev: dict[str, Any], det: Detector, before: str, campaign: str | None,
-                refused: bool = False) -> None:
+                refused: bool = False, record: dict[str, Any] | None = None) -> None:
         """Count one event: ``before`` is the account's action before it, ``refused`` whether a key block
-        refused the call (then it was not served, and the account counts as caught)."""
+        refused the call (then it was not served, and the account counts as caught), ``record`` the risk-score
+        record the detector emitted on it (None: none was due)."""
         aid, ts = ev["account_id"], ev["ts"]
         acct = det.accounts[aid]
         out = self.accounts[aid]
+        if out.first_ts is None:
+            out.first_ts = ts
+            if self.start_ts is None:
+                self.start_ts = ts
         out.events += 1
         out.max_score = max(out.max_score, acct.score)
         if before not in CAUGHT and not refused:
             out.served += 1
         if out.caught_ts is None and (refused or acct.action in CAUGHT):
             out.caught_ts = ts
+            out.caught_by = "a key block" if refused else caught_on(record)
             if campaign:
                 self.timeline[campaign].append((ts, 1))
         if campaign:
@@ -82,6 +91,17 @@ class Outcome:
             self.campaign_events[campaign] += 1
             if campaign not in self.campaign_detect and (refused or acct.action in CAUGHT):
                 self.campaign_detect[campaign] = (ts, self.campaign_events[campaign])
+
+
+def caught_on(record: dict[str, Any] | None) -> str:
+    """The reasons of the record that caught an account, for the report: each code and its share of the push.
+
+    >>> caught_on({"reasons": [{"code": "echoes_caught", "weight": 0.61}, {"code": "harvest", "weight": 0.2}]})
+    'echoes_caught 0.61, harvest 0.20'
+    """
+    if record is None:  # caught between its own calls (a cluster blocked on another account's): no record of its own
+        return "no record of its own"
+    return ", ".join(f"{r['code']} {r['weight']:.2f}" for r in record["reasons"][:3]) or "no reason given"
 
 
 class Limiter:
@@ -158,6 +178,15 @@ def metrics(outcome: Outcome, labels: dict[str, Any]) -> dict[str, Any]:
         "first_detect_share": max((c["first_detect_share"] or 0.0 for c in campaigns.values()), default=0.0),
         "campaigns": campaigns,
         "seconds": outcome.seconds,
+        # Each false positive: its kind, when it was caught (days into the run, hours after its first call) and on
+        # what; and each campaign's missed accounts' highest scores.
+        "false_positives": [
+            {"account": a, "kind": labels[a].kind, "day": (o.caught_ts - (outcome.start_ts or 0)) / 8.64e7,
+             "hours_in": (o.caught_ts - (o.first_ts or o.caught_ts)) / 3.6e6, "caught_by": o.caught_by}
+            for a, o in sorted(((a, outcome.accounts[a]) for a in caught & ordinary), key=lambda x: x[1].caught_ts or 0)
+            if o.caught_ts is not None],
+        "missed": {name: sorted(outcome.accounts[a].max_score for a in attack - caught if labels[a].campaign == name)
+                   for name in sorted(outcome.campaign_events)},
     }
 
 
@@ -214,7 +243,7 @@ def _step(det: Detector, limiter: Limiter, out: Outcome, ev: dict[str, Any], cam
     signals = det.drain_signals() if drain else []
     out.seconds += time.perf_counter() - t
     limiter.take(det, record)
-    out.observe(ev, det, before, campaign, refused)
+    out.observe(ev, det, before, campaign, refused, record)
     return signals
 
 
@@ -437,6 +466,7 @@ def run_evaluation(settings: Settings, *, scenarios: list[str] | None, models: s
             lines.append(f"| {name} | {c['accounts']} | {c['events']:,} | {c['recall']:.3f} | "
                          f"{_fmt_hours(c['hours_to_first_detection'])} | {c['first_detect_share']:.3%} | "
                          f"{c['served_share']:.2%} |")
+        lines += ["", *_misses(best)]
         try:
             # Named for the run's length too: a --days run does not overwrite the suite's plots.
             stem = entry.replace("@", "-seed") + (f"-{days}d" if days is not None else "")
@@ -534,6 +564,27 @@ def _restart_section(scenario: str, model: str, at_h: float, settings: Settings,
         print(f"{scenario:<14} {model:<10} {how}: recall={r['recall']:.3f} fpr={r['fpr']:.4%} "
               f"first_detect={r['first_detect_share']:.3%} served={r['served_share']:.2%}")
     return lines + [""]
+
+
+def _misses(result: dict[str, Any]) -> list[str]:
+    """The report's lines on what went wrong: every false positive and on what it was caught, and the highest
+    scores the missed attack accounts reached."""
+    fps = result["false_positives"]
+    lines = ["False positives: none." if not fps else f"False positives ({len(fps)}), as the record that caught each "
+             "read them (its top reasons and their shares of the push):"]
+    if fps:
+        lines += ["", "| account | kind | caught on day | hours after its first call | caught on |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {f['account']} | {f['kind']} | {f['day']:.1f} | {f['hours_in']:.1f} | {f['caught_by']} |"
+                  for f in fps]
+    missed = {name: scores for name, scores in result["missed"].items() if scores}
+    if not missed:
+        return [*lines, "", "Missed attack accounts: none."]
+    every = sorted(s for scores in missed.values() for s in scores)
+    counts = ", ".join(f"{name} {len(scores):,}" for name, scores in missed.items())
+    at = lambda q: every[round(q * (len(every) - 1))]  # noqa: E731 - a quantile of the sorted scores
+    return [*lines, "", f"Missed attack accounts: {len(every):,} ({counts}). Their highest scores: median "
+            f"{at(0.5):.2f}, 90th percentile {at(0.9):.2f}, highest {every[-1]:.2f}."]
 
 
 def _n_events(outcome: Outcome) -> int:

@@ -104,3 +104,35 @@ def test_days_runs_the_same_population_for_that_long(tmp_path):
     other, own = simulate.build("default", scale=SCALE, days=44), simulate.build("default", scale=SCALE)
     assert other.end_ts - other.start_ts == 44 * simulate.DAY
     assert Counter(lab.kind for lab in other.labels.values()) == Counter(lab.kind for lab in own.labels.values())
+
+
+def test_the_report_names_each_false_positive_and_what_caught_it():
+    """Each caught ordinary account is listed with its kind, when it was caught and the catching record's reasons;
+    the missed attack accounts are counted by campaign with the highest scores they reached."""
+    from detector.evaluation import AccountOutcome, Outcome, _misses
+    from detector.simulate import AccountLabel
+
+    day, hour = 86_400_000, 3_600_000
+    out = Outcome(model="population", start_ts=BASE_TS)
+    out.accounts.update({
+        "acct_app": AccountOutcome(events=40, first_ts=BASE_TS + day, caught_ts=BASE_TS + day + 6 * hour,
+                                   caught_by="echoes_caught 0.61, harvest 0.20"),
+        "acct_chat": AccountOutcome(events=5, first_ts=BASE_TS, max_score=0.3),
+        "acct_h1": AccountOutcome(events=26, first_ts=BASE_TS, caught_ts=BASE_TS + hour, caught_by="a key block"),
+        "acct_h2": AccountOutcome(events=26, served=26, first_ts=BASE_TS, max_score=0.42),
+        "acct_h3": AccountOutcome(events=26, served=26, first_ts=BASE_TS, max_score=0.69),
+    })
+    out.campaign_events["hydra"], out.campaign_first["hydra"] = 78, BASE_TS
+    labels = {"acct_app": AccountLabel("acct_app", False, None, "app_backend"),
+              "acct_chat": AccountLabel("acct_chat", False, None, "chat"),
+              **{a: AccountLabel(a, True, "hydra", "hydra") for a in ("acct_h1", "acct_h2", "acct_h3")}}
+    result = metrics(out, labels)
+    assert result["false_positives"] == [{"account": "acct_app", "kind": "app_backend", "day": 1.25, "hours_in": 6.0,
+                                          "caught_by": "echoes_caught 0.61, harvest 0.20"}]
+    assert result["missed"] == {"hydra": [0.42, 0.69]}
+    text = "\n".join(_misses(result))
+    assert "| acct_app | app_backend | 1.2 | 6.0 | echoes_caught 0.61, harvest 0.20 |" in text
+    assert "Missed attack accounts: 2 (hydra 2). Their highest scores: median 0.42, 90th percentile 0.69, " \
+           "highest 0.69." in text
+    assert "\n".join(_misses({"false_positives": [], "missed": {"hydra": []}})) == (
+        "False positives: none.\n\nMissed attack accounts: none.")
