@@ -10,7 +10,10 @@ offset) and its committed offset has not moved for ``stall_s``; a partition with
 stalled, however long it stays idle::
 
     every 5 s, per partition held:  observe(partition, committed, highwater)
-    GET /healthz  ->  200 {"status": "ok"}  |  503 {"status": "stalled", "partitions": {"3": 140.0}}
+    GET /healthz  ->  observe again (the consumer's own offsets), then
+                      200 {"status": "ok"}
+                    | 503 {"status": "stalled", "commit_stall_s": 120.0,
+                           "partitions": {"3": {"seconds": 140.0, "committed": 9210, "highwater": 9874}}}
 
 A stalled worker is one Kubernetes should restart (the Helm chart's liveness probe asks ``/healthz``): its
 replacement resumes from the last commit, and the changelog makes the events it reads again count once.
