@@ -70,12 +70,12 @@ def say(msg: str) -> None:
 def worker(bootstrap: str, prefix: str, mode: str, out: Path, within_s: float = BATCH_WITHIN_S) -> None:
     from detector.envelope import account_partition
     from detector.settings import WorkerSettings
-    from detector.streaming.app import CONSUMER_MAX_FETCH_BYTES, _App
+    from detector.streaming.app import CONSUMER_MAX_FETCH_BYTES, WorkerApp
 
     # The detector worker's Faust app (detector.streaming.app): its consumer waits at most fetch_max_wait_ms
     # for a quiet partition (Faust's own 1.5 s is a latency floor), with the worker's fetch size and buffers.
     w = WorkerSettings()
-    app = _App(
+    app = WorkerApp(
         f"{prefix}-app", broker=f"kafka://{bootstrap}", store="memory://", topic_partitions=PARTITIONS,
         topic_replication_factor=1, consumer_auto_offset_reset="earliest", web_enabled=False,
         table_standby_replicas=0, autodiscover=False, producer_acks=-1, datadir=out.with_suffix(".data"),

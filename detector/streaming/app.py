@@ -265,7 +265,11 @@ class _FlowControl(FlowControlEvent):
             self.clear()
 
 
-class _App(faust.App):
+class WorkerApp(faust.App):
+    """The worker's Faust app: its flow control (a resume empties the stream buffers only after a suspension),
+    stream buffers bounded by weight (an envelope counts as many messages) and its consumer's fetch wait
+    (``detector_fetch_max_wait_ms``). ``bench/groupby.py`` measures in it too, so that its numbers are the worker's."""
+
     @cached_property
     def flow_control(self) -> FlowControlEvent:
         return _FlowControl(loop=self.loop)
@@ -522,7 +526,7 @@ def _build(settings: Settings, detector: DetectorLike | None
     # Account state survives restarts only with the real detector (a test double has no snapshots).
     durable = det if isinstance(det, Detector) else None
     metrics = router.metrics
-    app = _App(
+    app = WorkerApp(
         w.app_id,
         broker=[f"kafka://{host}" for host in kafka_client_config(settings.kafka)["bootstrap_servers"]],
         broker_credentials=broker_credentials(settings.kafka),

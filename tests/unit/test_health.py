@@ -141,9 +141,9 @@ def test_resuming_the_worker_flow_control_keeps_what_the_stream_buffers_hold() -
     # Faust resumes flow control at the end of a recovery, after records of the just-seeked partitions may already
     # be in a stream buffer; mode's resume() emptied it and those records were never processed on a quiet topic.
     # A resume after a suspension still empties it.
-    from detector.streaming.app import _App
+    from detector.streaming.app import WorkerApp
 
-    app = _App("flow-test", broker="kafka://127.0.0.1:1")
+    app = WorkerApp("flow-test", broker="kafka://127.0.0.1:1")
     queue = app.FlowControlQueue(maxsize=8, clear_on_resume=True)  # as Faust makes every stream buffer
     app.flow_control.resume()  # a recovery starts
     queue.put_nowait(b"fetched after the seek")
