@@ -98,9 +98,11 @@ def caught_on(record: dict[str, Any] | None) -> str:
 
     >>> caught_on({"reasons": [{"code": "echoes_caught", "weight": 0.61}, {"code": "harvest", "weight": 0.2}]})
     'echoes_caught 0.61, harvest 0.20'
+    >>> caught_on(None)
+    'an earlier decision'
     """
-    if record is None:  # caught between its own calls (a cluster blocked on another account's): no record of its own
-        return "no record of its own"
+    if record is None:  # the call that found it caught emitted none: the decision came before (a restored account's)
+        return "an earlier decision"
     return ", ".join(f"{r['code']} {r['weight']:.2f}" for r in record["reasons"][:3]) or "no reason given"
 
 
