@@ -63,7 +63,6 @@ class Outcome:
     campaign_events: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     timeline: dict[str, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
     seconds: float = 0.0
-    start_ts: int | None = None  # the first event's
 
     def observe(self, ev: dict[str, Any], det: Detector, before: str, campaign: str | None,
                 refused: bool = False, record: dict[str, Any] | None = None) -> None:
@@ -75,8 +74,6 @@ class Outcome:
         out = self.accounts[aid]
         if out.first_ts is None:
             out.first_ts = ts
-            if self.start_ts is None:
-                self.start_ts = ts
         out.events += 1
         out.max_score = max(out.max_score, acct.score)
         if before not in CAUGHT and not refused:
@@ -152,6 +149,7 @@ def metrics(outcome: Outcome, labels: dict[str, Any]) -> dict[str, Any]:
     ordinary = {a for a, lab in labels.items() if not lab.attack and a in outcome.accounts}
     caught = {a for a, o in outcome.accounts.items() if o.caught_ts is not None}
     tp, fp = len(caught & attack), len(caught & ordinary)
+    start = min((o.first_ts for o in outcome.accounts.values() if o.first_ts is not None), default=0)
     attack_events = sum(outcome.accounts[a].events for a in attack)
     attack_served = sum(outcome.accounts[a].served for a in attack)
     campaigns = {}
@@ -183,7 +181,7 @@ def metrics(outcome: Outcome, labels: dict[str, Any]) -> dict[str, Any]:
         # Each false positive: its kind, when it was caught (days into the run, hours after its first call) and on
         # what; and each campaign's missed accounts' highest scores.
         "false_positives": [
-            {"account": a, "kind": labels[a].kind, "day": (o.caught_ts - (outcome.start_ts or 0)) / 8.64e7,
+            {"account": a, "kind": labels[a].kind, "day": (o.caught_ts - start) / 8.64e7,
              "hours_in": (o.caught_ts - (o.first_ts or o.caught_ts)) / 3.6e6, "caught_by": o.caught_by}
             for a, o in sorted(((a, outcome.accounts[a]) for a in caught & ordinary), key=lambda x: x[1].caught_ts or 0)
             if o.caught_ts is not None],

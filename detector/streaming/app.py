@@ -697,20 +697,28 @@ def _build(settings: Settings, detector: DetectorLike | None
     watch = CommitWatch(w.commit_stall_s)
     state_logged = [0.0]  # when the consumer's state was last logged (monotonic)
 
-    @app.timer(HEALTH_INTERVAL_S)
-    async def watch_commits() -> None:
-        # Faust's own record of what it committed and the last fetch's high-water mark; the broker's first and end
-        # offsets where the consumer knows none (health.positions).
-        consumer = app.consumer
+    def held_api_calls(consumer: Any) -> list[Any]:
+        """The ``api-calls`` partitions the consumer holds; the watch forgets the others (revoked)."""
         held = [tp for tp in consumer.assignment() if tp.topic == t.api_calls]
         watch.keep(held)
+        return held
+
+    def own_offsets(consumer: Any, held: list[Any]) -> dict[Any, tuple[int | None, int | None]]:
+        """Faust's own record of what it committed and the last fetch's high-water mark (no round trip)."""
+        return {tp: (consumer._committed_offset.get(tp), consumer.highwater(tp)) for tp in held}
+
+    @app.timer(HEALTH_INTERVAL_S)
+    async def watch_commits() -> None:
+        # The consumer's own offsets; the broker's first and end offsets where it knows none (health.positions).
+        consumer = app.consumer
+        held = held_api_calls(consumer)
         try:
             seen = await asyncio.wait_for(positions(
                 held, consumer._committed_offset.get, consumer.highwater,  # type: ignore[attr-defined]
                 consumer.earliest_offsets, consumer.highwaters), HEALTH_INTERVAL_S)
         except Exception as exc:  # noqa: BLE001 - the broker did not answer: what the consumer knows, as before
             log.debug("commit watch: broker offsets unknown (%s)", _describe_error(exc))
-            seen = {tp: (consumer._committed_offset.get(tp), consumer.highwater(tp)) for tp in held}  # type: ignore[attr-defined]
+            seen = own_offsets(consumer, held)
         for tp, (committed, highwater) in seen.items():
             watch.observe(tp, committed, highwater)
         behind = max(watch.behind().values(), default=0.0)
@@ -733,10 +741,7 @@ def _build(settings: Settings, detector: DetectorLike | None
         # that a liveness probe would take for a dead worker.)
         try:
             consumer = app.consumer
-            held = [tp for tp in consumer.assignment() if tp.topic == t.api_calls]
-            watch.keep(held)
-            for tp in held:
-                committed, highwater = consumer._committed_offset.get(tp), consumer.highwater(tp)  # type: ignore[attr-defined]
+            for tp, (committed, highwater) in own_offsets(consumer, held_api_calls(consumer)).items():
                 if committed is not None and highwater is not None:
                     watch.observe(tp, committed, highwater)
         except Exception as exc:  # noqa: BLE001

@@ -113,7 +113,7 @@ def test_the_report_names_each_false_positive_and_what_caught_it():
     from detector.simulate import AccountLabel
 
     day, hour = 86_400_000, 3_600_000
-    out = Outcome(model="population", start_ts=BASE_TS)
+    out = Outcome(model="population")
     out.accounts.update({
         "acct_app": AccountOutcome(events=40, first_ts=BASE_TS + day, caught_ts=BASE_TS + day + 6 * hour,
                                    caught_by="echoes_caught 0.61, harvest 0.20"),
