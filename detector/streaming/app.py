@@ -415,6 +415,31 @@ def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
+def own_offsets(consumer: Any, held: list[Any]) -> dict[Any, tuple[int | None, int | None]]:
+    """Faust's own record of what the consumer committed on each of ``held`` and the last fetch's high-water mark
+    (no round trip). The record is private to Faust: a release that renamed it makes this raise."""
+    return {tp: (consumer._committed_offset.get(tp), consumer.highwater(tp)) for tp in held}
+
+
+async def look_at_commits(consumer: Any, held: list[Any], timeout_s: float
+                          ) -> dict[Any, tuple[int | None, int | None]] | None:
+    """Where the commit and the end of each of ``held`` are, for the commit watch: the consumer's own offsets, and
+    the broker's first and end offsets where it knows none (:func:`health.positions`); only the consumer's own if
+    the broker does not answer within ``timeout_s``; None if even those cannot be read. It never raises: a timer
+    that raised would stop the worker, over a health check."""
+    try:
+        return await asyncio.wait_for(positions(
+            held, consumer._committed_offset.get, consumer.highwater, consumer.earliest_offsets, consumer.highwaters),
+            timeout_s)
+    except Exception as exc:  # noqa: BLE001 - the broker did not answer: what the consumer knows
+        log.debug("commit watch: broker offsets unknown (%s)", _describe_error(exc))
+    try:
+        return own_offsets(consumer, held)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("commit watch: the consumer's own offsets unreadable (%s)", _describe_error(exc))
+        return None
+
+
 class WorkerError(RuntimeError):
     """The worker stopped because of an error (see its log); the message is one line."""
 
@@ -696,6 +721,7 @@ def _build(settings: Settings, detector: DetectorLike | None
 
     watch = CommitWatch(w.commit_stall_s)
     state_logged = [0.0]  # when the consumer's state was last logged (monotonic)
+    unreadable_logged = [0.0]  # when unreadable offsets were last logged (monotonic)
 
     def held_api_calls(consumer: Any) -> list[Any]:
         """The ``api-calls`` partitions the consumer holds; the watch forgets the others (revoked)."""
@@ -703,22 +729,18 @@ def _build(settings: Settings, detector: DetectorLike | None
         watch.keep(held)
         return held
 
-    def own_offsets(consumer: Any, held: list[Any]) -> dict[Any, tuple[int | None, int | None]]:
-        """Faust's own record of what it committed and the last fetch's high-water mark (no round trip)."""
-        return {tp: (consumer._committed_offset.get(tp), consumer.highwater(tp)) for tp in held}
-
     @app.timer(HEALTH_INTERVAL_S)
     async def watch_commits() -> None:
         # The consumer's own offsets; the broker's first and end offsets where it knows none (health.positions).
         consumer = app.consumer
         held = held_api_calls(consumer)
-        try:
-            seen = await asyncio.wait_for(positions(
-                held, consumer._committed_offset.get, consumer.highwater,  # type: ignore[attr-defined]
-                consumer.earliest_offsets, consumer.highwaters), HEALTH_INTERVAL_S)
-        except Exception as exc:  # noqa: BLE001 - the broker did not answer: what the consumer knows, as before
-            log.debug("commit watch: broker offsets unknown (%s)", _describe_error(exc))
-            seen = own_offsets(consumer, held)
+        seen = await look_at_commits(consumer, held, HEALTH_INTERVAL_S)
+        if seen is None:
+            if time.monotonic() - unreadable_logged[0] >= CONSUMER_STATE_LOG_S:
+                unreadable_logged[0] = time.monotonic()
+                log.warning("commit watch: the consumer's offsets are unreadable (a Faust upgrade?); /healthz cannot "
+                            "see a stalled commit until they are")
+            return
         for tp, (committed, highwater) in seen.items():
             watch.observe(tp, committed, highwater)
         behind = max(watch.behind().values(), default=0.0)

@@ -153,3 +153,22 @@ def test_resuming_the_worker_flow_control_keeps_what_the_stream_buffers_hold() -
     queue.put_nowait(b"fetched before the revocation")
     app.flow_control.resume()
     assert queue.qsize() == 0 and app.flow_control.is_active()
+
+
+def test_the_commit_watch_looks_at_the_broker_falls_back_on_the_consumer_and_never_raises() -> None:
+    # The watch runs in a Faust timer, and a timer that raised would stop the worker over a health check.
+    import asyncio
+    from types import SimpleNamespace
+
+    from detector.streaming.app import look_at_commits
+
+    async def down(*partitions: str) -> dict[str, int]:
+        raise ConnectionError("broker unreachable")
+
+    consumer = SimpleNamespace(_committed_offset={"p0": 700}, highwater={"p0": 900}.get,
+                               earliest_offsets=_offsets(0), highwaters=_offsets(1504))
+    assert asyncio.run(look_at_commits(consumer, ["p0", "p1"], 5.0)) == {"p0": (700, 900), "p1": (0, 1504)}
+    consumer.earliest_offsets = consumer.highwaters = down  # what the consumer knows, the rest unknown
+    assert asyncio.run(look_at_commits(consumer, ["p0", "p1"], 5.0)) == {"p0": (700, 900), "p1": (None, None)}
+    del consumer._committed_offset  # a Faust release that renamed its private record
+    assert asyncio.run(look_at_commits(consumer, ["p0", "p1"], 5.0)) is None
