@@ -909,6 +909,9 @@ class Detector:
         # or more organisations (a scan of up to 64 holders of each).
         across_orgs = self.linker.across_orgs(account) if c["orgs"] >= 2.0 else 0.0
         echo = feat.echo_share(st) * shrink
+        # A new personal account on a card that an account caught for itself holds (not on echoes alone: _counted).
+        caught_card = (on is not None and age < NEW_ACCOUNT_DAYS
+                       and self.linker.filled_by(account, "pay", self._counted, 1, 0.0))
         values = {
             "shared_template": f["template_share"],
             "cot_requests": f["cot_share"],
@@ -931,6 +934,7 @@ class Detector:
             "shared_payment": float(card),
             "fresh_card": float(opened),
             "card_cycling": float(opened - card),
+            "caught_card": float(caught_card),
             "network_rotation": asns,
             "echoes_caught": echo,
         }
@@ -991,6 +995,13 @@ class Detector:
             # account counts, and only accounts evicted as idle (idle_evict_s) are "dropped" (or as the least
             # recently active beyond max_accounts, on a worker at its bound).
             "card_cycling": (age < NEW_ACCOUNT_DAYS) * _clip((opened - card - CYCLED_FROM) / CYCLED_SPAN),
+            # ... and one of them already caught: the account opened to go on where a caught one was stopped (ban
+            # evasion). A campaign rotating one account at a time on a card otherwise starts each new account
+            # afresh, until two are caught and their cluster is blocked; over fast_rotation's 44 days, accounts
+            # whose card's earlier account had been caught within three days were served 26,214 exchanges of
+            # hydra's 42,380 (docs/DETECTION-LOG.md, *`caught_card`*). Not an organisation's card, and not
+            # on a holder caught on echoes alone (a researcher re-sending public prompts): _counted.
+            "caught_card": 1.0 if caught_card else 0.0,
             # Calls from many networks within a day or two: proxy rotation (a VPN user alone reaches a few).
             "network_rotation": _clip((asns - ROTATION_FROM) / ROTATION_SPAN) * n / (n + 10.0),
             # A good share of its prompts, and many a day, re-send (reworded or not) what caught accounts sent:
@@ -1010,6 +1021,15 @@ class Detector:
         """Whether ``aid`` is throttled or blocked, here or on another worker (its signals folded in)."""
         acct = self.accounts.get(aid)
         return (acct is not None and acct.action in CAUGHT) or aid in self._foreign_caught_ids
+
+    def _counted(self, aid: str) -> bool:
+        """Whether ``aid`` was throttled or blocked for itself, here or on another worker: counted toward its
+        cluster's block, which a member caught on ``echoes_caught`` alone is not (:meth:`_echoed`). It stays
+        counted if its score falls back (:meth:`_count_caught`)."""
+        acct = self.accounts.get(aid)
+        if acct is not None:
+            return acct.throttled_counted or acct.blocked_counted
+        return aid in self._foreign_caught_ids  # other workers signal only the members they counted
 
     def _caught_or_blocked(self, aid: str) -> bool:
         """Whether ``aid`` is caught (:meth:`_caught`) or in a blocked cluster."""

@@ -62,6 +62,9 @@ PRIOR_WEIGHTS: dict[str, float] = {
     # ... and many of the card's recent new accounts already dropped: a campaign rotating throwaway accounts daily
     # on one card, one or two at work at a time (docs/DETECTION-LOG.md, *Over 44 days*).
     "card_cycling": 3.0,
+    # ... or one of them caught for itself: the account opened to go on where a caught one was stopped. With
+    # young_account, a throttle from the first call (docs/DETECTION-LOG.md, *`caught_card`*).
+    "caught_card": 6.0,
     "network_rotation": 1.5,  # calls from many networks (ASNs) within a day or two: rotating proxies
     "linked_to_blocked": 12.0,  # linked to a cluster that is already blocked
     "near_blocked": 5.0,  # shares keys or templates with a blocked cluster, below the linking threshold
@@ -97,6 +100,7 @@ DETAILS: dict[str, str] = {
                   "opened on within two weeks",
     "card_cycling": "newly created, on a payment method whose {v:.0f} other new accounts of the last two weeks "
                     "went quiet",
+    "caught_card": "newly created, on a payment method of an account already throttled or blocked",
     "network_rotation": "calls from {v:.0f} networks (ASNs) in the last one to two days",
     "linked_to_blocked": "linked to a blocked cluster",
     "near_blocked": "shares templates or infrastructure with a blocked cluster",

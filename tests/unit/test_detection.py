@@ -274,8 +274,9 @@ def test_two_throttled_members_block_their_cluster():
 
     def trio(n_young):
         det = Detector(DetectionSettings(rescore_ms=0))
-        # Young accounts score 0.73 (throttle, short of block) on this weight alone; old ones nothing.
-        det.fusion._weights = {**det.fusion._weights, "young_account": 6.5}
+        # Young accounts score 0.73 (throttle, short of block) on this weight alone; old ones nothing. (Without
+        # caught_card, which would block the second for the first on their card: the rule here is the cluster's.)
+        det.fusion._weights = {**det.fusion._weights, "young_account": 6.5, "caught_card": 0.0}
         det.process(event("acct_old", BASE_TS, billing={**card, "account_created_ts": old}))
         for i in range(2):
             aid, created = (f"acct_young{i}", young) if i < n_young else (f"acct_old{i}", old)
@@ -783,3 +784,35 @@ def test_a_blocked_account_of_a_blocked_cluster_is_scored_once_a_day_and_its_pro
     scored = det.stats["scored"]
     det.process(event("acct_a", BASE_TS + SETTLED_RESCORE_MS + HOUR + 1_000, "hi", billing=card))
     assert det.stats["scored"] == scored + 1  # the fusion model learned since its last scoring
+
+
+def test_a_new_account_on_the_card_of_an_account_caught_for_itself_is_throttled_from_its_first_call():
+    """Ban evasion: a campaign rotating one account at a time on a card opens the next where the last was caught,
+    on a cluster of two that is not blocked. A new personal account on that card is throttled at its first call,
+    ordinary as that call is; an old account on it, and a new one on the card of an account caught on echoes alone
+    (a researcher re-sending public prompts, not counted toward a block), are not."""
+    det = Detector(DetectionSettings(rescore_ms=0))
+    day = 86_400_000
+    ts = BASE_TS + 10 * HOUR
+
+    def on_card(aid, card, at, created):
+        return det.process(event(aid, at, random.Random(aid).choice(ORDINARY),
+                                 billing={"payment_fp": card, "tier": "free", "account_created_ts": created},
+                                 client={"ip": f"192.0.2.{len(aid)}", "asn": 64500, "country": "US",
+                                         "user_agent": "Mozilla/5.0", "tls_fp": "t13d_browser"}),
+                           emitted_at=at)
+
+    for card, prev in (("pm_evading", "acct_caught"), ("pm_echoed", "acct_echoed")):
+        on_card(prev, card, ts - 2 * HOUR, ts - day)
+        det.accounts[prev].action = "throttle"  # as the detector leaves an account it throttled ...
+    det.accounts["acct_caught"].throttled_counted = True  # ... for itself (not on echoes alone)
+    assert not det.clusters[det.linker.root("acct_caught")].blocked
+
+    rec = on_card("acct_next", "pm_evading", ts, ts - HOUR)
+    assert rec is not None and rec["action"] == "throttle"
+    assert rec["reasons"][0]["code"] == "caught_card"
+    assert on_card("acct_after_echo", "pm_echoed", ts, ts - HOUR) is None
+    assert det.accounts["acct_after_echo"].action == "allow"
+    on_card("acct_old_on_card", "pm_evading", ts, ts - 400 * day)
+    assert det.accounts["acct_old_on_card"].action == "allow"
+    assert _evidence_at(det, "acct_old_on_card", ts)[0]["caught_card"] == 0.0
